@@ -1,0 +1,53 @@
+"""Cursors: opaque, unique, time-ordered event ids in the 36-character UUID shape (UUIDv7).
+
+Owns cursor generation only. 0.7.4 used random UUID4s and regenerated them on restart, so a
+client resuming with an old cursor silently got nothing; a UUIDv7 carries its millisecond
+timestamp in the top bits, so cursors sort by time and survive restarts unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+__all__ = ["cursor_time", "new_cursor"]
+
+_lock = threading.Lock()
+_last_ms = 0
+_seq = 0
+# rand_a is 12 bits: up to 4096 cursors per millisecond stay strictly ordered; past that we
+# borrow the next millisecond (time runs slightly ahead rather than ordering breaking).
+_SEQ_MAX = 0xFFF
+
+
+def new_cursor(now: float | None = None) -> str:
+    """A new UUIDv7 string, strictly greater than every cursor this process made before."""
+    global _last_ms, _seq
+    ms = int((time.time() if now is None else now) * 1000)
+    with _lock:
+        if ms <= _last_ms:
+            ms = _last_ms
+            _seq += 1
+            if _seq > _SEQ_MAX:
+                ms += 1
+                _seq = 0
+        else:
+            _seq = 0
+        _last_ms = ms
+        seq = _seq
+    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand_b
+    return str(uuid.UUID(int=value))
+
+
+def cursor_time(cursor: str) -> float | None:
+    """The epoch seconds encoded in a UUIDv7 cursor, or None if it is not one."""
+    try:
+        u = uuid.UUID(cursor)
+    except ValueError:
+        return None
+    if u.version != 7:
+        return None
+    return (u.int >> 80) / 1000.0

@@ -1,0 +1,158 @@
+"""Events: the immutable unit that flows publish → log → hub → streams, and its wire bytes.
+
+Owns stamping (``pubsub_*`` fields, never mutating the caller's dict), serialisation (once per
+wire format, shared by every subscriber) and restoring an event from its stored JSON.
+Knows nothing of HTTP requests, configuration or storage.
+"""
+
+from __future__ import annotations
+
+import enum
+import json as _json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from hub.cursor import new_cursor
+from hub.topics import parse_publish_path
+
+__all__ = ["Event", "EventError", "WireFormat", "make_event", "ping_bytes", "restore_event"]
+
+
+class EventError(ValueError):
+    """Stored or supplied data that is not a valid event."""
+
+
+class WireFormat(enum.Enum):
+    """How records are framed on a subscriber's connection."""
+
+    #: HTTP/1.1 chunked, one ``JSON\n`` record per chunk (0.7.4's default).
+    CHUNKED = "chunked"
+    #: HTTP/1.1 chunked, one ``JSON\n\0`` record per chunk (``oldschoolers`` User-Agents).
+    CHUNKED_NUL = "chunked-nul"
+    #: HTTP/1.0 close-delimited body of ``JSON\n`` records (an HTTP/1.0 client with a User-Agent).
+    RAW = "raw"
+    #: HTTP/1.0 close-delimited body of ``JSON\n\0`` records (svnpubsub's svnwcsub).
+    RAW_NUL = "raw-nul"
+
+    @property
+    def nul(self) -> bool:
+        return self is WireFormat.CHUNKED_NUL or self is WireFormat.RAW_NUL
+
+
+def frame(record: bytes, fmt: WireFormat) -> bytes:
+    """Frame one JSON document (no trailing newline) for ``fmt``: exactly one record per chunk."""
+    if fmt is WireFormat.CHUNKED:
+        return b"%x\r\n%s\n\r\n" % (len(record) + 1, record)
+    if fmt is WireFormat.CHUNKED_NUL:
+        return b"%x\r\n%s\n\0\r\n" % (len(record) + 2, record)
+    if fmt is WireFormat.RAW:
+        return record + b"\n"
+    return record + b"\n\0"
+
+
+def dumps(obj: Mapping[str, Any]) -> bytes:
+    """Compact JSON; falls back to the stdlib for what orjson refuses (integers over 64 bits)."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return _json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def ping_bytes(fmt: WireFormat, now: float | None = None) -> bytes:
+    """A framed ``{"stillalive": <epoch>}`` keep-alive record."""
+    return frame(orjson.dumps({"stillalive": time.time() if now is None else now}), fmt)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Event:
+    """One published event.
+
+    ``payload`` is the stamped object as subscribers see it; ``json`` its serialisation.
+    ``topics`` exclude the ``private`` flag segment; ``path`` keeps it.
+    """
+
+    topics: tuple[str, ...]
+    private: bool
+    path: str
+    timestamp: float
+    cursor: str
+    payload: Mapping[str, Any]
+    json: bytes
+    topicset: frozenset[str] = field(repr=False)
+    _wire: dict[WireFormat, bytes] = field(default_factory=dict, repr=False)
+
+    def wire(self, fmt: WireFormat) -> bytes:
+        """The framed bytes for ``fmt``, computed once and shared by every subscriber."""
+        b = self._wire.get(fmt)
+        if b is None:
+            b = self._wire[fmt] = frame(self.json, fmt)
+        return b
+
+    def __repr__(self) -> str:
+        return f"<Event {self.cursor} {self.path!r}{' private' if self.private else ''}>"
+
+
+def make_event(
+    path: str,
+    body: Mapping[str, Any],
+    *,
+    timestamp: float | None = None,
+    cursor: str | None = None,
+) -> Event:
+    """Stamp ``body`` as published at ``path``; the server's ``pubsub_*`` values win.
+
+    ``body`` is not modified: the stamped payload is a new dict.
+    """
+    topics, private = parse_publish_path(path)
+    ts = time.time() if timestamp is None else timestamp
+    cur = new_cursor(ts) if cursor is None else cursor
+    payload = dict(body)
+    payload["pubsub_topics"] = list(topics)
+    payload["pubsub_path"] = path
+    payload["pubsub_timestamp"] = ts
+    payload["pubsub_cursor"] = cur
+    return Event(
+        topics=topics,
+        private=private,
+        path=path,
+        timestamp=ts,
+        cursor=cur,
+        payload=payload,
+        json=dumps(payload),
+        topicset=frozenset(topics),
+    )
+
+
+def restore_event(data: bytes | str | Mapping[str, Any]) -> Event:
+    """Rebuild an event from its stored JSON, keeping its exact path, timestamp and cursor."""
+    try:
+        obj = orjson.loads(data) if isinstance(data, (bytes, str)) else dict(data)
+    except orjson.JSONDecodeError:
+        try:
+            obj = _json.loads(data) if isinstance(data, (bytes, str)) else None
+        except ValueError as e:
+            raise EventError(f"stored event is not JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise EventError("stored event is not a JSON object")
+    path, ts, cur = obj.get("pubsub_path"), obj.get("pubsub_timestamp"), obj.get("pubsub_cursor")
+    if not isinstance(path, str) or not isinstance(ts, (int, float)) or not isinstance(cur, str):
+        raise EventError("stored event lacks pubsub_path, pubsub_timestamp or pubsub_cursor")
+    if not path.startswith("/"):
+        path = "/" + path  # 0.7.4 restored events without their leading '/'
+    topics, private = parse_publish_path(path)
+    obj["pubsub_path"] = path
+    obj["pubsub_topics"] = list(topics)
+    return Event(
+        topics=topics,
+        private=private,
+        path=path,
+        timestamp=float(ts),
+        cursor=cur,
+        payload=obj,
+        json=dumps(obj),
+        topicset=frozenset(topics),
+    )

@@ -1,0 +1,1 @@
+"""Optional parts of the daemon, each started only when configured."""

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""PyPubSub: an HTTP streaming publish/subscribe daemon (drop-in for ASF PyPubSub 0.7.4).
+
+    python3 pypubsub.py [--config pypubsub.yaml] [--acl pypubsub_acl.yaml] [--log-level info]
+
+Owns the command line, logging set-up and the event loop choice; everything else is in
+``server`` (daemon), ``hub`` (routing engine) and ``plugins``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from server import __version__
+from server.app import build_app
+from server.config import load_config
+from server.errors import ConfigError
+from server.run import serve
+
+logger = logging.getLogger("pypubsub")
+
+DEFAULT_CONFIG = "pypubsub.yaml"  # 0.7.4's defaults
+DEFAULT_ACL = "pypubsub_acl.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="PyPubSub: HTTP streaming publish/subscribe daemon")
+    p.add_argument("--config", default=None,
+                   help=f"configuration file (default: {DEFAULT_CONFIG}; embedded defaults if absent)")
+    p.add_argument("--acl", default=None, help=f"ACL file (default: {DEFAULT_ACL} if present)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error", "critical"],
+                   help="logging level (default: info)")
+    p.add_argument("--version", action="version", version=f"PyPubSub {__version__}")
+    return p
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    config_path = args.config
+    if config_path is None:
+        if os.path.exists(DEFAULT_CONFIG):
+            config_path = DEFAULT_CONFIG
+        else:
+            logger.warning("no %s here: running on the embedded defaults", DEFAULT_CONFIG)
+    try:
+        config = load_config(config_path)
+        app = build_app(config)
+    except ConfigError as e:
+        logger.error("configuration error: %s", e)
+        return 2
+    try:
+        import uvloop
+    except ImportError:
+        logger.info("uvloop not installed: using the default asyncio loop")
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        return runner(serve(config, app))
+    except ConfigError as e:
+        logger.error("configuration error: %s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The aiohttp application: thin handlers adapting HTTP to the hub, the ingest path and auth.
+
+Owns request dispatch (GET streams, PUT/POST publish, HEAD health, 405 otherwise), mapping
+:class:`~server.errors.PubSubError` to one-line text responses, and the app's state keys.
+Topic rules, framing, validation and routing live in pure modules; this file only adapts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from hub.event import WireFormat, ping_bytes
+from hub.hub import Hub
+from hub.router import NO_ACL, Acl
+from hub.topics import TopicError, TopicSpec, parse_publish_path, parse_subscription
+from server import __version__
+from server.auth import AllowList, Authenticator, NoAuth, Principal, parse_basic_auth
+from server.config import Config
+from server.errors import BadRequest, Forbidden, PayloadTooLarge, PubSubError
+from server.eventlog import EventLog, MemoryLog
+from server.ingest import Ingest
+from server.payload import parse_json_object
+from server.stream import Stream, StreamStats
+
+__all__ = ["ACCEPTED_TEXT", "SERVER_HEADER", "STATE", "State", "build_app"]
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("pypubsub.access")
+
+SERVER_HEADER = f"PyPubSub/{__version__}"
+#: 0.7.4's answer to an accepted publish; scripts grep for it
+ACCEPTED_TEXT = "Payload received, thank you very much!\n"
+STREAM_CONTENT_TYPE = "application/vnd.pypubsub-stream"
+ALLOW = "GET, HEAD, PUT, POST"
+
+#: Hooks a plugin may add around a stream: called after the stream is registered with the hub
+#: (holding live events) and before it goes live; used by backlog replay.
+StreamHook = Callable[[web.Request, Stream, Principal | None], Awaitable[None]]
+
+
+@dataclass
+class State:
+    """Everything the handlers share; one per application."""
+
+    config: Config
+    hub: Hub
+    log: EventLog
+    ingest: Ingest
+    allow: AllowList
+    auth: Authenticator = field(default_factory=NoAuth)
+    stats: StreamStats = field(default_factory=StreamStats)
+    streams: dict[Stream, None] = field(default_factory=dict)
+    #: set by the backlog plugin: replays history into a held stream before it goes live
+    replay: StreamHook | None = None
+    #: True once shutdown began: new streams are refused
+    closing: bool = False
+    rejected: dict[int, int] = field(default_factory=dict)
+
+
+STATE: web.AppKey[State] = web.AppKey("pypubsub_state", State)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _peer(request: web.Request) -> str:
+    return request.remote or "?"
+
+
+def _text(status: int, text: str, **headers: str) -> web.Response:
+    return web.Response(status=status, text=text, headers={"Server": SERVER_HEADER, **headers})
+
+
+async def _principal(state: State, request: web.Request) -> Principal | None:
+    """The authenticated user, None for anonymous; wrong credentials also give None."""
+    creds = parse_basic_auth(request.headers.get("Authorization"))
+    if creds is None:
+        return None
+    return await state.auth.authenticate(*creds)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes actually read (chunked included)."""
+    cl = request.content_length
+    if cl is not None and cl > limit:
+        raise PayloadTooLarge(f"payload of {cl} bytes exceeds max_payload_size ({limit} bytes)")
+    if cl is not None:
+        return await request.content.readexactly(cl) if cl else b""
+    parts: list[bytes] = []
+    n = 0
+    async for chunk in request.content.iter_any():
+        n += len(chunk)
+        if n > limit:
+            raise PayloadTooLarge(f"payload exceeds max_payload_size ({limit} bytes)")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _wire_format(request: web.Request, oldschoolers: tuple[str, ...]) -> WireFormat:
+    ua = request.headers.get("User-Agent")
+    nul = ua is None or any(o in ua for o in oldschoolers)
+    if request.version < (1, 1):
+        return WireFormat.RAW_NUL if nul else WireFormat.RAW
+    # an HTTP/1.1 client without a User-Agent is not svnwcsub: only the list switches it
+    if ua is not None and nul:
+        return WireFormat.CHUNKED_NUL
+    return WireFormat.CHUNKED
+
+
+# -- handlers -----------------------------------------------------------------------------------
+async def handle_publish(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    cfg = state.config
+    peer = _peer(request)
+    path = request.raw_path.split("?", 1)[0]
+    try:
+        topics, _private = parse_publish_path(path)
+    except TopicError as e:
+        raise BadRequest(str(e)) from None
+    if not state.allow.allows(peer):
+        raise Forbidden(f"publishing is not allowed from {peer}")
+    secure = cfg.clients.secure_topics.intersection(topics)
+    if secure:
+        who = await _principal(state, request)
+        missing = secure - who.publish_topics if who else secure
+        if missing:
+            names = ", ".join(sorted(missing))
+            raise Forbidden(f"publishing to secure topic(s) {names} needs credentials that grant them")
+    body = await _read_body(request, cfg.server.max_payload_size)
+    obj = parse_json_object(body)
+    await state.ingest.submit(path, obj, source=peer)
+    return _text(202, ACCEPTED_TEXT)
+
+
+async def handle_subscribe(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    if state.closing:
+        return _text(503, "server is shutting down\n", **{"Retry-After": "5"})
+    try:
+        spec = parse_subscription(request.raw_path)
+    except TopicError as e:
+        raise BadRequest(str(e)) from None
+    who = await _principal(state, request)
+    acl: Acl = who.acl if who is not None else NO_ACL
+    fmt = _wire_format(request, state.config.clients.oldschoolers)
+    return await stream_response(request, state, spec, fmt, acl, who)
+
+
+async def stream_response(request: web.Request, state: State, spec: TopicSpec, fmt: WireFormat,
+                          acl: Acl, who: Principal | None) -> web.StreamResponse:
+    """Serve one subscriber until it leaves, overflows or the server shuts down."""
+    resp = web.StreamResponse(status=200, headers={
+        "Server": SERVER_HEADER,
+        "Content-Type": STREAM_CONTENT_TYPE,
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    if fmt in (WireFormat.CHUNKED, WireFormat.CHUNKED_NUL):
+        resp.enable_chunked_encoding()
+    else:
+        resp.force_close()  # HTTP/1.0: the body ends when the connection closes
+    await resp.prepare(request)
+    transport = request.transport
+    if transport is None:  # the client left while we answered
+        return resp
+    stream = Stream(transport, fmt, spec, _peer(request), state.config.server.stream_buffer,
+                    state.stats, who.user if who else None)
+    hub = state.hub
+    state.streams[stream] = None
+    replay = state.replay
+    if replay is not None:
+        stream.hold()
+    group = hub.topics.subscribe(stream, spec, fmt, acl)
+    why = "gone"
+    started = time.monotonic()
+    try:
+        if replay is not None:
+            await replay(request, stream, who)
+            stream.release()
+        why = await stream.done
+    finally:
+        hub.topics.unsubscribe(stream, group)
+        state.streams.pop(stream, None)
+        logger.debug("stream %r ended: %s", stream, why)
+        if why == "gone":  # aiohttp logs no access line for a cancelled handler: we do
+            access_logger.info('%s "%s %s HTTP/%d.%d" 200 - %.6f "%s"', stream.peer, request.method,
+                               request.raw_path, request.version.major, request.version.minor,
+                               time.monotonic() - started, request.headers.get("User-Agent", "-"))
+    if why == "shutdown" and stream.transport is not None and not stream.transport.is_closing():
+        try:
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            logger.debug("stream %r: client left during shutdown", stream)
+    return resp
+
+
+async def handle_head(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    headers = {"Server": SERVER_HEADER}
+    if state.config.server.subscriber_header:
+        headers["X-Subscribers"] = str(state.hub.subscriber_count)
+    return web.Response(status=204, headers=headers)
+
+
+HANDLERS: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+    "GET": handle_subscribe,
+    "PUT": handle_publish,
+    "POST": handle_publish,
+    "HEAD": handle_head,
+}
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """One entry for every request: pick the handler, map refusals to one-line answers."""
+    handler = HANDLERS.get(request.method)
+    if handler is None:
+        return _text(405, f"method {request.method} not allowed\n", Allow=ALLOW)
+    try:
+        return await handler(request)
+    except PubSubError as e:
+        state = request.app[STATE]
+        state.rejected[e.status] = state.rejected.get(e.status, 0) + 1
+        logger.info("%s %s %s from %s: %s", e.status, request.method, request.raw_path[:200],
+                    _peer(request), e.reason)
+        return _text(e.status, e.reason + "\n")
+    except asyncio.IncompleteReadError:
+        logger.info("400 %s %s from %s: body shorter than Content-Length", request.method,
+                    request.raw_path[:200], _peer(request))
+        return _text(400, "body shorter than Content-Length\n")
+
+
+# -- lifecycle inside the app -------------------------------------------------------------------
+def _ping(fmt: WireFormat, now: float) -> bytes:
+    return ping_bytes(fmt, now)
+
+
+async def _pinger(app: web.Application) -> AsyncIterator[None]:
+    """Owns the keep-alive task: one timer for all streams, bytes built once per format."""
+    state = app[STATE]
+    interval = state.config.server.ping_interval
+
+    async def loop() -> None:
+        for _ in iter(int, 1):  # runs until cancelled
+            await asyncio.sleep(interval)
+            state.hub.topics.broadcast_ping(functools.partial(_ping, now=time.time()))
+
+    task = asyncio.get_running_loop().create_task(loop(), name="pypubsub-pinger")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _eventlog(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.log.start()
+    yield
+    await state.log.close()
+
+
+async def _end_streams(app: web.Application) -> None:
+    """Shutdown step: refuse new streams, end the open ones cleanly (terminating chunk)."""
+    state = app[STATE]
+    state.closing = True
+    n = len(state.streams)
+    for s in list(state.streams):
+        s.end("shutdown")
+    if n:
+        logger.info("ending %d stream(s) for shutdown", n)
+
+
+def build_app(config: Config, *, log: EventLog | None = None, auth: Authenticator | None = None,
+              hub: Hub | None = None) -> web.Application:
+    """The application for ``config``; plugins add themselves to its cleanup_ctx."""
+    hub = hub or Hub()
+    log = log or MemoryLog(config.server.backlog.size, config.server.backlog.max_age)
+    state = State(config=config, hub=hub, log=log, ingest=Ingest(hub, log),
+                  allow=AllowList(config.clients.payloaders), auth=auth or NoAuth())
+    app = web.Application(client_max_size=config.server.max_payload_size + 1, handler_args={
+        "max_field_size": 16384, "max_line_size": 16384})
+    app[STATE] = state
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    app.cleanup_ctx.append(_eventlog)
+    app.cleanup_ctx.append(_pinger)
+    app.on_shutdown.append(_end_streams)
+    return app

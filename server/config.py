@@ -1,0 +1,360 @@
+"""Configuration: ``pypubsub.yaml`` (0.7.4's format) parsed once into frozen dataclasses.
+
+Owns reading and validating every key, with defaults named next to each; a bad value raises
+:class:`~server.errors.ConfigError` naming the file and the dotted key; an unknown key is a
+warning. Plugins parse their own sections through a :class:`Section` so their errors name the
+key the same way. No I/O beyond reading the file; nothing here starts anything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import netaddr
+import yaml
+
+from server.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_TEXT",
+    "BacklogConfig",
+    "ClientsConfig",
+    "Config",
+    "Section",
+    "ServerConfig",
+    "TlsConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+]
+
+logger = logging.getLogger(__name__)
+
+# -- named defaults ---------------------------------------------------------------------------
+DEFAULT_PORT = 2069  # 0.7.4's port
+DEFAULT_BIND = ("127.0.0.1",)  # loopback unless told otherwise (0.7.4 bound 0.0.0.0)
+#: 0.7.4's limit on a published event body, in bytes.
+DEFAULT_MAX_PAYLOAD = 102_400
+#: Bytes a subscriber may have unsent before it is disconnected (it can resume by cursor).
+DEFAULT_STREAM_BUFFER = 4 * 1024 * 1024
+#: Keep-alive interval: asfpy gives up after 11 s of silence, svnwcsub after 60 s.
+DEFAULT_PING_INTERVAL = 5.0
+#: How long shutdown waits for streams and plugins before giving up on them.
+DEFAULT_SHUTDOWN_GRACE = 3.0
+#: A replay never sends more than this many events (no request scans forever); 0 = no cap.
+DEFAULT_MAX_REPLAY = 100_000
+
+#: The configuration the daemon runs on when no file is given and none is found.
+DEFAULT_CONFIG_TEXT = """\
+server:
+  port: 2069
+  bind: 127.0.0.1
+  max_payload_size: 102400
+  backlog:
+    size: 0
+    max_age: 0
+clients:
+  payloaders:
+    - 127.0.0.0/8
+    - ::1/128
+  oldschoolers:
+    - svnwcsub
+"""
+
+T = TypeVar("T")
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.I)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?i?b?)?\s*$", re.I)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024, "m": 10**6,
+               "mb": 10**6, "mib": 2**20, "mi": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30,
+               "gi": 2**30}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``45``, ``45s``, ``30m``, ``12h``, ``7d`` or ``2w``. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 45s, 30m, 12h or 7d")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    m = _DURATION_RE.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a duration such as 45s, 30m, 12h or 7d")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``102400``, ``100KiB``, ``4MiB``, ``1M``. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size in bytes")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a size such as 102400, 100KiB or 4MiB")
+    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+
+
+class Section:
+    """A mapping read with typed getters whose errors name the file and the dotted key.
+
+    Keys never read are reported by :meth:`warn_unknown`.
+    """
+
+    def __init__(self, data: object, file: str, prefix: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(file, prefix or "(top level)", "must be a mapping")
+        self.data: Mapping[str, Any] = data
+        self.file = file
+        self.prefix = prefix
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), message)
+
+    def has(self, name: str) -> bool:
+        self._seen.add(name)
+        return self.data.get(name) is not None
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        self._seen.add(name)
+        v = self.data.get(name)
+        return default if v is None else v
+
+    def section(self, name: str) -> Section:
+        return Section(self.raw(name), self.file, self.key(name))
+
+    def typed(self, name: str, kind: type[T], default: T) -> T:
+        v = self.raw(name, default)
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
+            raise self.error(name, f"expected {kind.__name__}, got {v!r}")
+        return v
+
+    def integer(self, name: str, default: int, *, minimum: int | None = None,
+                maximum: int | None = None) -> int:
+        v = self.typed(name, int, default)
+        if minimum is not None and v < minimum:
+            raise self.error(name, f"must be at least {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise self.error(name, f"must be at most {maximum}, got {v}")
+        return v
+
+    def port(self, name: str, default: int) -> int:
+        return self.integer(name, default, minimum=0, maximum=65535)
+
+    def duration(self, name: str, default: float) -> float:
+        try:
+            return parse_duration(self.raw(name, default))
+        except ValueError as e:
+            raise self.error(name, str(e)) from None
+
+    def size(self, name: str, default: int) -> int:
+        try:
+            return parse_size(self.raw(name, default))
+        except ValueError as e:
+            raise self.error(name, str(e)) from None
+
+    def string(self, name: str, default: str | None = None) -> str | None:
+        v = self.raw(name, default)
+        if v is None:
+            return None
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            raise self.error(name, f"expected a string, got {v!r}")
+        return str(v)
+
+    def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """A list of strings; a single string counts as a list of one."""
+        v = self.raw(name, None)
+        if v is None:
+            return default
+        if isinstance(v, (str, int)) and not isinstance(v, bool):
+            return (str(v),)
+        if not isinstance(v, list):
+            raise self.error(name, f"expected a list of strings, got {v!r}")
+        out = []
+        for i, x in enumerate(v):
+            if not isinstance(x, (str, int, float)) or isinstance(x, bool):
+                raise ConfigError(self.file, f"{self.key(name)}[{i}]", f"expected a string, got {x!r}")
+            out.append(str(x))
+        return tuple(out)
+
+    def path(self, name: str, *, must_exist: bool = False) -> Path | None:
+        v = self.string(name)
+        if v is None or v == "":
+            return None
+        p = Path(v).expanduser()
+        if must_exist and not p.is_file():
+            raise self.error(name, f"file {str(p)!r} does not exist or is not a file")
+        return p
+
+    def warn_unknown(self) -> None:
+        for k in self.data:
+            if k not in self._seen:
+                logger.warning("%s: unknown configuration key %s (ignored)", self.file, self.key(str(k)))
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    port: int
+    cert: Path
+    key: Path
+    chain: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BacklogConfig:
+    #: events kept for replay; 0 disables the backlog
+    size: int = 0
+    #: seconds an event is kept; 0 = no age limit
+    max_age: float = 0.0
+    #: path of the persistent log; None = memory only
+    storage: Path | None = None
+    #: most events one replay request may send; 0 = no cap (not advised)
+    max_replay: int = DEFAULT_MAX_REPLAY
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    port: int = DEFAULT_PORT
+    bind: tuple[str, ...] = DEFAULT_BIND
+    max_payload_size: int = DEFAULT_MAX_PAYLOAD
+    backlog: BacklogConfig = field(default_factory=BacklogConfig)
+    tls: TlsConfig | None = None
+    stream_buffer: int = DEFAULT_STREAM_BUFFER
+    ping_interval: float = DEFAULT_PING_INTERVAL
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    #: send ``X-Subscribers`` on HEAD (it reveals how many clients are connected)
+    subscriber_header: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ClientsConfig:
+    payloaders: netaddr.IPSet = field(default_factory=netaddr.IPSet)
+    oldschoolers: tuple[str, ...] = ()
+    secure_topics: frozenset[str] = frozenset()
+    #: the raw ``clients.ldap`` section (parsed by the LDAP plugin when configured)
+    ldap: Section | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    file: str
+    server: ServerConfig
+    clients: ClientsConfig
+    #: the raw ``sqs`` section (parsed by the SQS plugin when configured)
+    sqs: Section | None = None
+
+
+def _parse_cidrs(sec: Section, name: str) -> netaddr.IPSet:
+    out = netaddr.IPSet()
+    for i, entry in enumerate(sec.strings(name)):
+        try:
+            net = ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(sec.file, f"{sec.key(name)}[{i}]",
+                              f"{entry!r} is not an IP address or CIDR") from None
+        out.add(netaddr.IPNetwork(str(net)))
+    return out
+
+
+def _parse_bind(sec: Section) -> tuple[str, ...]:
+    binds = sec.strings("bind", DEFAULT_BIND)
+    for i, b in enumerate(binds):
+        if b in ("", "*"):
+            continue
+        try:
+            ipaddress.ip_address(b)
+        except ValueError:
+            if not re.match(r"^[A-Za-z0-9.-]+$", b):
+                raise ConfigError(sec.file, f"{sec.key('bind')}[{i}]", f"{b!r} is not an address") from None
+    return binds
+
+
+def parse_config(data: object, file: str) -> Config:
+    """Validate a parsed YAML document. Raises ConfigError naming file and key."""
+    top = Section(data, file, "")
+    srv = top.section("server")
+    bl = srv.section("backlog")
+    backlog = BacklogConfig(
+        size=bl.integer("size", 0, minimum=0),
+        max_age=bl.duration("max_age", 0.0),
+        storage=bl.path("storage"),
+        max_replay=bl.integer("max_replay", DEFAULT_MAX_REPLAY, minimum=0),
+    )
+    bl.warn_unknown()
+    tls = None
+    if srv.has("tls"):
+        t = srv.section("tls")
+        if t.has("port") or t.has("cert") or t.has("key"):
+            for req in ("port", "cert", "key"):
+                if not t.has(req):
+                    raise t.error(req, "is required when server.tls is set")
+            cert = t.path("cert", must_exist=True)
+            key = t.path("key", must_exist=True)
+            if cert is None or key is None:
+                raise t.error("cert" if cert is None else "key", "is required when server.tls is set")
+            tls = TlsConfig(port=t.port("port", 0), cert=cert, key=key,
+                            chain=t.path("chain", must_exist=True))
+        t.warn_unknown()
+    server = ServerConfig(
+        port=srv.port("port", DEFAULT_PORT),
+        bind=_parse_bind(srv),
+        max_payload_size=srv.size("max_payload_size", DEFAULT_MAX_PAYLOAD),
+        backlog=backlog,
+        tls=tls,
+        stream_buffer=srv.size("stream_buffer", DEFAULT_STREAM_BUFFER),
+        ping_interval=srv.duration("ping_interval", DEFAULT_PING_INTERVAL),
+        shutdown_grace=srv.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
+        subscriber_header=srv.typed("subscriber_header", bool, True),
+    )
+    if server.ping_interval <= 0:
+        raise srv.error("ping_interval", "must be positive")
+    if server.stream_buffer < 65536:
+        raise srv.error("stream_buffer", "must be at least 65536 bytes")
+    srv.warn_unknown()
+
+    cl = top.section("clients")
+    clients = ClientsConfig(
+        payloaders=_parse_cidrs(cl, "payloaders"),
+        oldschoolers=tuple(s for s in cl.strings("oldschoolers") if s),
+        secure_topics=frozenset(cl.strings("secure_topics")),
+        ldap=cl.section("ldap") if cl.has("ldap") else None,
+    )
+    cl.warn_unknown()
+    sqs = top.section("sqs") if top.has("sqs") else None
+    top.warn_unknown()
+    return Config(file=file, server=server, clients=clients, sqs=sqs)
+
+
+def load_config(path: str | None) -> Config:
+    """Read and validate ``path``; ``None`` means the embedded defaults."""
+    if path is None:
+        return parse_config(yaml.safe_load(DEFAULT_CONFIG_TEXT), "(embedded defaults)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(path, "(file)", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "(file)", f"not UTF-8: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(path, "(file)", f"invalid YAML: {e}") from None
+    return parse_config(data, path)

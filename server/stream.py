@@ -1,0 +1,142 @@
+"""A subscriber's stream: the daemon's :class:`~hub.router.Sink` for one HTTP connection.
+
+Owns the connection's outgoing buffer (the transport's, bounded in bytes), the hold-then-flush
+used by gap-free replay, and the end of the stream (clean finish, overflow, client gone).
+The hub only calls :meth:`Stream.send`, which never blocks: a subscriber that falls behind by
+more than its limit is disconnected (logged, counted) and never delays anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hub.event import Event, WireFormat
+from hub.topics import TopicSpec
+
+__all__ = ["Stream", "StreamStats"]
+
+logger = logging.getLogger(__name__)
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class StreamStats:
+    opened: int = 0
+    overflowed: int = 0
+
+
+class Stream:
+    """One subscriber connection. ``done`` resolves when the stream must end."""
+
+    __slots__ = (
+        "__weakref__",
+        "done",
+        "fmt",
+        "held",
+        "held_bytes",
+        "id",
+        "last_cursor",
+        "limit",
+        "peer",
+        "spec",
+        "stats",
+        "transport",
+        "user",
+    )
+
+    def __init__(self, transport: asyncio.Transport, fmt: WireFormat, spec: TopicSpec, peer: str,
+                 limit: int, stats: StreamStats, user: str | None = None) -> None:
+        self.id = next(_ids)
+        self.transport: asyncio.Transport | None = transport
+        self.fmt = fmt
+        self.spec = spec
+        self.peer = peer
+        self.limit = limit
+        self.stats = stats
+        self.user = user
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        #: live events held back while a replay is written (None: not holding)
+        self.held: list[Event] | None = None
+        self.held_bytes = 0
+        #: cursor of the last event written by a replay (for de-duplicating held events)
+        self.last_cursor: str | None = None
+        stats.opened += 1
+
+    def __repr__(self) -> str:
+        return f"<Stream #{self.id} {self.peer} {self.spec} {self.fmt.value}>"
+
+    # -- the hub's side ------------------------------------------------------------------
+    def send(self, data: bytes, events: Sequence[Event] | None) -> None:
+        t = self.transport
+        if t is None:
+            return
+        if self.held is not None and events is not None:
+            self.held.extend(events)
+            self.held_bytes += len(data)
+            if self.held_bytes > self.limit:
+                self._overflow(self.held_bytes)
+            return
+        if t.is_closing():
+            self.end("gone")
+            return
+        t.write(data)
+        size = t.get_write_buffer_size()
+        if size > self.limit:
+            self._overflow(size)
+
+    # -- replay support ------------------------------------------------------------------
+    def hold(self) -> None:
+        """Start holding live events (call before taking the log snapshot)."""
+        self.held = []
+        self.held_bytes = 0
+
+    def write_direct(self, events: Sequence[Event]) -> None:
+        """Write replayed events now (bypassing the hold), remembering the last cursor."""
+        t = self.transport
+        if t is None or not events:
+            return
+        t.write(b"".join([e.wire(self.fmt) for e in events]))
+        self.last_cursor = events[-1].cursor
+        size = t.get_write_buffer_size()
+        if size > self.limit:
+            self._overflow(size)
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below half the limit (replay pacing)."""
+        t = self.transport
+        for _ in range(1_000_000):
+            if t is None or t.is_closing() or self.done.done():
+                return
+            if t.get_write_buffer_size() <= self.limit // 2:
+                return
+            await asyncio.sleep(0.005)
+
+    def release(self) -> None:
+        """Stop holding: write held live events not already sent by the replay, in order."""
+        held, self.held = self.held, None
+        if not held:
+            return
+        last = self.last_cursor
+        if last is not None:
+            held = [e for e in held if e.cursor > last]
+        self.write_direct(held)
+
+    # -- ending --------------------------------------------------------------------------
+    def _overflow(self, size: int) -> None:
+        self.stats.overflowed += 1
+        logger.warning("disconnecting slow subscriber %r: %d bytes unsent (limit %d)",
+                       self, size, self.limit)
+        t = self.transport
+        self.transport = None
+        if t is not None:
+            t.abort()
+        self.end("overflow")
+
+    def end(self, why: str) -> None:
+        """Ask the stream's handler to finish (``shutdown``, ``overflow``, ``gone``...)."""
+        if not self.done.done():
+            self.done.set_result(why)
