@@ -16,10 +16,10 @@ import os
 import sys
 
 from server import __version__
-from server.app import build_app
 from server.config import load_config
 from server.errors import ConfigError
 from server.run import serve
+from server.wiring import build_daemon
 
 logger = logging.getLogger("pypubsub")
 
@@ -53,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
             config_path = DEFAULT_CONFIG
         else:
             logger.warning("no %s here: running on the embedded defaults", DEFAULT_CONFIG)
+    acl_path = args.acl
+    if acl_path is None and os.path.exists(DEFAULT_ACL):
+        acl_path = DEFAULT_ACL
     try:
         config = load_config(config_path)
-        app = build_app(config)
+        app = build_daemon(config, acl_path)
     except ConfigError as e:
         logger.error("configuration error: %s", e)
         return 2
