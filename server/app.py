@@ -170,13 +170,13 @@ async def stream_response(request: web.Request, state: State, spec: TopicSpec, f
     if transport is None:  # the client left while we answered
         return resp
     stream = Stream(transport, fmt, spec, _peer(request), state.config.server.stream_buffer,
-                    state.stats, who.user if who else None)
+                    state.stats, who)
     hub = state.hub
     state.streams[stream] = None
     replay = state.replay
     if replay is not None:
         stream.hold()
-    group = hub.topics.subscribe(stream, spec, fmt, acl)
+    stream.group = hub.topics.subscribe(stream, spec, fmt, acl)
     why = "gone"
     started = time.monotonic()
     try:
@@ -185,7 +185,7 @@ async def stream_response(request: web.Request, state: State, spec: TopicSpec, f
             stream.release()
         why = await stream.done
     finally:
-        hub.topics.unsubscribe(stream, group)
+        hub.topics.unsubscribe(stream, stream.group)
         state.streams.pop(stream, None)
         logger.debug("stream %r ended: %s", stream, why)
         if why == "gone":  # aiohttp logs no access line for a cancelled handler: we do

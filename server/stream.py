@@ -13,9 +13,14 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hub.event import Event, WireFormat
+from hub.router import Group
 from hub.topics import TopicSpec
+
+if TYPE_CHECKING:
+    from server.auth import Principal
 
 __all__ = ["Stream", "StreamStats"]
 
@@ -36,20 +41,21 @@ class Stream:
         "__weakref__",
         "done",
         "fmt",
+        "group",
         "held",
         "held_bytes",
         "id",
         "last_cursor",
         "limit",
         "peer",
+        "principal",
         "spec",
         "stats",
         "transport",
-        "user",
     )
 
     def __init__(self, transport: asyncio.Transport, fmt: WireFormat, spec: TopicSpec, peer: str,
-                 limit: int, stats: StreamStats, user: str | None = None) -> None:
+                 limit: int, stats: StreamStats, principal: Principal | None = None) -> None:
         self.id = next(_ids)
         self.transport: asyncio.Transport | None = transport
         self.fmt = fmt
@@ -57,7 +63,10 @@ class Stream:
         self.peer = peer
         self.limit = limit
         self.stats = stats
-        self.user = user
+        #: who opened the stream (None: anonymous); ACL reload re-authorises from this
+        self.principal = principal
+        #: the hub group the stream is in (the router moves it on ACL reload)
+        self.group: Group | None = None
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         #: live events held back while a replay is written (None: not holding)
         self.held: list[Event] | None = None
