@@ -18,6 +18,7 @@ import sys
 from server import __version__
 from server.config import load_config
 from server.errors import ConfigError
+from server.logs import setup_logging
 from server.run import serve
 from server.wiring import build_daemon
 
@@ -37,11 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="logging level (default: info)")
     p.add_argument("--version", action="version", version=f"PyPubSub {__version__}")
     return p
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ Topic rules, framing, validation and routing live in pure modules; this file onl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -27,8 +26,10 @@ from server.config import Config
 from server.errors import BadRequest, Forbidden, PayloadTooLarge, PubSubError
 from server.eventlog import EventLog, MemoryLog
 from server.ingest import Ingest
+from server.logs import access_log_flusher
 from server.payload import parse_json_object
 from server.stream import Stream, StreamStats
+from server.tasks import cancel_and_wait
 
 __all__ = ["ACCEPTED_TEXT", "SERVER_HEADER", "STATE", "State", "build_app"]
 
@@ -252,9 +253,7 @@ async def _pinger(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.get_running_loop().create_task(loop(), name="pypubsub-pinger")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
 
 
 async def _eventlog(app: web.Application) -> AsyncIterator[None]:
@@ -286,6 +285,7 @@ def build_app(config: Config, *, log: EventLog | None = None, auth: Authenticato
         "max_field_size": 16384, "max_line_size": 16384})
     app[STATE] = state
     app.router.add_route("*", "/{tail:.*}", dispatch)
+    app.cleanup_ctx.append(access_log_flusher)
     app.cleanup_ctx.append(_eventlog)
     app.cleanup_ctx.append(_pinger)
     app.on_shutdown.append(_end_streams)
