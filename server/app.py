@@ -28,6 +28,7 @@ from server.eventlog import EventLog, MemoryLog
 from server.ingest import Ingest
 from server.logs import access_log_flusher
 from server.payload import parse_json_object
+from server.replay import ReplayHook
 from server.stream import Stream, StreamStats
 from server.tasks import cancel_and_wait
 
@@ -42,9 +43,6 @@ ACCEPTED_TEXT = "Payload received, thank you very much!\n"
 STREAM_CONTENT_TYPE = "application/vnd.pypubsub-stream"
 ALLOW = "GET, HEAD, PUT, POST"
 
-#: Hooks a plugin may add around a stream: called after the stream is registered with the hub
-#: (holding live events) and before it goes live; used by backlog replay.
-StreamHook = Callable[[web.Request, Stream, Principal | None], Awaitable[None]]
 
 
 @dataclass
@@ -59,8 +57,8 @@ class State:
     auth: Authenticator = field(default_factory=NoAuth)
     stats: StreamStats = field(default_factory=StreamStats)
     streams: dict[Stream, None] = field(default_factory=dict)
-    #: set by the backlog plugin: replays history into a held stream before it goes live
-    replay: StreamHook | None = None
+    #: plans a backlog replay from a subscriber's headers (server.replay); None: no replay
+    replay: ReplayHook | None = None
     #: True once shutdown began: new streams are refused
     closing: bool = False
     rejected: dict[int, int] = field(default_factory=dict)
@@ -79,11 +77,20 @@ def _text(status: int, text: str, **headers: str) -> web.Response:
 
 
 async def _principal(state: State, request: web.Request) -> Principal | None:
-    """The authenticated user, None for anonymous; wrong credentials also give None."""
+    """The authenticated user, None for anonymous.
+
+    Wrong credentials also give None, never a 401: the subscriber gets the public stream as an
+    anonymous one would, and cannot tell from the answer whether its credentials were good
+    (0.7.4 did the same; asfpy's legacy Listener would reconnect in a tight loop on a refusal).
+    The failure is logged for the operator.
+    """
     creds = parse_basic_auth(request.headers.get("Authorization"))
     if creds is None:
         return None
-    return await state.auth.authenticate(*creds)
+    who = await state.auth.authenticate(*creds)
+    if who is None:
+        logger.info("authentication failed for user %r from %s", creds[0][:64], _peer(request))
+    return who
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -166,6 +173,12 @@ async def stream_response(request: web.Request, state: State, spec: TopicSpec, f
         resp.enable_chunked_encoding()
     else:
         resp.force_close()  # HTTP/1.0: the body ends when the connection closes
+    # plan the replay first: its headers (cursor found?) must go out with the response's
+    replay = await state.replay(request.headers) if state.replay is not None else None
+    if replay is not None:
+        resp.headers.update(replay.headers)
+        if not replay.needed:
+            replay = None
     await resp.prepare(request)
     transport = request.transport
     if transport is None:  # the client left while we answered
@@ -174,15 +187,14 @@ async def stream_response(request: web.Request, state: State, spec: TopicSpec, f
                     state.stats, who)
     hub = state.hub
     state.streams[stream] = None
-    replay = state.replay
     if replay is not None:
-        stream.hold()
+        stream.hold()  # gap-free: registered (holding live events) before the log snapshot
     stream.group = hub.topics.subscribe(stream, spec, fmt, acl)
     why = "gone"
     started = time.monotonic()
     try:
         if replay is not None:
-            await replay(request, stream, who)
+            await replay.run(stream)
             stream.release()
         why = await stream.done
     finally:

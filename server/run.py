@@ -16,8 +16,10 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from server.app import STATE
 from server.config import Config, TlsConfig
 from server.errors import ConfigError
+from server.fastlane import FastLaneSite
 
 __all__ = ["ACCESS_LOG_FORMAT", "make_ssl_context", "serve"]
 
@@ -61,10 +63,14 @@ async def serve(config: Config, app: web.Application,
     ssl_ctx = make_ssl_context(srv.tls, config.file) if srv.tls else None
     await runner.setup()
     sites: list[web.BaseSite] = []
+    lanes: list[FastLaneSite] = []
     try:
         for host in srv.bind:
             h = None if host in ("", "*") else host
-            sites.append(web.TCPSite(runner, h, srv.port, backlog=LISTEN_BACKLOG, reuse_address=True))
+            lane = FastLaneSite(runner, h, srv.port, app[STATE], backlog=LISTEN_BACKLOG,
+                                reuse_address=True)
+            lanes.append(lane)
+            sites.append(lane)
             if srv.tls is not None and ssl_ctx is not None:
                 sites.append(web.TCPSite(runner, h, srv.tls.port, ssl_context=ssl_ctx,
                                          backlog=LISTEN_BACKLOG, reuse_address=True))
@@ -87,6 +93,9 @@ async def serve(config: Config, app: web.Application,
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        for lane in lanes:
+            if lane.lane is not None:
+                lane.lane.close_idle()
         await runner.cleanup()
     logger.info("stopped")
     return 0

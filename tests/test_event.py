@@ -1,0 +1,59 @@
+"""Unit tests of events: stamping, framing, restoring, cursors."""
+
+from __future__ import annotations
+
+import json
+
+from hub.cursor import cursor_time, new_cursor
+from hub.event import WireFormat, frame, make_event, ping_bytes, restore_event
+
+
+def test_stamping_does_not_mutate_and_server_wins() -> None:
+    body = {"x": 1, "pubsub_path": "/forged", "pubsub_cursor": "forged"}
+    ev = make_event("/private/a/b", body, timestamp=123.5)
+    assert body == {"x": 1, "pubsub_path": "/forged", "pubsub_cursor": "forged"}
+    assert ev.payload["pubsub_path"] == "/private/a/b"
+    assert ev.payload["pubsub_topics"] == ["a", "b"]
+    assert ev.payload["pubsub_timestamp"] == 123.5
+    assert ev.payload["pubsub_cursor"] == ev.cursor != "forged"
+    assert ev.private and ev.topics == ("a", "b")
+    assert json.loads(ev.json) == ev.payload
+
+
+def test_one_record_per_chunk() -> None:
+    ev = make_event("/a", {"k": "v"})
+    chunk = ev.wire(WireFormat.CHUNKED)
+    size, _, rest = chunk.partition(b"\r\n")
+    assert int(size, 16) == len(ev.json) + 1
+    assert rest == ev.json + b"\n\r\n"
+    assert ev.wire(WireFormat.CHUNKED) is chunk  # serialised once, shared
+    nul = ev.wire(WireFormat.CHUNKED_NUL)
+    assert nul.endswith(b"\n\0\r\n") and int(nul.split(b"\r\n")[0], 16) == len(ev.json) + 2
+    assert ev.wire(WireFormat.RAW_NUL) == ev.json + b"\n\0"
+    assert ev.wire(WireFormat.RAW) == ev.json + b"\n"
+    assert frame(b"{}", WireFormat.CHUNKED) == b"3\r\n{}\n\r\n"
+    assert json.loads(ping_bytes(WireFormat.RAW, 5.0)) == {"stillalive": 5.0}
+
+
+def test_big_integers_survive() -> None:
+    ev = make_event("/a", {"n": 2**70})
+    assert json.loads(ev.json)["n"] == 2**70
+
+
+def test_restore_keeps_everything_and_fixes_the_leading_slash() -> None:
+    ev = make_event("/private/svn/commit", {"x": [1, 2]})
+    back = restore_event(ev.json)
+    assert (back.path, back.topics, back.private, back.timestamp, back.cursor) == (
+        ev.path, ev.topics, ev.private, ev.timestamp, ev.cursor)
+    old = dict(ev.payload, pubsub_path="svn/commit")  # 0.7.4 lost the leading '/'
+    assert restore_event(old).path == "/svn/commit"
+
+
+def test_cursors_are_unique_ordered_and_timed() -> None:
+    cs = [new_cursor() for _ in range(5000)]
+    assert len(set(cs)) == len(cs)
+    assert cs == sorted(cs)
+    assert all(len(c) == 36 for c in cs)
+    t = cursor_time(cs[0])
+    assert t is not None and t > 1.7e9
+    assert cursor_time("not-a-uuid") is None
