@@ -88,6 +88,7 @@ class Daemon:
         self.args = args or []
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
         self.write_files(acl)
 
     def write_files(self, acl: dict[str, Any] | None = None) -> None:
@@ -100,6 +101,7 @@ class Daemon:
         return f"http://{HOST}:{self.port}"
 
     def start(self, wait: bool = True) -> Daemon:
+        self._log_offset = len(self.log())  # a restart waits for its own "listening" line
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
@@ -115,7 +117,7 @@ class Daemon:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            return "PyPubSub listening on" in self.log()
+            return "PyPubSub listening on" in self.log()[self._log_offset:]
         wait_until(ready, timeout, "daemon to listen")
 
     def log(self) -> str:
