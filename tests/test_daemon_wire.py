@@ -31,19 +31,20 @@ from tests.support import (
 )
 
 
-async def raw_get(port: int, request: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+async def raw_get(port: int, request: bytes,
+                  timeout: float = 5.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
     """Send a raw request; returns the reader, writer and the response head."""
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
     writer.write(request)
     await writer.drain()
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
     return reader, writer, head
 
 
-async def read_chunk(reader: asyncio.StreamReader) -> bytes:
+async def read_chunk(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
     """One HTTP chunk's payload (empty for the terminating chunk)."""
-    size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).strip(), 16)
-    data = await asyncio.wait_for(reader.readexactly(size + 2), 5)
+    size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)).strip(), 16)
+    data = await asyncio.wait_for(reader.readexactly(size + 2), timeout)
     assert data.endswith(b"\r\n")
     return data[:-2]
 
@@ -214,7 +215,7 @@ async def test_500_concurrent_subscribers(daemon: Daemon) -> None:
 
     async def one(i: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         path = b"/many" if i % 2 else b"/many/odd"
-        r, w, _ = await raw_get(daemon.port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+        r, w, _ = await raw_get(daemon.port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path, 30)
         return r, w
 
     conns = await asyncio.gather(*[one(i) for i in range(n)])
@@ -225,7 +226,7 @@ async def test_500_concurrent_subscribers(daemon: Daemon) -> None:
     async def drain(r: asyncio.StreamReader) -> list[int]:
         got: list[int] = []
         while len(got) < 3:
-            obj = json.loads(await read_chunk(r))
+            obj = json.loads(await read_chunk(r, 30))
             if "k" in obj:
                 got.append(obj["k"])
         return got
