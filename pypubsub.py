@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error", "critical"],
                    help="logging level (default: info)")
+    p.add_argument("--hash-password", action="store_true",
+                   help="read a password (prompted, or one line of stdin), print its hash for the "
+                        "ACL file, and exit")
+    p.add_argument("--hash-scheme", default="argon2id", choices=["argon2id", "bcrypt"],
+                   help="hash for --hash-password (default: argon2id)")
     p.add_argument("--version", action="version", version=f"PyPubSub {__version__}")
     return p
 
@@ -43,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    if args.hash_password:
+        from plugins.acl import hash_password_cli
+
+        return hash_password_cli(args.hash_scheme, sys.stdin, sys.stdout, sys.stdin.isatty())
     config_path = args.config
     if config_path is None:
         if os.path.exists(DEFAULT_CONFIG):
