@@ -1,0 +1,68 @@
+"""The user-facing benchmark (bench/pubsub_bench.py) at a tiny scale, against the real daemon.
+
+Correctness only: every subscriber receives every event meant for it, and a subscriber that
+never reads is cut off once it owes more than ``server.stream_buffer``. No figure is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench" / "pubsub_bench.py"
+EVENT_SIZE = 4096
+#: Notes about the machine, not about correctness (a busy or single-core CI runner).
+HARMLESS = ("load core saturated", "daemon not pinned", "other processes used")
+
+
+def run_bench(*args: str) -> list[dict[str, Any]]:
+    proc = subprocess.run([sys.executable, str(BENCH), *args, "--json", "--max-time", "60"],
+                          capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def problems(result: dict[str, Any]) -> list[str]:
+    return [n for n in result["notes"] if not n.startswith(HARMLESS)]
+
+
+def kernel_send_buffer_max() -> int:
+    """The most a socket's send buffer may autotune to: bytes the kernel holds before the daemon."""
+    return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+
+
+def test_bench_delivers_everything() -> None:
+    results = run_bench("broadcast", "selective", "idle", "-n", "20", "--events", "50")
+    assert [r["scenario"] for r in results] == ["broadcast", "selective", "idle"]
+    for r in results:
+        assert r["published"] == 50, r
+        assert r["refused"] == {}, r
+        assert r["lost"] == 0, r
+        assert r["duplicates"] == 0, r
+        assert r["closed_by_server"] == 0, r
+        assert problems(r) == [], r
+    broadcast, selective, _ = results
+    assert broadcast["delivered"] == 20 * 50
+    assert selective["delivered"] == 50
+    assert broadcast["latency_samples"] > 0
+
+
+def test_bench_stalled_subscriber_is_cut_off_and_others_lose_nothing() -> None:
+    # A buffer large enough that the readers never overflow it on a busy runner (at 1 000 events
+    # of 4 KiB a second, 1 MiB is a quarter of a second of lag on top of the kernel's buffers)
+    # and enough bytes to fill the stalled one's kernel buffers and then that, with room to spare.
+    stream_buffer = 1024 * 1024
+    events = (kernel_send_buffer_max() + stream_buffer) * 3 // 2 // EVENT_SIZE
+    (r,) = run_bench("stalled", "-n", "10", "--events", str(events), "--size", str(EVENT_SIZE),
+                     "--rate", "1000", "--stream-buffer", str(stream_buffer))
+    assert r["published"] == events, r
+    assert r["lost"] == 0, r
+    assert r["duplicates"] == 0, r
+    assert r["closed_by_server"] == 0, r
+    assert r["stalled_disconnected"] is True, r
+    assert r["control_p99_ms"] is not None, r  # the round without the stalled subscriber ran
+    assert problems(r) == [], r
