@@ -101,6 +101,7 @@ class Lane:
         self.state = state
         self.fallback = fallback
         self.conns: dict[FastLane, None] = {}
+        self.loop = asyncio.get_running_loop()
         self.served = 0
         self.handed_over = 0
         self.closing = False
@@ -123,7 +124,8 @@ class Lane:
 class FastLane(asyncio.Protocol):
     """One connection until it is a stream, a closed keep-alive, or handed to aiohttp."""
 
-    __slots__ = ("buf", "lane", "peer", "started", "stream", "target", "timer", "transport", "ua")
+    __slots__ = ("buf", "deadline", "lane", "peer", "started", "stream", "target", "timer", "transport",
+                 "ua")
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
@@ -132,6 +134,7 @@ class FastLane(asyncio.Protocol):
         self.peer = "?"
         self.stream: Stream | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
         self.started = 0.0
         self.ua = b"-"
         self.target = b""
@@ -154,13 +157,19 @@ class FastLane(asyncio.Protocol):
         self.transport = None
 
     def _arm(self, delay: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(delay, self._timeout)
+        """Move the idle deadline; the timer is re-armed lazily when it fires (not per request)."""
+        loop = self.lane.loop
+        self.deadline = loop.time() + delay
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._timeout)
 
     def _timeout(self) -> None:
         self.timer = None
-        if self.transport is not None and self.stream is None:
+        if self.transport is None or self.stream is not None:
+            return
+        if self.lane.loop.time() < self.deadline:
+            self.timer = self.lane.loop.call_at(self.deadline, self._timeout)
+        else:
             self.transport.close()
 
     def pause_writing(self) -> None:  # a publisher not reading its responses: stop reading it

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import TextIO
 
@@ -26,6 +27,20 @@ ACCESS_FLUSH_INTERVAL = 0.5
 #: characters buffered before a write regardless of the timer
 ACCESS_BUFFER_MAX = 64 * 1024
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class CachedTimeFormatter(logging.Formatter):
+    """The standard format, with the date/time text built once per second, not per record."""
+
+    _sec = -1
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        sec = int(record.created)
+        if sec != self._sec:
+            self._sec = sec
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
+        return f"{self._text},{int(record.msecs):03d}"
 
 
 class BufferedLineHandler(logging.Handler):
@@ -70,10 +85,12 @@ def setup_logging(level: str) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr, format=FORMAT)
+    for h in logging.getLogger().handlers:
+        h.setFormatter(CachedTimeFormatter(FORMAT))
     access = logging.getLogger(ACCESS_LOGGER)
     access.propagate = False
     handler = BufferedLineHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(CachedTimeFormatter(FORMAT))
     access.addHandler(handler)
 
 
