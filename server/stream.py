@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,6 +34,22 @@ _ids = itertools.count(1)
 class StreamStats:
     opened: int = 0
     overflowed: int = 0
+
+
+#: SO_LINGER on, 0 s: close() sends RST and drops unsent data at once
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _reset_on_close(t: asyncio.Transport) -> None:
+    """Make closing ``t`` reset the connection: the kernel then frees the megabytes a stalled
+    reader left in its send buffer now, instead of holding them in FIN-WAIT-1 until it reads."""
+    sock = t.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError as e:  # already gone: nothing left to free
+        logger.debug("SO_LINGER on overflow failed: %s", e)
 
 
 class Stream:
@@ -142,6 +160,7 @@ class Stream:
         t = self.transport
         self.transport = None
         if t is not None:
+            _reset_on_close(t)
             t.abort()
         self.end("overflow")
 
