@@ -5,7 +5,8 @@ is any :class:`Sink` (the daemon's HTTP stream is one).
 
 Cost model (the point of this module):
 
-* subscribers with an identical (topic spec, wire format, ACL) share one :class:`Group`;
+* subscribers with an identical (topic spec, wire format) share one :class:`Family`, split by
+  ACL into :class:`Group` s (one per distinct ACL);
 * each batch of a group is indexed under one *anchor* topic, the least used one when it joined,
   so a publish looks only at groups anchored on the event's own topics: O(matching groups),
   never O(all subscribers);
@@ -51,23 +52,47 @@ class Sink(Protocol):
 
 
 class Group:
-    """Sinks sharing one (spec, format, ACL): the unit of routing and of coalesced writes."""
+    """Sinks sharing one (spec, format, ACL). A stream keeps its group to leave or move."""
 
-    __slots__ = ("acl", "anchors", "fmt", "pending", "sinks", "spec")
+    __slots__ = ("acl", "family", "fmt", "sinks", "spec")
 
-    def __init__(self, spec: TopicSpec, fmt: WireFormat, acl: Acl) -> None:
-        self.spec = spec
-        self.fmt = fmt
+    def __init__(self, family: Family, acl: Acl) -> None:
+        self.family = family
+        self.spec = family.spec
+        self.fmt = family.fmt
         self.acl = acl
         self.sinks: dict[Sink, None] = {}  # insertion-ordered set
-        self.pending: list[Event] = []
-        self.anchors: list[tuple[str, frozenset[str]]] = []
 
     def __repr__(self) -> str:
         return f"<Group {self.spec} {self.fmt.value} acl={len(self.acl)} sinks={len(self.sinks)}>"
 
 
-GroupKey = tuple[TopicSpec, WireFormat, Acl]
+class Family:
+    """The groups of one (spec, format): the unit of indexing and of coalesced writes.
+
+    Public events are joined once per family and the same bytes go to every group; only when a
+    private event is pending does each group get its own ACL-filtered join.
+    """
+
+    __slots__ = ("anchors", "fmt", "groups", "has_private", "pending", "spec")
+
+    def __init__(self, spec: TopicSpec, fmt: WireFormat) -> None:
+        self.spec = spec
+        self.fmt = fmt
+        self.groups: dict[Acl, Group] = {}
+        self.pending: list[Event] = []
+        self.has_private = False
+        self.anchors: list[tuple[str, frozenset[str]]] = []
+
+    def may_see(self, event: Event) -> bool:
+        """Could any group of this family see this private event?"""
+        return any(acl and acl_allows(acl, event) for acl in self.groups)
+
+    def __repr__(self) -> str:
+        return f"<Family {self.spec} {self.fmt.value} groups={len(self.groups)}>"
+
+
+FamilyKey = tuple[TopicSpec, WireFormat]
 #: Called after a subscription joins (True) or leaves (False), with the spec's count after it.
 ChangeListener = Callable[[TopicSpec, int, bool], None]
 
@@ -76,11 +101,11 @@ class TopicRouter:
     """The index of topic-set subscriptions and the coalescing fan-out."""
 
     def __init__(self) -> None:
-        self._groups: dict[GroupKey, Group] = {}
-        self._index: dict[str, dict[tuple[Group, frozenset[str]], None]] = {}
-        self._match_all: dict[Group, None] = {}
+        self._families: dict[FamilyKey, Family] = {}
+        self._index: dict[str, dict[tuple[Family, frozenset[str]], None]] = {}
+        self._match_all: dict[Family, None] = {}
         self._spec_counts: dict[TopicSpec, int] = {}
-        self._dirty: list[Group] = []
+        self._dirty: list[Family] = []
         self._flush_handle: asyncio.Handle | None = None
         self._listeners: list[ChangeListener] = []
         self.subscriber_count = 0
@@ -93,13 +118,29 @@ class TopicRouter:
     def remove_listener(self, listener: ChangeListener) -> None:
         self._listeners.remove(listener)
 
+    def _group(self, spec: TopicSpec, fmt: WireFormat, acl: Acl) -> Group:
+        fam = self._families.get((spec, fmt))
+        if fam is None:
+            fam = self._families[(spec, fmt)] = Family(spec, fmt)
+            self._index_family(fam)
+        g = fam.groups.get(acl)
+        if g is None:
+            g = fam.groups[acl] = Group(fam, acl)
+        return g
+
+    def _drop_if_empty(self, group: Group) -> None:
+        if group.sinks:
+            return
+        fam = group.family
+        if fam.groups.get(group.acl) is group:
+            del fam.groups[group.acl]
+        if not fam.groups:
+            self._unindex_family(fam)
+            self._families.pop((fam.spec, fam.fmt), None)
+
     def subscribe(self, sink: Sink, spec: TopicSpec, fmt: WireFormat, acl: Acl = NO_ACL) -> Group:
         """Add ``sink``; returns its group (needed to move or remove it later)."""
-        key = (spec, fmt, acl)
-        g = self._groups.get(key)
-        if g is None:
-            g = self._groups[key] = Group(spec, fmt, acl)
-            self._index_group(g)
+        g = self._group(spec, fmt, acl)
         g.sinks[sink] = None
         self.subscriber_count += 1
         n = self._spec_counts[spec] = self._spec_counts.get(spec, 0) + 1
@@ -118,25 +159,17 @@ class TopicRouter:
             self._spec_counts[spec] = n
         else:
             del self._spec_counts[spec]
-        if not group.sinks:
-            self._unindex_group(group)
-            del self._groups[(group.spec, group.fmt, group.acl)]
+        self._drop_if_empty(group)
         self._notify(spec, n, False)
 
     def move(self, sink: Sink, group: Group, acl: Acl) -> Group:
         """Re-authorise ``sink`` under a new ACL without dropping it (ACL reload)."""
-        if acl == group.acl:
+        if acl == group.acl or sink not in group.sinks:
             return group
-        key = (group.spec, group.fmt, acl)
-        new = self._groups.get(key)
-        if new is None:
-            new = self._groups[key] = Group(group.spec, group.fmt, acl)
-            self._index_group(new)
+        new = self._group(group.spec, group.fmt, acl)
         new.sinks[sink] = None
-        group.sinks.pop(sink, None)
-        if not group.sinks:
-            self._unindex_group(group)
-            del self._groups[(group.spec, group.fmt, group.acl)]
+        del group.sinks[sink]
+        self._drop_if_empty(group)
         return new
 
     def _notify(self, spec: TopicSpec, n: int, joined: bool) -> None:
@@ -146,80 +179,105 @@ class TopicRouter:
             except Exception:  # a listener's bug must not break subscribing
                 logger.exception("subscription listener %r failed", cb)
 
-    def _index_group(self, g: Group) -> None:
-        for batch in g.spec.batches:
+    def _index_family(self, fam: Family) -> None:
+        for batch in fam.spec.batches:
             if not batch:
-                self._match_all[g] = None
+                self._match_all[fam] = None
                 continue
             # anchor on the topic with the fewest entries now: keeps candidate lists short
             anchor = min(sorted(batch), key=lambda t: len(self._index.get(t, ())))
-            self._index.setdefault(anchor, {})[(g, batch)] = None
-            g.anchors.append((anchor, batch))
+            self._index.setdefault(anchor, {})[(fam, batch)] = None
+            fam.anchors.append((anchor, batch))
 
-    def _unindex_group(self, g: Group) -> None:
-        self._match_all.pop(g, None)
-        for anchor, batch in g.anchors:
+    def _unindex_family(self, fam: Family) -> None:
+        self._match_all.pop(fam, None)
+        for anchor, batch in fam.anchors:
             entries = self._index.get(anchor)
             if entries is not None:
-                entries.pop((g, batch), None)
+                entries.pop((fam, batch), None)
                 if not entries:
                     del self._index[anchor]
-        g.anchors.clear()
+        fam.anchors.clear()
 
     # -- introspection -------------------------------------------------------------------
     def groups(self) -> Iterator[Group]:
-        return iter(list(self._groups.values()))
+        return iter([g for f in list(self._families.values()) for g in f.groups.values()])
 
     def spec_counts(self) -> dict[TopicSpec, int]:
         return dict(self._spec_counts)
 
-    def matching_groups(self, event: Event) -> list[Group]:
-        """Groups whose spec matches ``event`` and whose ACL lets them see it."""
+    def matching_families(self, event: Event) -> list[Family]:
+        """Families whose spec matches ``event`` (and, if private, one of whose ACLs allows it)."""
         ts = event.topicset
-        found: dict[Group, None] = dict(self._match_all)
+        found: dict[Family, None] = dict(self._match_all)
         index = self._index
         for t in event.topics:
             entries = index.get(t)
             if entries:
-                for g, batch in entries:
+                for fam, batch in entries:
                     if batch <= ts:
-                        found[g] = None
+                        found[fam] = None
         if event.private:
-            return [g for g in found if g.acl and acl_allows(g.acl, event)]
+            return [f for f in found if f.may_see(event)]
         return list(found)
+
+    def matching_groups(self, event: Event) -> list[Group]:
+        """The groups that would receive ``event``."""
+        out = []
+        for fam in self.matching_families(event):
+            for g in fam.groups.values():
+                if not event.private or (g.acl and acl_allows(g.acl, event)):
+                    out.append(g)
+        return out
 
     # -- fan-out -------------------------------------------------------------------------
     def route(self, event: Event) -> int:
-        """Queue ``event`` for every matching group; returns the number of groups. Never blocks."""
-        groups = self.matching_groups(event)
+        """Queue ``event`` for every matching family; returns their number. Never blocks."""
+        fams = self.matching_families(event)
         dirty = self._dirty
-        for g in groups:
-            if not g.pending:
-                dirty.append(g)
-            g.pending.append(event)
+        private = event.private
+        for f in fams:
+            if not f.pending:
+                dirty.append(f)
+            f.pending.append(event)
+            if private:
+                f.has_private = True
         if dirty and self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
-        return len(groups)
+        return len(fams)
 
     def flush(self) -> None:
-        """Write every group's pending records: one joined ``bytes`` per group, shared."""
+        """Write every family's pending records: one joined ``bytes``, shared by its sinks."""
         self._flush_handle = None
         dirty, self._dirty = self._dirty, []
-        for g in dirty:
-            events, g.pending = g.pending, []
-            fmt = g.fmt
-            data = events[0].wire(fmt) if len(events) == 1 else b"".join([e.wire(fmt) for e in events])
-            # sinks never leave the group synchronously from send(): safe to iterate the dict
-            for sink in g.sinks:
-                sink.send(data, events)
+        for f in dirty:
+            events, f.pending = f.pending, []
+            fmt = f.fmt
+            if f.has_private:
+                f.has_private = False
+                for g in list(f.groups.values()):
+                    acl = g.acl
+                    evs = [e for e in events if not e.private or (acl and acl_allows(acl, e))]
+                    if evs:
+                        _send(g, b"".join([e.wire(fmt) for e in evs]), evs)
+            else:
+                data = events[0].wire(fmt) if len(events) == 1 else b"".join([e.wire(fmt) for e in events])
+                for g in list(f.groups.values()):
+                    _send(g, data, events)
             self.delivered_batches += 1
 
     def broadcast_ping(self, make: Callable[[WireFormat], bytes]) -> None:
         """Send a keep-alive record to every sink (bytes built once per format)."""
         cache: dict[WireFormat, bytes] = {}
-        for g in list(self._groups.values()):
+        for g in self.groups():
             data = cache.get(g.fmt)
             if data is None:
                 data = cache[g.fmt] = make(g.fmt)
             for sink in list(g.sinks):
                 sink.send(data, None)
+
+
+def _send(group: Group, data: bytes, events: Sequence[Event]) -> None:
+    # sinks never leave a group synchronously from send(): safe to iterate the dict
+    for sink in group.sinks:
+        sink.send(data, events)
