@@ -219,6 +219,7 @@ async def test_pipelined_publishes_on_one_connection(daemon: Daemon) -> None:
             assert chunk, data
             data += chunk
         writer.close()
+        await writer.wait_closed()
         assert data.count(b"202 Accepted") == 2 and b"400 Bad Request" in data
         assert [(await sub.next())["n"] for _ in range(2)] == [1, 2]
     assert await subscriber_count(daemon.url) >= 0

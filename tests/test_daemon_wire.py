@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -41,6 +42,13 @@ async def raw_get(port: int, request: bytes,
     return reader, writer, head
 
 
+async def close(writer: asyncio.StreamWriter) -> None:
+    """Close and wait, so no transport is left for the garbage collector to warn about."""
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
 async def read_chunk(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
     """One HTTP chunk's payload (empty for the terminating chunk)."""
     size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)).strip(), 16)
@@ -68,7 +76,7 @@ async def test_exactly_one_event_per_chunk(daemon: Daemon, via: str) -> None:
         if "stillalive" not in obj:
             seen.append(obj["i"])
     assert sorted(seen) == list(range(30))
-    writer.close()
+    await close(writer)
 
 
 async def test_oldschool_user_agent_gets_nul_framing(daemon_factory: Callable[..., Daemon]) -> None:
@@ -86,7 +94,7 @@ async def test_oldschool_user_agent_gets_nul_framing(daemon_factory: Callable[..
         if b'"r"' in chunk:
             assert json.loads(chunk[:-2])["r"] == 1
             break
-    writer.close()
+    await close(writer)
 
 
 async def test_svnpubsub_http10_request(daemon_factory: Callable[..., Daemon]) -> None:
@@ -109,7 +117,7 @@ async def test_svnpubsub_http10_request(daemon_factory: Callable[..., Daemon]) -
     d.signal(signal.SIGTERM)
     rest = await asyncio.wait_for(reader.read(), 10)
     assert b"\r\n0\r\n" not in rest
-    writer.close()
+    await close(writer)
     assert d.proc is not None and d.proc.wait(10) == 0
 
 
@@ -206,8 +214,8 @@ async def test_sigterm_ends_streams_cleanly(daemon: Daemon) -> None:
     assert daemon.proc is not None and daemon.proc.wait(10) == 0
     assert time.monotonic() - t0 < 6
     assert "stopped" in daemon.log()
-    writer.close()
-    writer2.close()
+    await close(writer)
+    await close(writer2)
 
 
 async def test_500_concurrent_subscribers(daemon: Daemon) -> None:
@@ -234,7 +242,7 @@ async def test_500_concurrent_subscribers(daemon: Daemon) -> None:
     results = await asyncio.gather(*[drain(r) for r, _ in conns])
     assert all(g == [0, 1, 2] for g in results)
     for _, w in conns:
-        w.close()
+        await close(w)
     await wait_subscribers(daemon.url, 0, timeout=30)
 
 
