@@ -120,6 +120,13 @@ class Daemon:
             return "PyPubSub listening on" in self.log()[self._log_offset:]
         wait_until(ready, timeout, "daemon to listen")
 
+    def restart(self) -> None:
+        """Stop (it must exit 0) and start again on the same port, files and log."""
+        rc = self.stop()
+        if rc != 0:
+            raise RuntimeError(f"daemon exited {rc} on restart:\n{self.log()[-3000:]}")
+        self.start()
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
