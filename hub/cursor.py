@@ -8,13 +8,15 @@ timestamp in the top bits, so cursors sort by time and survive restarts unchange
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 import uuid
 
-__all__ = ["cursor_time", "new_cursor"]
+__all__ = ["advance_past", "cursor_time", "new_cursor"]
 
 _lock = threading.Lock()
+_random = random.Random(int.from_bytes(os.urandom(16), "big"))
 _last_ms = 0
 _seq = 0
 # rand_a is 12 bits: up to 4096 cursors per millisecond stay strictly ordered; past that we
@@ -37,9 +39,30 @@ def new_cursor(now: float | None = None) -> str:
             _seq = 0
         _last_ms = ms
         seq = _seq
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand_b
-    return str(uuid.UUID(int=value))
+    # uniqueness comes from (ms, seq); the random bits only need to differ between processes,
+    # not to be unguessable (a cursor grants nothing), so no syscall per cursor
+    rand_b = _random.getrandbits(62)
+    h = "%032x" % ((ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand_b)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def advance_past(cursor: str) -> None:
+    """Make every later cursor of this process greater than ``cursor`` (a stored UUIDv7).
+
+    Called with the newest stored cursor at start-up: if the clock stepped backwards across a
+    restart, new cursors still sort after the stored ones. Non-UUIDv7 strings are ignored.
+    """
+    global _last_ms, _seq
+    try:
+        u = uuid.UUID(cursor)
+    except ValueError:
+        return
+    if u.version != 7:
+        return
+    ms, seq = u.int >> 80, (u.int >> 64) & _SEQ_MAX
+    with _lock:
+        if (ms, seq) > (_last_ms, _seq):
+            _last_ms, _seq = ms, seq
 
 
 def cursor_time(cursor: str) -> float | None:

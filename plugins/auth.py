@@ -77,6 +77,7 @@ def reauthorise_streams(app: web.Application,
         if stream.group is not None and stream.group.acl != acl:
             stream.group = router.move(stream, stream.group, acl)
             changed += 1
+    state.auth_generation += 1  # streams still being set up re-authenticate
     return checked, changed
 
 

@@ -61,6 +61,8 @@ class State:
     replay: ReplayHook | None = None
     #: True once shutdown began: new streams are refused
     closing: bool = False
+    #: bumped by every ACL reload (after it re-authorised the open streams)
+    auth_generation: int = 0
     rejected: dict[int, int] = field(default_factory=dict)
 
 
@@ -154,14 +156,18 @@ async def handle_subscribe(request: web.Request) -> web.StreamResponse:
         spec = parse_subscription(request.raw_path)
     except TopicError as e:
         raise BadRequest(str(e)) from None
+    generation = state.auth_generation
     who = await _principal(state, request)
-    acl: Acl = who.acl if who is not None else NO_ACL
     fmt = _wire_format(request, state.config.clients.oldschoolers)
-    return await stream_response(request, state, spec, fmt, acl, who)
+    return await stream_response(request, state, spec, fmt, who, generation)
+
+
+#: re-authentications of one stream while ACL reloads keep landing during its set-up
+MAX_REAUTH = 5
 
 
 async def stream_response(request: web.Request, state: State, spec: TopicSpec, fmt: WireFormat,
-                          acl: Acl, who: Principal | None) -> web.StreamResponse:
+                          who: Principal | None, generation: int) -> web.StreamResponse:
     """Serve one subscriber until it leaves, overflows or the server shuts down."""
     resp = web.StreamResponse(status=200, headers={
         "Server": SERVER_HEADER,
@@ -187,6 +193,14 @@ async def stream_response(request: web.Request, state: State, spec: TopicSpec, f
                     state.stats, who)
     hub = state.hub
     state.streams[stream] = None
+    # An ACL reload re-authorises the streams in state.streams; one that landed while this
+    # request was being set up missed this stream: authenticate again (bounded).
+    for _ in range(MAX_REAUTH):
+        if state.auth_generation == generation:
+            break
+        generation = state.auth_generation
+        stream.principal = who = await _principal(state, request)
+    acl: Acl = who.acl if who is not None else NO_ACL
     if replay is not None:
         stream.hold()  # gap-free: registered (holding live events) before the log snapshot
     stream.group = hub.topics.subscribe(stream, spec, fmt, acl)

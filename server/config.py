@@ -229,6 +229,9 @@ class BacklogConfig:
     storage: Path | None = None
     #: most events one replay request may send; 0 = no cap (not advised)
     max_replay: int = DEFAULT_MAX_REPLAY
+    #: with storage: sync each (group) commit to disk before the 2xx (power-loss safe);
+    #: false still survives a process crash (kill -9) but not a power cut
+    fsync: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +301,7 @@ def parse_config(data: object, file: str) -> Config:
         max_age=bl.duration("max_age", 0.0),
         storage=bl.path("storage"),
         max_replay=bl.integer("max_replay", DEFAULT_MAX_REPLAY, minimum=0),
+        fsync=bl.typed("fsync", bool, True),
     )
     bl.warn_unknown()
     tls = None

@@ -1,11 +1,22 @@
 """The one publish path: every event (HTTP PUT/POST, SQS, cluster) enters through here.
 
-Owns the order stamp → append to the log → route to the hub. Knows nothing of HTTP.
+Owns the order stamp → append to the log → route to the hub, and keeps routing in cursor order
+when a durable log commits in groups. Knows nothing of HTTP.
+
+Two paths:
+
+* a log that keeps events synchronously (memory) → the event is routed at once; no task, no
+  future: this is the hot path of an in-memory daemon;
+* a durable log returns an awaitable per append; events wait in a FIFO and are routed strictly
+  in append (= cursor) order once committed, whatever order the commits' callbacks run in.
+  The publisher's 2xx is sent only after the commit; a publisher that disconnects meanwhile
+  does not cancel the commit or the routing (the event is accepted or failed, never half-done).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -26,19 +37,57 @@ class Ingest:
         self.hub = hub
         self.log = log
         self.accepted = 0
+        #: events the log refused (storage failure); their publishers got an error
+        self.failed = 0
+        #: appended, not yet routed, in cursor order
+        self._inflight: collections.deque[tuple[Event, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def synchronous(self) -> bool:
+        """True when the log keeps events at once: :meth:`submit_now` may be used."""
+        return self.log.synchronous
+
+    def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http") -> Event:
+        """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path)."""
+        event = make_event(path, body)
+        if self.log.append(event) is not None:
+            raise RuntimeError(f"{self.log!r} is not synchronous: use Ingest.submit")
+        self.accepted += 1
+        self.hub.publish_event(event)
+        return event
 
     async def submit(self, path: str, body: Mapping[str, Any], *, source: str = "http") -> Event:
         """Stamp ``body`` as published at ``path``; returns once the event is accepted.
 
-        The append is shielded: a publisher that disconnects mid-request cannot leave an
-        event half-accepted (in the log but never routed).
+        Raises what the log raises when it cannot keep the event (the event is then not routed).
         """
         event = make_event(path, body)
-        await asyncio.shield(self._accept(event))
+        # stamping and appending happen with no await in between: appends are in cursor order
+        pending = self.log.append(event)
+        if pending is None:
+            self.accepted += 1
+            self.hub.publish_event(event)
+            return event
+        fut = asyncio.ensure_future(pending)
+        self._inflight.append((event, fut))
+        fut.add_done_callback(self._route_committed)
+        # shielded: a publisher that leaves cannot cancel the commit (the FIFO needs its result)
+        await asyncio.shield(fut)
         logger.debug("accepted %r from %s", event, source)
         return event
 
-    async def _accept(self, event: Event) -> None:
-        await self.log.append(event)
-        self.accepted += 1
-        self.hub.publish_event(event)
+    def _route_committed(self, _: asyncio.Future[None]) -> None:
+        """Route every committed event at the head of the FIFO, in order."""
+        inflight = self._inflight
+        while inflight and inflight[0][1].done():
+            event, fut = inflight.popleft()
+            if fut.cancelled() or fut.exception() is not None:
+                self.failed += 1
+                continue
+            self.accepted += 1
+            self.hub.publish_event(event)
+
+    @property
+    def pending(self) -> int:
+        """Events appended to a durable log and not yet routed."""
+        return len(self._inflight)
