@@ -57,7 +57,7 @@ def frame(record: bytes, fmt: WireFormat) -> bytes:
 def dumps(obj: Mapping[str, Any]) -> bytes:
     """Compact JSON; falls back to the stdlib for what orjson refuses (integers over 64 bits)."""
     try:
-        return orjson.dumps(obj)
+        return bytes(memoryview(orjson.dumps(obj)))  # orjson leaves a 4 KiB allocation: copy
     except orjson.JSONEncodeError:
         return _json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
