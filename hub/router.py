@@ -255,11 +255,19 @@ class TopicRouter:
             fmt = f.fmt
             if f.has_private:
                 f.has_private = False
+                # groups that may see the same subset share one joined bytes object
+                joined: dict[tuple[int, ...], tuple[bytes, Sequence[Event]]] = {}
                 for g in list(f.groups.values()):
                     acl = g.acl
-                    evs = [e for e in events if not e.private or (acl and acl_allows(acl, e))]
-                    if evs:
-                        _send(g, b"".join([e.wire(fmt) for e in evs]), evs)
+                    seen = tuple(i for i, e in enumerate(events)
+                                 if not e.private or (acl and acl_allows(acl, e)))
+                    if not seen:
+                        continue
+                    hit = joined.get(seen)
+                    if hit is None:
+                        evs = events if len(seen) == len(events) else [events[i] for i in seen]
+                        hit = joined[seen] = (b"".join([e.wire(fmt) for e in evs]), evs)
+                    _send(g, *hit)
             else:
                 data = events[0].wire(fmt) if len(events) == 1 else b"".join([e.wire(fmt) for e in events])
                 for g in list(f.groups.values()):
