@@ -139,7 +139,12 @@ class TopicRouter:
             self._families.pop((fam.spec, fam.fmt), None)
 
     def subscribe(self, sink: Sink, spec: TopicSpec, fmt: WireFormat, acl: Acl = NO_ACL) -> Group:
-        """Add ``sink``; returns its group (needed to move or remove it later)."""
+        """Add ``sink``; returns its group (needed to move or remove it later).
+
+        Records routed before this call are written first: a new subscriber never receives an
+        event that was published before it joined.
+        """
+        self._flush_now()
         g = self._group(spec, fmt, acl)
         g.sinks[sink] = None
         self.subscriber_count += 1
@@ -166,6 +171,7 @@ class TopicRouter:
         """Re-authorise ``sink`` under a new ACL without dropping it (ACL reload)."""
         if acl == group.acl or sink not in group.sinks:
             return group
+        self._flush_now()  # what was routed under the old ACL is delivered under it
         new = self._group(group.spec, group.fmt, acl)
         new.sinks[sink] = None
         del group.sinks[sink]
@@ -245,6 +251,11 @@ class TopicRouter:
         if dirty and self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
         return len(fams)
+
+    def _flush_now(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self.flush()
 
     def flush(self) -> None:
         """Write every family's pending records: one joined ``bytes``, shared by its sinks."""

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import TextIO
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from server.tasks import cancel_and_wait
 
@@ -78,6 +79,20 @@ class BufferedLineHandler(logging.Handler):
         super().close()
 
 
+class ClientErrorFilter(logging.Filter):
+    """aiohttp logs a malformed request (bad request line, oversized header...) as an ERROR with
+    a traceback. It is the client's error, already answered with a 400: one INFO line says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "malformed request refused (%d): %s", (
+                exc.code, str(exc.message).splitlines()[0][:200])
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(level: str) -> None:
     """Error log and access log to stderr; caller lookup off (the logging docs' optimisation)."""
     logging._srcfile = None  # no findCaller() per record
@@ -87,6 +102,7 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr, format=FORMAT)
     for h in logging.getLogger().handlers:
         h.setFormatter(CachedTimeFormatter(FORMAT))
+    logging.getLogger("aiohttp.server").addFilter(ClientErrorFilter())
     access = logging.getLogger(ACCESS_LOGGER)
     access.propagate = False
     handler = BufferedLineHandler(sys.stderr)

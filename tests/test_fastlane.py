@@ -1,0 +1,85 @@
+"""The fast lane's edges, through the real daemon: anything unusual must reach aiohttp intact."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+from tests.support import HOST, Daemon, publish, subscribe, wait_subscribers
+
+
+async def exchange(port: int, data: bytes, until: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until ``until`` is seen (or the server closes)."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        buf = b""
+        while until not in buf:
+            chunk = await asyncio.wait_for(reader.read(65536), timeout)
+            if not chunk:
+                break
+            buf += chunk
+        return buf
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_oversized_head_goes_to_aiohttp(daemon: Daemon) -> None:
+    big = b"X-Filler: " + b"a" * 20000 + b"\r\n"
+    out = await exchange(daemon.port, b"GET /t HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n", b"\r\n\r\n")
+    assert out.split(b" ")[1].startswith(b"4"), out[:80]  # aiohttp refuses it; nothing crashed
+    assert (await publish(daemon.url, "/t", {"still": "serving"}))[0] == 202
+    daemon.wait_log("malformed request refused (400)")  # one line, no traceback
+
+
+async def test_garbage_request_line(daemon: Daemon) -> None:
+    out = await exchange(daemon.port, b"HELLO\r\n\r\n", b"\r\n\r\n")
+    assert out.split(b" ")[1] == b"400", out[:80]
+    assert (await publish(daemon.url, "/t", {"still": "serving"}))[0] == 202
+
+
+async def test_put_then_get_on_one_connection(daemon: Daemon) -> None:
+    """A keep-alive connection that publishes, then becomes a stream."""
+    async with subscribe(daemon.url, "/k") as watcher:
+        await wait_subscribers(daemon.url, 1)
+        body = b'{"n": 1}'
+        reader, writer = await asyncio.open_connection(HOST, daemon.port)
+        writer.write(b"PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                     + b"GET /k HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"thank you very much!\n"), 5)
+        assert b"202 Accepted" in head
+        head2 = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head2.startswith(b"HTTP/1.1 200") and b"chunked" in head2.lower()
+        assert (await watcher.next())["n"] == 1
+        await wait_subscribers(daemon.url, 2)
+        assert (await publish(daemon.url, "/k", {"n": 2}))[0] == 202
+        line = b""
+        while b'"n":2' not in line:
+            line += await asyncio.wait_for(reader.read(65536), 5)
+        assert json.loads(line.split(b"\r\n")[1])["n"] == 2
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    await wait_subscribers(daemon.url, 0)
+
+
+async def test_body_split_across_reads(daemon: Daemon) -> None:
+    async with subscribe(daemon.url, "/split") as sub:
+        await wait_subscribers(daemon.url, 1)
+        body = b'{"parts": "arrive slowly"}'
+        reader, writer = await asyncio.open_connection(HOST, daemon.port)
+        req = b"PUT /split HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        for i in range(0, len(req), 7):  # seven bytes per write: head and body both split
+            writer.write(req[i:i + 7])
+            await writer.drain()
+        out = await asyncio.wait_for(reader.readuntil(b"thank you very much!\n"), 5)
+        assert b"202" in out
+        assert (await sub.next())["parts"] == "arrive slowly"
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
