@@ -66,7 +66,22 @@ class State:
     rejected: dict[int, int] = field(default_factory=dict)
 
 
+    def forget(self, stream: Stream, why: str) -> None:
+        """A stream has ended: out of the hub and of the open-stream set (idempotent)."""
+        if stream.group is not None:
+            self.hub.topics.unsubscribe(stream, stream.group)
+        self.streams.pop(stream, None)
+        logger.debug("stream %r ended: %s", stream, why)
+
+
 STATE: web.AppKey[State] = web.AppKey("pypubsub_state", State)
+
+
+def log_stream_end(peer: str, request_line: str, started: float, ua: str) -> None:
+    """The access line of a stream, written when it ends (by us: aiohttp logs none for it)."""
+    if access_logger.isEnabledFor(logging.INFO):
+        access_logger.info('%s "%s" 200 - %.6f "%s"', peer, request_line,
+                           time.monotonic() - started, ua)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -112,10 +127,10 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _wire_format(request: web.Request, oldschoolers: tuple[str, ...]) -> WireFormat:
-    ua = request.headers.get("User-Agent")
+def wire_format(version: tuple[int, int], ua: str | None, oldschoolers: tuple[str, ...]) -> WireFormat:
+    """The framing a subscriber gets, from its HTTP version and User-Agent (both lanes use it)."""
     nul = ua is None or any(o in ua for o in oldschoolers)
-    if request.version < (1, 1):
+    if version < (1, 1):
         return WireFormat.RAW_NUL if nul else WireFormat.RAW
     # an HTTP/1.1 client without a User-Agent is not svnwcsub: only the list switches it
     if ua is not None and nul:
@@ -158,7 +173,8 @@ async def handle_subscribe(request: web.Request) -> web.StreamResponse:
         raise BadRequest(str(e)) from None
     generation = state.auth_generation
     who = await _principal(state, request)
-    fmt = _wire_format(request, state.config.clients.oldschoolers)
+    fmt = wire_format((request.version.major, request.version.minor),
+                      request.headers.get("User-Agent"), state.config.clients.oldschoolers)
     return await stream_response(request, state, spec, fmt, who, generation)
 
 
@@ -212,13 +228,11 @@ async def stream_response(request: web.Request, state: State, spec: TopicSpec, f
             stream.release()
         why = await stream.done
     finally:
-        hub.topics.unsubscribe(stream, stream.group)
-        state.streams.pop(stream, None)
-        logger.debug("stream %r ended: %s", stream, why)
+        state.forget(stream, why)
         if why == "gone":  # aiohttp logs no access line for a cancelled handler: we do
-            access_logger.info('%s "%s %s HTTP/%d.%d" 200 - %.6f "%s"', stream.peer, request.method,
-                               request.raw_path, request.version.major, request.version.minor,
-                               time.monotonic() - started, request.headers.get("User-Agent", "-"))
+            v = request.version
+            log_stream_end(stream.peer, f"{request.method} {request.raw_path} HTTP/{v.major}.{v.minor}",
+                           started, request.headers.get("User-Agent", "-"))
     if why == "shutdown" and stream.transport is not None and not stream.transport.is_closing():
         try:
             await resp.write_eof()

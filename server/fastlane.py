@@ -31,7 +31,14 @@ from aiohttp import web
 from hub.event import WireFormat
 from hub.router import NO_ACL
 from hub.topics import TopicError, parse_publish_path, parse_subscription
-from server.app import ACCEPTED_TEXT, SERVER_HEADER, STREAM_CONTENT_TYPE, State
+from server.app import (
+    ACCEPTED_TEXT,
+    SERVER_HEADER,
+    STREAM_CONTENT_TYPE,
+    State,
+    log_stream_end,
+    wire_format,
+)
 from server.errors import BadRequest
 from server.payload import parse_json_object
 from server.stream import Stream
@@ -283,11 +290,7 @@ class FastLane(asyncio.Protocol):
         except TopicError:
             return False
         ua = headers.get(b"user-agent")
-        fmt = WireFormat.CHUNKED
-        if ua is not None:
-            uas = ua.decode("latin-1")
-            if any(o in uas for o in lane.oldschoolers):
-                fmt = WireFormat.CHUNKED_NUL
+        fmt = wire_format((1, 1), ua.decode("latin-1") if ua is not None else None, lane.oldschoolers)
         t = self.transport
         if t is None:
             return True
@@ -313,20 +316,14 @@ class FastLane(asyncio.Protocol):
         if stream is None:
             return
         why = fut.result()
-        state = self.lane.state
-        if stream.group is not None:
-            state.hub.topics.unsubscribe(stream, stream.group)
-        state.streams.pop(stream, None)
+        self.lane.state.forget(stream, why)
         t = stream.transport
         if t is not None and not t.is_closing():
             if why == "shutdown" and stream.fmt in _CHUNKED:
                 t.write(b"0\r\n\r\n")  # the terminating chunk: a clean end of the stream
             t.close()
-        logger.debug("stream %r ended: %s", stream, why)
-        if access_logger.isEnabledFor(logging.INFO):
-            access_logger.info('%s "GET %s HTTP/1.1" 200 - %.6f "%s"', self.peer,
-                               self.target.decode("latin-1"),
-                               time.monotonic() - self.started, self.ua.decode("latin-1"))
+        log_stream_end(self.peer, f"GET {self.target.decode('latin-1')} HTTP/1.1", self.started,
+                       self.ua.decode("latin-1"))
 
 
 class FastLaneSite(web.TCPSite):

@@ -160,6 +160,16 @@ class Daemon:
             self.proc.wait(5)
 
 
+#: the type of the ``daemon_factory`` fixture
+DaemonFactory = Callable[..., Daemon]
+
+
+async def put(d: Daemon, path: str, body: dict[str, Any]) -> None:
+    """Publish ``body`` and require the 202."""
+    status, text = await publish(d.url, path, body)
+    assert status == 202, text
+
+
 def auth_header(user: str, password: str) -> dict[str, str]:
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -17,6 +16,7 @@ from tests.support import (
     PYTHON,
     ROOT,
     Daemon,
+    DaemonFactory,
     auth_header,
     base_config,
     free_port,
@@ -24,8 +24,6 @@ from tests.support import (
     subscribe,
     wait_subscribers,
 )
-
-DaemonFactory = Callable[..., Daemon]
 
 # cheap hashes keep the suite fast; the format is what matters here
 ARGON = hash_password("bob-pw", "argon2id", cost=1)

@@ -9,16 +9,23 @@ import random
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from server.replay import CURSOR_FOUND_HEADER
-from tests.support import Daemon, auth_header, await_until, base_config, free_port, publish, subscribe
+from tests.support import (
+    Daemon,
+    DaemonFactory,
+    auth_header,
+    await_until,
+    base_config,
+    free_port,
+    publish,
+    subscribe,
+)
 
-DaemonFactory = Callable[..., Daemon]
 ALICE = {"alice": {"password": "alice-pw", "acl": {"foo": ["foo"]}}}
 #: Rounds of the kill -9 loop and the publishers in each (kept small: the suite stays fast)
 KILL_ROUNDS = 4

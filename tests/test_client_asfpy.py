@@ -17,7 +17,14 @@ import pytest
 from asfpy.pubsub import listen as asfpy_listen
 
 from tests.relay import Relay
-from tests.support import Daemon, await_until, base_config, free_port, publish, wait_subscribers
+from tests.support import (
+    Daemon,
+    await_until,
+    base_config,
+    free_port,
+    put,
+    wait_subscribers,
+)
 
 
 def start(factory: Callable[..., Daemon], acl: dict[str, Any] | None = None, **server: Any) -> Daemon:
@@ -25,10 +32,6 @@ def start(factory: Callable[..., Daemon], acl: dict[str, Any] | None = None, **s
     return factory(config=base_config(port, ping_interval=0.25, **server), port=port, acl=acl)
 
 
-
-async def put(d: Daemon, path: str, body: dict[str, Any]) -> None:
-    status, text = await publish(d.url, path, body)
-    assert status == 202, text
 
 
 @contextlib.asynccontextmanager

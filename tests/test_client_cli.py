@@ -29,7 +29,7 @@ from tests.support import (
     await_until,
     base_config,
     free_port,
-    publish,
+    put,
     wait_subscribers,
 )
 
@@ -115,10 +115,6 @@ def start(factory: Callable[..., Daemon], acl: dict[str, Any] | None = None,
     return factory(config=base_config(port, ping_interval=0.25, **server), port=port, acl=acl)
 
 
-
-async def put(d: Daemon, path: str, body: dict[str, Any]) -> None:
-    status, text = await publish(d.url, path, body)
-    assert status == 202, text
 
 
 # -- reads merged and split ---------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ from server.errors import ConfigError
 from tests.ldap_fixture import PEOPLE, Slapd, ldap_config
 from tests.support import (
     Daemon,
+    DaemonFactory,
     Subscription,
     auth_header,
     base_config,
@@ -25,8 +26,6 @@ from tests.support import (
     wait_subscribers,
     wait_until,
 )
-
-DaemonFactory = Callable[..., Daemon]
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from hub.event import Event
 from hub.topics import parse_subscription
 from plugins.presence import PRESENCE_PATH, presence_event
 from tests.support import (
-    Daemon,
+    DaemonFactory,
     Subscription,
     auth_header,
     base_config,
@@ -22,8 +21,6 @@ from tests.support import (
     subscribe,
     wait_subscribers,
 )
-
-DaemonFactory = Callable[..., Daemon]
 
 ADMIN = auth_header("admin", "admin-pw")
 BOB = auth_header("bob", "bob-pw-SECRET")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 from server.replay import CURSOR_FOUND_HEADER, TRUNCATED_HEADER
 from tests.support import (
     Daemon,
+    DaemonFactory,
     auth_header,
     base_config,
     free_port,
@@ -22,8 +22,6 @@ from tests.support import (
     subscribe,
     wait_subscribers,
 )
-
-DaemonFactory = Callable[..., Daemon]
 
 
 def backlog_daemon(factory: DaemonFactory, size: int = 1000, acl: dict[str, Any] | None = None,
