@@ -246,6 +246,9 @@ class ServerConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     #: send ``X-Subscribers`` on HEAD (it reveals how many clients are connected)
     subscriber_header: bool = True
+    #: origins allowed cross-origin access (CORS, WebSocket handshakes); ("*",) = any origin
+    #: without credentials; () = none (the default: same-origin only)
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +294,24 @@ def _parse_bind(sec: Section) -> tuple[str, ...]:
     return binds
 
 
+_ORIGIN_RE = re.compile(r"^(https?)://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:\d{1,5})?$")
+
+
+def _parse_origins(sec: Section, name: str) -> tuple[str, ...]:
+    """``"*"`` or a list of ``scheme://host[:port]`` origins, normalised to lower case."""
+    raw = sec.strings(name)
+    if raw == ("*",):
+        return raw
+    out = []
+    for i, o in enumerate(raw):
+        norm = o.strip().rstrip("/").lower()
+        if not _ORIGIN_RE.match(norm):
+            raise ConfigError(sec.file, f"{sec.key(name)}[{i}]",
+                              f"{o!r} is not an origin such as https://example.org or \"*\" alone")
+        out.append(norm)
+    return tuple(out)
+
+
 def parse_config(data: object, file: str) -> Config:
     """Validate a parsed YAML document. Raises ConfigError naming file and key."""
     top = Section(data, file, "")
@@ -328,6 +349,7 @@ def parse_config(data: object, file: str) -> Config:
         ping_interval=srv.duration("ping_interval", DEFAULT_PING_INTERVAL),
         shutdown_grace=srv.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         subscriber_header=srv.typed("subscriber_header", bool, True),
+        cors_origins=_parse_origins(srv, "cors_origins"),
     )
     if server.ping_interval <= 0:
         raise srv.error("ping_interval", "must be positive")

@@ -28,20 +28,17 @@ from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 
-from hub.event import WireFormat
-from hub.router import NO_ACL
 from hub.topics import TopicError, parse_publish_path, parse_subscription
 from server.app import (
     ACCEPTED_TEXT,
     SERVER_HEADER,
-    STREAM_CONTENT_TYPE,
     State,
     log_stream_end,
     wire_format,
 )
 from server.errors import BadRequest
 from server.payload import parse_json_object
-from server.stream import Stream
+from server.stream import Stream, close_stream, open_stream, stream_head
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
@@ -63,8 +60,14 @@ MAX_PIPELINE = 256
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 #: request headers that need aiohttp's full handling
 _SLOW_HEADERS = frozenset({b"authorization", b"x-fetch-since", b"x-fetch-since-cursor",
-                           b"transfer-encoding", b"expect", b"upgrade", b"connection"})
-_CHUNKED = (WireFormat.CHUNKED, WireFormat.CHUNKED_NUL)
+                           b"transfer-encoding", b"expect", b"upgrade", b"connection",
+                           b"last-event-id", b"origin"})
+
+
+def _other_format(accept: bytes | None) -> bool:
+    """Does a subscription's ``Accept`` ask for SSE or the page (served by aiohttp)?"""
+    return accept is not None and (b"text/event-stream" in accept.lower()
+                                   or accept.lstrip().lower().startswith(b"text/html"))
 
 
 class _Date:
@@ -208,7 +211,8 @@ class FastLane(asyncio.Protocol):
                 self._hand_over(buf)
                 return
             if method == b"GET":
-                if b"content-length" in headers or self.lane.state.closing or buf[he + 4:]:
+                if (b"content-length" in headers or self.lane.state.closing or buf[he + 4:]
+                        or b"?" in target or _other_format(headers.get(b"accept"))):
                     self._hand_over(buf)
                     return
                 self.buf = b""
@@ -297,16 +301,12 @@ class FastLane(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        t.write(b"HTTP/1.1 200 OK\r\nServer: %s\r\nContent-Type: %s\r\nCache-Control: no-cache\r\n"
-                b"X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\nDate: %s\r\n\r\n"
-                % (SERVER_HEADER.encode(), STREAM_CONTENT_TYPE.encode(), _Date.now()))
-        stream = Stream(t, fmt, spec, self.peer, state.config.server.stream_buffer, state.stats, None)
-        self.stream = stream
+        head = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in stream_head(fmt, SERVER_HEADER))
+        t.write(b"HTTP/1.1 200 OK\r\n%sTransfer-Encoding: chunked\r\nDate: %s\r\n\r\n" % (head, _Date.now()))
+        stream = self.stream = open_stream(state, t, fmt, spec, self.peer, None)
         self.started = time.monotonic()
         self.ua = ua or b"-"
         self.target = target
-        state.streams[stream] = None
-        stream.group = state.hub.topics.subscribe(stream, spec, fmt, NO_ACL)
         stream.done.add_done_callback(self._stream_done)
         lane.served += 1
         return True
@@ -315,12 +315,9 @@ class FastLane(asyncio.Protocol):
         stream = self.stream
         if stream is None:
             return
-        why = fut.result()
-        self.lane.state.forget(stream, why)
+        close_stream(self.lane.state, stream, fut.result())  # the terminating chunk at shutdown
         t = stream.transport
         if t is not None and not t.is_closing():
-            if why == "shutdown" and stream.fmt in _CHUNKED:
-                t.write(b"0\r\n\r\n")  # the terminating chunk: a clean end of the stream
             t.close()
         log_stream_end(self.peer, f"GET {self.target.decode('latin-1')} HTTP/1.1", self.started,
                        self.ua.decode("latin-1"))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from hub.cursor import cursor_time
-from hub.event import Event, WireFormat, make_event
+from hub.event import Event, make_event
+from server.formats import NDJSON
 from hub.hub import Hub
 from hub.topics import parse_subscription
 from plugins.backlog_sqlite import IMPORT_BACKUP_SUFFIX, SqliteLog
@@ -233,7 +234,7 @@ class Collect:
 async def test_ingest_routes_in_cursor_order_whatever_the_commit_order() -> None:
     hub = Hub()
     sink = Collect()
-    hub.topics.subscribe(sink, parse_subscription("/"), WireFormat.CHUNKED)
+    hub.topics.subscribe(sink, parse_subscription("/"), NDJSON)
     log = OutOfOrderLog()
     ingest = Ingest(hub, log)
     assert not ingest.synchronous
@@ -254,7 +255,7 @@ async def test_ingest_routes_in_cursor_order_whatever_the_commit_order() -> None
 async def test_ingest_memory_path_is_synchronous() -> None:
     hub = Hub()
     sink = Collect()
-    hub.topics.subscribe(sink, parse_subscription("/"), WireFormat.CHUNKED)
+    hub.topics.subscribe(sink, parse_subscription("/"), NDJSON)
     log = MemoryLog(10)
     ingest = Ingest(hub, log)
     assert ingest.synchronous
