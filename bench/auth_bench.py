@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 
 from hub.event import Event, make_event
-from server.formats import NDJSON
 from hub.router import NO_ACL, Acl, TopicRouter
 from hub.topics import parse_subscription
+from server.formats import NDJSON
 
 logger = logging.getLogger("auth_bench")
 

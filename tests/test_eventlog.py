@@ -12,12 +12,12 @@ import pytest
 
 from hub.cursor import cursor_time
 from hub.event import Event, make_event
-from server.formats import NDJSON
 from hub.hub import Hub
 from hub.topics import parse_subscription
 from plugins.backlog_sqlite import IMPORT_BACKUP_SUFFIX, SqliteLog
 from server.errors import ServiceUnavailable
 from server.eventlog import COMPACT_MIN, MemoryLog
+from server.formats import NDJSON
 from server.ingest import Ingest
 from server.replay import CURSOR_FOUND_HEADER, TRUNCATED_HEADER, Replayer
 from tests.support import await_until

@@ -7,9 +7,9 @@ import random
 from collections.abc import Sequence
 
 from hub.event import Event, make_event
-from server.formats import NDJSON
 from hub.router import TopicRouter
 from hub.topics import TopicSpec, parse_subscription
+from server.formats import NDJSON
 
 
 class Recorder:
