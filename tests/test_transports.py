@@ -395,3 +395,22 @@ async def test_browser_navigation_gets_the_page(daemon: Daemon) -> None:
 async def _accepted() -> str:
     from server.app import ACCEPTED_TEXT
     return ACCEPTED_TEXT
+
+
+async def test_sse_resumes_across_a_restart_with_a_persistent_backlog(daemon_factory: DaemonFactory,
+                                                                      tmp_path: Any) -> None:
+    port = free_port()
+    d = daemon_factory(config=base_config(port, backlog={
+        "size": 100, "max_age": 0, "storage": str(tmp_path / "log.sqlite")}), port=port)
+    async with sse(d.url, "/p") as r:
+        await wait_subscribers(d.url, 1)
+        await put(d, "/p", {"n": "before"})
+        last = (await r.event())["pubsub_cursor"]
+        d.restart()
+        with pytest.raises(EOFError):
+            await r.message()
+    await put(d, "/p", {"n": "during"})
+    async with sse(d.url, "/p", {"Last-Event-ID": last}) as again:
+        assert (await again.event())["n"] == "during"
+        await put(d, "/p", {"n": "after"})
+        assert (await again.event())["n"] == "after"
