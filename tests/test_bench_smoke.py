@@ -66,3 +66,15 @@ def test_bench_stalled_subscriber_is_cut_off_and_others_lose_nothing() -> None:
     assert r["stalled_disconnected"] is True, r
     assert r["control_p99_ms"] is not None, r  # the round without the stalled subscriber ran
     assert problems(r) == [], r
+
+
+def test_bench_sse_and_websocket_subscribers_get_everything() -> None:
+    results = run_bench("broadcast", "idle", "-n", "20", "--events", "50", "--transport", "sse,ws")
+    assert [(r["scenario"], r["transport"]) for r in results] == [
+        ("broadcast", "sse"), ("broadcast", "ws"), ("idle", "sse"), ("idle", "ws")]
+    for r in results:
+        assert r["published"] == 50 and r["lost"] == 0 and r["duplicates"] == 0, r
+        assert r["closed_by_server"] == 0, r
+        assert problems(r) == [], r
+    assert results[0]["delivered"] == results[1]["delivered"] == 20 * 50
+    assert results[0]["latency_samples"] > 0 and results[1]["latency_samples"] > 0
