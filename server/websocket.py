@@ -33,14 +33,6 @@ CLOSE_TIMEOUT = 2.0
 MAX_INCOMING = 4096
 
 
-async def _read(ws: web.WebSocketResponse) -> None:
-    """Consume incoming frames until the peer closes (aiohttp answers pings and closes)."""
-    async for msg in ws:
-        if msg.type is WSMsgType.ERROR:
-            logger.debug("websocket error: %s", ws.exception())
-            return
-
-
 async def websocket_response(request: web.Request, state: State, spec: TopicSpec,
                              who: Principal | None, generation: int) -> web.StreamResponse:
     """Serve one WebSocket subscriber until it closes, overflows or the server shuts down."""
@@ -60,18 +52,35 @@ async def websocket_response(request: web.Request, state: State, spec: TopicSpec
     stream = open_stream(state, transport, WEBSOCKET, spec, _peer(request), who,
                          acl=who.acl if who is not None else NO_ACL,
                          preamble=gap_notice(WEBSOCKET, asked, answer), hold=replay is not None)
-    reader = asyncio.get_running_loop().create_task(_read(ws), name=f"pypubsub-ws-{stream.id}")
+    closer: list[asyncio.Task[bool]] = []
+
+    def on_done(fut: asyncio.Future[str]) -> None:
+        # shutdown: the close handshake breaks the receive loop below (aiohttp allows close()
+        # from another task); overflow and a vanished peer end it through the transport
+        if fut.result() == "shutdown" and not ws.closed:
+            closer.append(asyncio.get_running_loop().create_task(
+                ws.close(code=WS_GOING_AWAY, message=b"server shutting down"),
+                name=f"pypubsub-ws-close-{stream.id}"))
+
+    stream.done.add_done_callback(on_done)
     why = "gone"
     try:
         if replay is not None:
             await replay.run(stream)
             stream.release()
-        await asyncio.wait((reader, stream.done), return_when=asyncio.FIRST_COMPLETED)
-        if stream.done.done():
-            why = stream.done.result()
+        # one task per subscriber: this handler, reading what the peer sends (nothing is
+        # expected; aiohttp answers pings and the closing handshake) until the connection ends
+        async for msg in ws:
+            if msg.type is WSMsgType.ERROR:
+                logger.debug("websocket %r: %s", stream, ws.exception())
+                break
+        why = stream.done.result() if stream.done.done() else "gone"
     finally:
         close_stream(state, stream, why)
-        await cancel_and_wait(reader)
-    if why == "shutdown" and not ws.closed and not transport.is_closing():
-        await ws.close(code=WS_GOING_AWAY, message=b"server shutting down")
+        stream.end(why)
+        if closer:  # let the closing handshake finish (bounded), then make sure it is over
+            try:
+                await asyncio.wait(closer, timeout=CLOSE_TIMEOUT + 1.0)
+            finally:
+                await cancel_and_wait(*closer)
     return ws
