@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from tests.support import (
     HOST,
@@ -414,3 +415,30 @@ async def test_sse_resumes_across_a_restart_with_a_persistent_backlog(daemon_fac
         assert (await again.event())["n"] == "during"
         await put(d, "/p", {"n": "after"})
         assert (await again.event())["n"] == "after"
+
+
+async def test_acl_reload_reauthorises_sse_and_websocket_streams(daemon_factory: DaemonFactory) -> None:
+    users: dict[str, Any] = {"alice": {"password": "pw", "acl": {"s": ["svn"]}},
+                             "carol": {"password": "pw2"}}
+    d = daemon_factory(acl=users)
+    async with aiohttp.ClientSession() as s, \
+            sse(d.url, "/svn", auth_header("alice", "pw")) as alice_sse, \
+            s.ws_connect(d.url + "/svn", headers=auth_header("alice", "pw")) as alice_ws, \
+            s.ws_connect(d.url + "/svn", headers=auth_header("carol", "pw2")) as carol_ws:
+        await wait_subscribers(d.url, 3)
+        await put(d, "/private/svn", {"n": 1})
+        assert (await alice_sse.event())["n"] == 1
+        assert (await ws_next(alice_ws))["n"] == 1
+        users["alice"]["acl"] = {}
+        users["carol"]["acl"] = {"s": ["svn"]}
+        tmp = d.acl_path.with_suffix(".tmp")  # replaced whole: a reload never reads half a file
+        tmp.write_text(yaml.safe_dump(users))
+        tmp.replace(d.acl_path)
+        d.signal(signal.SIGUSR2)
+        d.wait_log("ACL reloaded from")
+        assert "3 open stream(s) re-authorised, 3 changed" in d.log()
+        await put(d, "/private/svn", {"n": 2})
+        await put(d, "/svn", {"n": 3})
+        assert (await alice_sse.event())["n"] == 3  # still connected, public events only
+        assert (await ws_next(alice_ws))["n"] == 3
+        assert [(await ws_next(carol_ws))["n"] for _ in range(2)] == [2, 3]
