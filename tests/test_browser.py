@@ -67,3 +67,36 @@ def test_page_resumes_after_a_restart_exactly_once(daemon_factory: DaemonFactory
     put_sync(d, "/outage", {"n": "after"})
     wait(chromium, lambda drv: any(e["n"] == "after" for e in shown(drv)), "the live event")
     assert [e["n"] for e in shown(chromium)] == ["after", "during", "before"]  # each exactly once
+
+
+def test_page_over_websocket(daemon: Daemon, chromium: webdriver.Chrome) -> None:
+    chromium.get(daemon.url + "/ws/page?transport=websocket")  # same-origin: the Origin check passes
+    wait(chromium, lambda d: state(d) == "open", "the WebSocket to open")
+    put_sync(daemon, "/ws/page", {"via": "websocket"})
+    wait(chromium, lambda d: len(shown(d)) == 1, "the event on the page")
+    assert shown(chromium)[0]["via"] == "websocket"
+
+
+def test_page_pause_resume_and_change_subscription(daemon_factory: DaemonFactory,
+                                                   chromium: webdriver.Chrome) -> None:
+    port = free_port()
+    d = daemon_factory(config=base_config(port, backlog={"size": 100, "max_age": 0}), port=port)
+    chromium.get(d.url + "/a")
+    wait(chromium, lambda drv: state(drv) == "open", "the page to connect")
+    put_sync(d, "/a", {"n": 1})
+    wait(chromium, lambda drv: len(shown(drv)) == 1, "the first event")
+    chromium.find_element(By.ID, "pause").click()
+    wait(chromium, lambda drv: state(drv) == "paused", "the pause")
+    put_sync(d, "/a", {"n": 2})  # while paused: replayed by cursor on resume
+    chromium.find_element(By.ID, "pause").click()
+    wait(chromium, lambda drv: len(shown(drv)) == 2, "the event published while paused")
+    assert [e["n"] for e in shown(chromium)] == [2, 1]
+    box = chromium.find_element(By.ID, "path")
+    box.clear()
+    box.send_keys("/b,/c\n")
+    wait(chromium, lambda drv: drv.execute_script("return location.pathname") == "/b,/c", "the new URL")
+    wait(chromium, lambda drv: state(drv) == "open", "the new subscription")
+    put_sync(d, "/a", {"n": 3})
+    put_sync(d, "/c", {"n": 4})
+    wait(chromium, lambda drv: shown(drv)[0]["n"] == 4, "the new subscription's event")
+    assert [e["n"] for e in shown(chromium)] == [4, 2, 1]

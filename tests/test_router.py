@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from hub.event import Event, make_event
 from hub.router import TopicRouter
 from hub.topics import TopicSpec, parse_subscription
-from server.formats import NDJSON
+from server.formats import NDJSON, SSE, WEBSOCKET
 
 
 class Recorder:
@@ -88,3 +88,18 @@ async def test_unsubscribe_and_move_keep_counts() -> None:
     router.route(make_event("/a", {}))
     await asyncio.sleep(0)
     assert r.events == []
+
+
+async def test_every_format_shares_one_bytes_object_per_group() -> None:
+    router = TopicRouter()
+    spec = parse_subscription("/a")
+    sinks = {fmt: [Recorder(), Recorder()] for fmt in (NDJSON, SSE, WEBSOCKET)}
+    for fmt, rs in sinks.items():
+        for r in rs:
+            router.subscribe(r, spec, fmt)
+    ev = make_event("/a", {"k": 1})
+    router.route(ev)
+    router.flush()
+    for fmt, (r1, r2) in sinks.items():
+        assert r1.data == [ev.wire(fmt)]
+        assert r1.data[0] is r2.data[0]  # framed once, the same object written to both

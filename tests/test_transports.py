@@ -442,3 +442,16 @@ async def test_acl_reload_reauthorises_sse_and_websocket_streams(daemon_factory:
         assert (await alice_sse.event())["n"] == 3  # still connected, public events only
         assert (await ws_next(alice_ws))["n"] == 3
         assert [(await ws_next(carol_ws))["n"] for _ in range(2)] == [2, 3]
+
+
+async def test_ndjson_with_last_event_id_is_replayed_not_served_live(daemon_factory: DaemonFactory) -> None:
+    """A plain GET carrying Last-Event-ID (an EventSource reconnect through a proxy that strips
+    Accept, or any client) gets the replay: the fast lane hands it to the full handler."""
+    port = free_port()
+    d = daemon_factory(config=backlog_config(port), port=port)
+    for i in range(3):
+        await put(d, "/n", {"i": i})
+    async with subscribe(d.url, "/n", {"X-Fetch-Since": "0"}) as all_:
+        first = await all_.next()
+    async with subscribe(d.url, "/n", {"Last-Event-ID": first["pubsub_cursor"]}) as nd:
+        assert [(await nd.next())["i"] for _ in range(2)] == [1, 2]
