@@ -455,3 +455,37 @@ async def test_ndjson_with_last_event_id_is_replayed_not_served_live(daemon_fact
         first = await all_.next()
     async with subscribe(d.url, "/n", {"Last-Event-ID": first["pubsub_cursor"]}) as nd:
         assert [(await nd.next())["i"] for _ in range(2)] == [1, 2]
+
+
+async def test_sse_on_http10_is_close_delimited(daemon: Daemon) -> None:
+    reader, writer = await asyncio.open_connection(HOST, daemon.port)
+    try:
+        writer.write(b"GET /old HTTP/1.0\r\nAccept: text/event-stream\r\nUser-Agent: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert b"text/event-stream" in head and b"chunked" not in head.lower()
+        assert await asyncio.wait_for(reader.readuntil(b"\n\n"), 5) == b"retry: 2000\n\n"
+        await wait_subscribers(daemon.url, 1)
+        await put(daemon, "/old", {"v": 1})
+        rec = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+        assert rec.startswith(b"id: ") and b'"v":1' in rec
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_bad_websocket_handshakes_and_chatty_clients(daemon: Daemon) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(daemon.url + "/t", headers={"Upgrade": "websocket", "Connection": "Upgrade"}) as r:
+            assert r.status == 400  # no Sec-WebSocket-Key: aiohttp refuses the handshake
+        async with s.ws_connect(daemon.url + "/t") as ws:
+            await wait_subscribers(daemon.url, 1)
+            await ws.send_str("hello")  # ignored: a subscriber has nothing to say
+            await put(daemon, "/t", {"still": "served"})
+            assert (await ws_next(ws))["still"] == "served"
+            await ws.send_str("x" * 10_000)  # over the limit: the daemon closes (1009)
+            msg = await ws.receive(timeout=5)
+            while msg.type is aiohttp.WSMsgType.TEXT:
+                msg = await ws.receive(timeout=5)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        await wait_subscribers(daemon.url, 0)
+        assert (await publish(daemon.url, "/t", {}))[0] == 202  # and it keeps serving
