@@ -4,6 +4,7 @@ restart (persistent backlog) exactly once."""
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from server.page import CLIENT_PATH, ROOT
 from tests.chromium import chromium
 from tests.support import Daemon, DaemonFactory, base_config, free_port
 
@@ -100,3 +102,17 @@ def test_page_pause_resume_and_change_subscription(daemon_factory: DaemonFactory
     put_sync(d, "/c", {"n": 4})
     wait(chromium, lambda drv: shown(drv)[0]["n"] == 4, "the new subscription's event")
     assert [e["n"] for e in shown(chromium)] == [4, 2, 1]
+
+
+def test_browser_module_and_page_script_parse(tmp_path: Path) -> None:
+    """The ES module and the page script are valid JavaScript (node parses them as modules)."""
+    for src in (CLIENT_PATH, ROOT / "server" / "page.js"):
+        copy = tmp_path / (src.stem + ".mjs")
+        copy.write_text(src.read_text())
+        subprocess.run(["node", "--check", str(copy)], check=True, capture_output=True, timeout=30)
+    readme = (ROOT / "clients" / "browser" / "README.md").read_text()
+    example = readme.split("```js\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "pypubsub.js").write_text(CLIENT_PATH.read_text())
+    (tmp_path / "example.mjs").write_text(example)
+    subprocess.run(["node", "--check", str(tmp_path / "example.mjs")], check=True,
+                   capture_output=True, timeout=30)
