@@ -31,7 +31,7 @@ from server.eventlog import EventLog, MemoryLog
 from server.formats import STREAM_CONTENT_TYPE, Kind, StreamFormat, select, wire_format
 from server.ingest import Ingest
 from server.logs import access_log_flusher
-from server.page import page_response
+from server.page import load_page, page_response
 from server.payload import parse_json_object
 from server.replay import CURSOR_FOUND_HEADER, CURSOR_HEADER, SINCE_HEADER, TRUNCATED_HEADER, ReplayHook
 from server.stream import Stream, StreamStats, close_stream, open_stream, stream_head
@@ -202,7 +202,12 @@ async def handle_subscribe(request: web.Request) -> web.StreamResponse:
     kind, fmt = select((request.version.major, request.version.minor), request.headers,
                        state.config.clients.oldschoolers)
     if kind is Kind.PAGE:
-        return page_response(SERVER_HEADER)
+        page = page_response(SERVER_HEADER)
+        if page is not None:
+            return page
+        kind, fmt = Kind.STREAM, wire_format((request.version.major, request.version.minor),
+                                             request.headers.get("User-Agent"),
+                                             state.config.clients.oldschoolers)
     if kind is Kind.WEBSOCKET and not state.cors.websocket_allowed(request.headers, request.scheme):
         raise Forbidden(f"WebSocket handshake from origin {request.headers.get('Origin', '')[:100]!r} "
                         "is not allowed (server.cors_origins)")
@@ -386,6 +391,7 @@ def build_app(config: Config, *, log: EventLog | None = None, auth: Authenticato
         "max_field_size": 16384, "max_line_size": 16384})
     app[STATE] = state
     app.router.add_route("*", "/{tail:.*}", dispatch)
+    load_page()  # read once at start (a missing file is logged now, not at the first visit)
     app.cleanup_ctx.append(access_log_flusher)
     app.cleanup_ctx.append(_eventlog)
     app.cleanup_ctx.append(_pinger)

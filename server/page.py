@@ -11,11 +11,14 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import logging
 from pathlib import Path
 
 from aiohttp import web
 
-__all__ = ["CLIENT_PATH", "PAGE_PATH", "page_html", "page_response"]
+__all__ = ["CLIENT_PATH", "PAGE_PATH", "load_page", "page_html", "page_response"]
+
+logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE_PATH = ROOT / "server" / "page.html"
@@ -25,6 +28,16 @@ _MARKER = "<!-- pypubsub:script -->"
 
 
 @functools.cache
+def load_page() -> tuple[bytes, str] | None:
+    """The page, or None (logged once) when its files are missing from this installation:
+    browser navigations then get the NDJSON stream, as before the page existed."""
+    try:
+        return page_html()
+    except (OSError, ValueError) as e:
+        logger.error("the live page is unavailable (%s): browsers get the NDJSON stream", e)
+        return None
+
+
 def page_html() -> tuple[bytes, str]:
     """The page and the CSP hash of its one script (read once: the files ship with the code)."""
     page = PAGE_PATH.read_text(encoding="utf-8")
@@ -32,14 +45,18 @@ def page_html() -> tuple[bytes, str]:
     app_js = (ROOT / "server" / "page.js").read_text(encoding="utf-8")
     script = "\n" + client + "\n" + app_js + "\n"
     if _MARKER not in page:
-        raise RuntimeError(f"{PAGE_PATH} lacks {_MARKER}")
+        raise ValueError(f"{PAGE_PATH} lacks {_MARKER}")
     digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
     html = page.replace(_MARKER, f'<script type="module">{script}</script>')
     return html.encode("utf-8"), f"'sha256-{digest}'"
 
 
-def page_response(server: str) -> web.Response:
-    body, script_hash = page_html()
+def page_response(server: str) -> web.Response | None:
+    """The page's response, or None when it is unavailable (see :func:`load_page`)."""
+    page = load_page()
+    if page is None:
+        return None
+    body, script_hash = page
     return web.Response(body=body, headers={
         "Server": server,
         "Content-Type": "text/html; charset=utf-8",

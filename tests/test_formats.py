@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from multidict import CIMultiDict
@@ -163,3 +164,17 @@ def test_websocket_origin_check() -> None:
     assert not c.websocket_allowed({**host, "Origin": "https://evil.example"}, "http")
     assert not c.websocket_allowed({**host, "Origin": "https://127.0.0.1:2069"}, "http")
     assert not Cors(()).websocket_allowed({**host, "Origin": "null"}, "http")
+
+
+def test_a_missing_page_file_means_no_page(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from server import page
+
+    assert page.page_response("S") is not None
+    monkeypatch.setattr(page, "PAGE_PATH", tmp_path / "gone.html")
+    page.load_page.cache_clear()
+    try:
+        assert page.page_response("S") is None  # browsers then get the NDJSON stream
+    finally:
+        monkeypatch.undo()
+        page.load_page.cache_clear()
+    assert page.page_response("S") is not None
