@@ -1,16 +1,19 @@
 """The fast lane: the two hot request shapes served without aiohttp's per-request machinery.
 
-Owns a small asyncio Protocol in front of aiohttp. It reads a connection's first bytes and
+Owns a small asyncio Protocol in front of aiohttp. Each connection has one ``httptools``
+parser (llhttp, strict: the parser family aiohttp itself uses) fed every byte it receives;
+for each request head, :func:`server.negotiate.negotiate` decides. The fast lane
 
-* serves a plain subscription (``GET``, HTTP/1.1, no credentials, no replay headers) as a
+* serves a plain subscription (``GET``, HTTP/1.1, allow-listed headers only, NDJSON) as a
   stream with no task and no request objects: a subscriber costs a few KB, not ~14 KB;
-* serves a plain publish (``PUT``/``POST``, HTTP/1.1, ``Content-Length`` within the limit, no
-  credentials, allow-listed peer, valid JSON object, a log that accepts synchronously) inline,
-  with keep-alive and pipelining;
-* hands **every other** connection, byte for byte, to aiohttp's own ``RequestHandler`` — which
-  then owns it for the rest of its life. All refusals (400/403/405/413...), auth, replay,
-  chunked uploads, ``Expect``, HTTP/1.0 and TLS are aiohttp's: the fast lane only ever answers
-  success, using the same pure functions (topics, payload validation, Ingest) as the handlers.
+* serves a plain publish (``PUT``/``POST``, HTTP/1.1, ``Content-Length`` within the limit,
+  allow-listed headers and peer, no secure topic, valid JSON object, a log that accepts
+  synchronously) inline, with keep-alive and pipelining (any number of requests per read);
+* hands **every other** connection, byte for byte from the first request it did not answer,
+  to aiohttp's own ``RequestHandler`` — which then owns it for the rest of its life. Requests
+  the parser refuses, auth, replay, other stream formats, chunked uploads, ``Expect``,
+  HTTP/1.0 and TLS are aiohttp's: the fast lane only ever answers success, using the same pure
+  functions (target, payload validation, Ingest) as the handlers.
 
 Why: aiohttp alone measured 0.48x the benchmark floor on a bare publish handler, below the 0.5x
 target before any routing work; idle subscribers cost ~14 KB each.
@@ -20,17 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import socket
 import time
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import TYPE_CHECKING, cast
 
+import httptools
 from aiohttp import web
 
 from hub.event import WireFormat
 from hub.router import NO_ACL
-from hub.topics import TopicError, parse_publish_path, parse_subscription
+from hub.topics import TopicError
 from server.app import (
     ACCEPTED_TEXT,
     SERVER_HEADER,
@@ -40,8 +44,11 @@ from server.app import (
     wire_format,
 )
 from server.errors import BadRequest
+from server.negotiate import Lane as Via
+from server.negotiate import Outcome, negotiate
 from server.payload import parse_json_object
 from server.stream import Stream
+from server.target import PublishTarget, publish_target, subscription_target
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
@@ -57,14 +64,12 @@ MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 30.0
 #: seconds an idle keep-alive publisher connection is kept (aiohttp's default too)
 KEEPALIVE_TIMEOUT = 75.0
-#: requests parsed from one read before yielding (bounds work per data_received)
-MAX_PIPELINE = 256
 
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-#: request headers that need aiohttp's full handling
-_SLOW_HEADERS = frozenset({b"authorization", b"x-fetch-since", b"x-fetch-since-cursor",
-                           b"transfer-encoding", b"expect", b"upgrade", b"connection"})
 _CHUNKED = (WireFormat.CHUNKED, WireFormat.CHUNKED_NUL)
+
+
+class _HandOver(Exception):
+    """Raised from a parser callback: stop parsing, aiohttp takes the connection from here."""
 
 
 class _Date:
@@ -80,25 +85,6 @@ class _Date:
             cls.sec = s
             cls.value = formatdate(s, usegmt=True).encode()
         return cls.value
-
-
-def parse_head(head: bytes) -> tuple[bytes, bytes, dict[bytes, bytes]] | None:
-    """``(method, target, headers)`` of a plain HTTP/1.1 request head, or None for anything
-    unusual (aiohttp then parses it and answers properly)."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not parts[1].startswith(b"/"):
-        return None
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
-            return None
-        key = name.lower()
-        if key in headers:
-            return None
-        headers[key] = value.strip(b" \t")
-    return parts[0], parts[1], headers
 
 
 class Lane:
@@ -129,15 +115,23 @@ class Lane:
 
 
 class FastLane(asyncio.Protocol):
-    """One connection until it is a stream, a closed keep-alive, or handed to aiohttp."""
+    """One connection until it is a stream, a closed keep-alive, or handed to aiohttp.
 
-    __slots__ = ("buf", "deadline", "lane", "peer", "started", "stream", "target", "timer", "transport",
-                 "ua")
+    The parser calls back into this object (``on_url``, ``on_header``...); the state of the
+    request being parsed lives in its slots, reset after each request: no per-request objects.
+    """
+
+    __slots__ = ("body", "buf", "cl", "deadline", "dup", "head_end", "headers", "in_head", "lane",
+                 "parser", "peer", "pos", "pub", "started", "stream", "target", "timer",
+                 "transport", "ua", "url")
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        #: bytes received and not yet answered start at ``buf[pos]``
         self.buf = b""
+        self.pos = 0
         self.peer = "?"
         self.stream: Stream | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -145,6 +139,15 @@ class FastLane(asyncio.Protocol):
         self.started = 0.0
         self.ua = b"-"
         self.target = b""
+        # the request being parsed
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.dup = False
+        self.in_head = True
+        self.head_end = 0
+        self.cl = 0
+        self.body = b""
+        self.pub: PublishTarget | None = None
 
     # -- connection --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -187,57 +190,38 @@ class FastLane(asyncio.Protocol):
         if self.transport is not None and self.stream is None:
             self.transport.resume_reading()
 
-    # -- requests ----------------------------------------------------------------------------
+    # -- bytes in ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self.stream is not None:
             return  # a subscriber has nothing more to say
-        buf = self.buf + data if self.buf else data
-        for _ in range(MAX_PIPELINE):
-            he = buf.find(b"\r\n\r\n")
-            if he < 0:
-                if len(buf) > MAX_HEAD:
-                    self._hand_over(buf)
-                    return
-                break
-            parsed = parse_head(buf[:he]) if he <= MAX_HEAD else None
-            if parsed is None:
-                self._hand_over(buf)
-                return
-            method, target, headers = parsed
-            if _SLOW_HEADERS.intersection(headers):
-                self._hand_over(buf)
-                return
-            if method == b"GET":
-                if b"content-length" in headers or self.lane.state.closing or buf[he + 4:]:
-                    self._hand_over(buf)
-                    return
-                self.buf = b""
-                if not self._subscribe(target, headers):
-                    self._hand_over(buf)
-                return
-            if method != b"PUT" and method != b"POST":
-                self._hand_over(buf)
-                return
-            cl = headers.get(b"content-length")
-            if cl is None or not cl.isdigit() or int(cl) > self.lane.max_payload:
-                self._hand_over(buf)
-                return
-            end = he + 4 + int(cl)
-            if len(buf) < end:
-                break
-            if not self._publish(method, target, buf[he + 4:end], headers):
-                self._hand_over(buf)
-                return
-            buf = buf[end:]
-            if not buf:
-                break
-        self.buf = buf
-        if self.transport is not None and self.stream is None:
-            self._arm(KEEPALIVE_TIMEOUT if not buf else HEAD_TIMEOUT)
+        self.buf = self.buf + data if self.buf else data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            if not isinstance(e.__context__, _HandOver):
+                raise (e.__context__ or e) from None  # a bug of ours: asyncio logs it
+            self._hand_over()
+            return
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._hand_over()  # not a request llhttp accepts: aiohttp refuses it in its words
+            return
+        if self.stream is not None or self.transport is None:
+            return
+        buf = self.buf
+        if self.pos:  # keep only what is not answered yet
+            buf = self.buf = buf[self.pos:] if self.pos < len(buf) else b""
+            if self.head_end:
+                self.head_end -= self.pos
+            self.pos = 0
+        if self.in_head and len(buf) > MAX_HEAD:
+            self._hand_over()
+            return
+        self._arm(KEEPALIVE_TIMEOUT if not buf else HEAD_TIMEOUT)
 
-    def _hand_over(self, buf: bytes) -> None:
+    def _hand_over(self) -> None:
         """Give this connection, and every byte not yet answered, to aiohttp."""
         t = self.transport
+        buf = self.buf[self.pos:]
         self.lane.conns.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
@@ -253,22 +237,81 @@ class FastLane(asyncio.Protocol):
         if buf:
             handler.data_received(buf)
 
-    def _publish(self, method: bytes, target: bytes, body: bytes, headers: dict[bytes, bytes]) -> bool:
-        """Accept one publish inline; False means "let aiohttp handle this request"."""
-        state = self.lane.state
-        ingest = state.ingest
-        if not ingest.synchronous or not state.allow.allows(self.peer):
-            return False
-        path = target.split(b"?", 1)[0].decode("latin-1")
+    # -- parser callbacks --------------------------------------------------------------------
+    def on_url(self, url: bytes) -> None:
+        self.url = self.url + url if self.url else url  # a target split across reads
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.lower()
+        if key in self.headers:
+            self.dup = True  # a repeated header: aiohttp decides what it means
+        self.headers[key] = value
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        buf = self.buf
+        pos = self.pos
+        if self.dup or buf[pos:pos + 1] in (b"\r", b"\n"):  # repeats, or blank lines first
+            raise _HandOver
+        # llhttp accepted this head strictly (CRLF only): it ends at the first blank line
+        self.head_end = buf.find(b"\r\n\r\n", pos) + 4
+        parser = self.parser
+        decision = negotiate(parser.get_method(), parser.get_http_version(), self.headers)
+        if decision.lane is not Via.FAST:
+            raise _HandOver
+        if decision.outcome is Outcome.PUBLISH:
+            self._publish_head()
+        elif self.lane.state.closing:
+            raise _HandOver  # aiohttp answers 503
+
+    def on_body(self, body: bytes) -> None:
+        self.body = self.body + body if self.body else body
+
+    def on_message_complete(self) -> None:
+        pub = self.pub
+        if pub is not None:
+            end = self.head_end + self.cl
+            if not self._publish(pub):
+                raise _HandOver
+        else:
+            end = self.head_end
+            if end != len(self.buf):
+                raise _HandOver  # bytes after a subscription: unusual, aiohttp's
+            self._subscribe()
+        self.pos = end
+        self.url = b""
+        self.headers.clear()
+        self.in_head = True
+        self.head_end = 0
+        self.body = b""
+        self.pub = None
+
+    # -- requests ----------------------------------------------------------------------------
+    def _publish_head(self) -> None:
+        """Check a publish before its body arrives; _HandOver unless the fast lane serves it."""
+        lane = self.lane
+        state = lane.state
+        cl = int(self.headers[b"content-length"])  # llhttp checked: digits, no overflow
+        if cl > lane.max_payload or not state.ingest.synchronous or not state.allow.allows(self.peer):
+            raise _HandOver
         try:
-            topics, _private = parse_publish_path(path)
-            obj = parse_json_object(body)
-        except (TopicError, BadRequest):
-            return False
-        if state.config.clients.secure_topics.intersection(topics):
+            pub = publish_target(self.url.decode("latin-1"), state.config.clients.secure_topics)
+        except TopicError:
+            raise _HandOver from None
+        if pub.secure:
+            raise _HandOver  # credentials needed: aiohttp's
+        self.cl = cl
+        self.pub = pub
+
+    def _publish(self, pub: PublishTarget) -> bool:
+        """Accept one publish inline; False means "let aiohttp handle this request"."""
+        try:
+            obj = parse_json_object(self.body)
+        except BadRequest:
             return False
         t0 = time.monotonic()
-        ingest.submit_now(path, obj, source=self.peer)
+        state = self.lane.state
+        state.ingest.submit_now(pub.path, obj, source=self.peer)
         t = self.transport
         if t is not None:
             lane = self.lane
@@ -276,24 +319,26 @@ class FastLane(asyncio.Protocol):
                     % (SERVER_HEADER.encode(), _Date.now(), lane.accepted_tail))
             lane.served += 1
             if access_logger.isEnabledFor(logging.INFO):
-                access_logger.info('%s "%s %s HTTP/1.1" 202 %d %.6f "%s"', self.peer, method.decode(),
-                                   path, lane.accepted_len, time.monotonic() - t0,
-                                   headers.get(b"user-agent", b"-").decode("latin-1"))
+                access_logger.info('%s "%s %s HTTP/1.1" 202 %d %.6f "%s"', self.peer,
+                                   self.parser.get_method().decode(), self.url.decode("latin-1"),
+                                   lane.accepted_len, time.monotonic() - t0,
+                                   self.headers.get(b"user-agent", b"-").decode("latin-1"))
         return True
 
-    def _subscribe(self, target: bytes, headers: dict[bytes, bytes]) -> bool:
-        """Turn this connection into a stream; False means "let aiohttp handle it"."""
+    def _subscribe(self) -> None:
+        """Turn this connection into a stream; _HandOver means "let aiohttp handle it"."""
         lane = self.lane
         state = lane.state
+        target = self.url
         try:
-            spec = parse_subscription(target.decode("latin-1"))
+            spec = subscription_target(target.decode("latin-1"))
         except TopicError:
-            return False
-        ua = headers.get(b"user-agent")
+            raise _HandOver from None
+        ua = self.headers.get(b"user-agent")
         fmt = wire_format((1, 1), ua.decode("latin-1") if ua is not None else None, lane.oldschoolers)
         t = self.transport
         if t is None:
-            return True
+            return
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -309,7 +354,6 @@ class FastLane(asyncio.Protocol):
         stream.group = state.hub.topics.subscribe(stream, spec, fmt, NO_ACL)
         stream.done.add_done_callback(self._stream_done)
         lane.served += 1
-        return True
 
     def _stream_done(self, fut: asyncio.Future[str]) -> None:
         stream = self.stream
@@ -326,22 +370,46 @@ class FastLane(asyncio.Protocol):
                        self.ua.decode("latin-1"))
 
 
-class FastLaneSite(web.TCPSite):
-    """A TCP site whose connections enter through the fast lane (plain TCP only, not TLS)."""
+class FastLaneSite(web.BaseSite):
+    """A TCP site whose connections enter through the fast lane (plain TCP only, not TLS).
 
-    def __init__(self, runner: web.BaseRunner, host: str | None, port: int, lane_state: State,
-                 **kw: object) -> None:
-        super().__init__(runner, host, port, **kw)  # type: ignore[arg-type]
+    Built on aiohttp's public ``BaseSite`` (register with the runner, ``_server`` closed by
+    ``stop()``), not on a copy of ``TCPSite.start``.
+    """
+
+    def __init__(self, runner: web.BaseRunner, host: str | None, port: int, lane_state: State, *,
+                 backlog: int = 128, reuse_address: bool = True) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._reuse_address = reuse_address
         self._lane_state = lane_state
+        self._listener: asyncio.Server | None = None
         self.lane: Lane | None = None
 
+    @property
+    def port(self) -> int:
+        """The bound port once started (``port: 0`` picks a free one), else the one asked for."""
+        if self._listener is not None:
+            for sock in self._listener.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    return int(sock.getsockname()[1])
+        return self._port
+
+    @property
+    def name(self) -> str:
+        host = self._host or "0.0.0.0"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
     async def start(self) -> None:
-        await web.BaseSite.start(self)
+        await super().start()
         server = self._runner.server
         if server is None:
             raise RuntimeError("runner not set up")
         lane = self.lane = Lane(self._lane_state, server)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
+        self._server = self._listener = await loop.create_server(
             lambda: FastLane(lane), self._host, self._port, backlog=self._backlog,
             reuse_address=self._reuse_address)
