@@ -102,12 +102,14 @@ def make_event(
     *,
     timestamp: float | None = None,
     cursor: str | None = None,
+    parsed: tuple[tuple[str, ...], bool] | None = None,
 ) -> Event:
     """Stamp ``body`` as published at ``path``; the server's ``pubsub_*`` values win.
 
-    ``body`` is not modified: the stamped payload is a new dict.
+    ``body`` is not modified: the stamped payload is a new dict. ``parsed`` is
+    ``parse_publish_path(path)`` when the caller has it already.
     """
-    topics, private = parse_publish_path(path)
+    topics, private = parse_publish_path(path) if parsed is None else parsed
     ts = time.time() if timestamp is None else timestamp
     cur = new_cursor(ts) if cursor is None else cursor
     payload = dict(body)

@@ -83,8 +83,13 @@ def _decode(seg: str) -> str:
 def split_segments(path: str) -> tuple[str, ...]:
     """Non-empty, percent-decoded segments of a URL path, dot-segments resolved (query string
     excluded)."""
-    path = remove_dot_segments(path.split("?", 1)[0])
-    segs = tuple(_decode(s) for s in path.split("/") if s)
+    if "?" in path:
+        path = path.split("?", 1)[0]
+    path = remove_dot_segments(path)
+    if "%" not in path and path.isascii():  # the common case: nothing to decode
+        segs = tuple(filter(None, path.split("/")))
+    else:
+        segs = tuple(_decode(s) for s in path.split("/") if s)
     if len(segs) > MAX_SEGMENTS:
         raise TopicError(f"too many topic segments ({len(segs)} > {MAX_SEGMENTS})")
     return segs

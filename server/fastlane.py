@@ -311,7 +311,7 @@ class FastLane(asyncio.Protocol):
             return False
         t0 = time.monotonic()
         state = self.lane.state
-        state.ingest.submit_now(pub.path, obj, source=self.peer)
+        state.ingest.submit_now(pub.path, obj, source=self.peer, parsed=(pub.topics, pub.private))
         t = self.transport
         if t is not None:
             lane = self.lane

@@ -24,6 +24,7 @@ from hub.topics import TopicError, TopicSpec, parse_publish_path, parse_subscrip
 __all__ = ["PublishTarget", "origin_path", "publish_target", "subscription_target"]
 
 _SCHEMES = ("http://", "https://")
+_NONE: frozenset[str] = frozenset()
 
 
 class PublishTarget(NamedTuple):
@@ -53,10 +54,10 @@ def origin_path(target: str) -> str:
             if 0 <= i < cut:
                 cut = i
         target = rest[cut:] if rest[cut:cut + 1] == "/" else "/" + rest[cut:]
-    for c in "?#":
-        i = target.find(c)
-        if i >= 0:
-            target = target[:i]
+    if "?" in target:
+        target = target.partition("?")[0]
+    if "#" in target:
+        target = target.partition("#")[0]
     return target
 
 
@@ -64,7 +65,7 @@ def publish_target(target: str, secure_topics: frozenset[str]) -> PublishTarget:
     """The canonical publish target of a request target; raises TopicError (a 400)."""
     path = remove_dot_segments(origin_path(target))
     topics, private = parse_publish_path(path)
-    secure = secure_topics.intersection(topics) if secure_topics else frozenset()
+    secure = secure_topics.intersection(topics) if secure_topics else _NONE
     return PublishTarget(path, topics, private, secure)
 
 

@@ -23,7 +23,7 @@ SECURE = ["secret", "dé"]
 
 def _cfg(port: int, fast: bool) -> dict[str, object]:
     cfg = base_config(port, fast_lane=fast)
-    cfg["clients"]["secure_topics"] = SECURE  # type: ignore[index]
+    cfg["clients"]["secure_topics"] = SECURE
     return cfg
 
 
