@@ -122,13 +122,14 @@ class FastLane(asyncio.Protocol):
     """
 
     __slots__ = ("body", "buf", "cl", "deadline", "dup", "head_end", "headers", "in_head", "lane",
-                 "parser", "peer", "pos", "pub", "started", "stream", "target", "timer",
+                 "method", "parser", "peer", "pos", "pub", "started", "stream", "target", "timer",
                  "transport", "ua", "url")
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        #: None once the connection is a stream or aiohttp's (the parser refers back to us)
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         #: bytes received and not yet answered start at ``buf[pos]``
         self.buf = b""
         self.pos = 0
@@ -141,6 +142,7 @@ class FastLane(asyncio.Protocol):
         self.target = b""
         # the request being parsed
         self.url = b""
+        self.method = b""
         self.headers: dict[bytes, bytes] = {}
         self.dup = False
         self.in_head = True
@@ -165,6 +167,7 @@ class FastLane(asyncio.Protocol):
         if self.stream is not None:
             self.stream.end("gone")
         self.transport = None
+        self.parser = None
 
     def _arm(self, delay: float) -> None:
         """Move the idle deadline; the timer is re-armed lazily when it fires (not per request)."""
@@ -192,11 +195,12 @@ class FastLane(asyncio.Protocol):
 
     # -- bytes in ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self.stream is not None:
+        parser = self.parser
+        if parser is None or self.stream is not None:
             return  # a subscriber has nothing more to say
         self.buf = self.buf + data if self.buf else data
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, _HandOver):
                 raise (e.__context__ or e) from None  # a bug of ours: asyncio logs it
@@ -222,6 +226,7 @@ class FastLane(asyncio.Protocol):
         """Give this connection, and every byte not yet answered, to aiohttp."""
         t = self.transport
         buf = self.buf[self.pos:]
+        self.parser = None
         self.lane.conns.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
@@ -256,7 +261,10 @@ class FastLane(asyncio.Protocol):
         # llhttp accepted this head strictly (CRLF only): it ends at the first blank line
         self.head_end = buf.find(b"\r\n\r\n", pos) + 4
         parser = self.parser
-        decision = negotiate(parser.get_method(), parser.get_http_version(), self.headers)
+        if parser is None:
+            raise _HandOver
+        self.method = method = parser.get_method()
+        decision = negotiate(method, parser.get_http_version(), self.headers)
         if decision.lane is not Via.FAST:
             raise _HandOver
         if decision.outcome is Outcome.PUBLISH:
@@ -274,10 +282,15 @@ class FastLane(asyncio.Protocol):
             if not self._publish(pub):
                 raise _HandOver
         else:
-            end = self.head_end
-            if end != len(self.buf):
+            if self.head_end != len(self.buf):
                 raise _HandOver  # bytes after a subscription: unusual, aiohttp's
             self._subscribe()
+            # a stream parses nothing more: free what parsing needed (idle streams are many)
+            self.parser = None
+            self.buf = self.url = self.body = b""
+            self.pos = self.head_end = 0
+            self.headers = {}
+            return
         self.pos = end
         self.url = b""
         self.headers.clear()
@@ -320,7 +333,7 @@ class FastLane(asyncio.Protocol):
             lane.served += 1
             if access_logger.isEnabledFor(logging.INFO):
                 access_logger.info('%s "%s %s HTTP/1.1" 202 %d %.6f "%s"', self.peer,
-                                   self.parser.get_method().decode(), self.url.decode("latin-1"),
+                                   self.method.decode(), self.url.decode("latin-1"),
                                    lane.accepted_len, time.monotonic() - t0,
                                    self.headers.get(b"user-agent", b"-").decode("latin-1"))
         return True
