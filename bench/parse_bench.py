@@ -45,7 +45,7 @@ class SinkTransport(asyncio.Transport):
         super().__init__()
         self.written = 0
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:  # noqa: ARG002 - dropped
         self.written += 1
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:

@@ -47,7 +47,7 @@ class Ingest:
         """True when the log keeps events at once: :meth:`submit_now` may be used."""
         return self.log.synchronous
 
-    def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http",
+    def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http",  # noqa: ARG002
                    parsed: tuple[tuple[str, ...], bool] | None = None) -> Event:
         """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path).
 
