@@ -117,22 +117,18 @@ class Lane:
 class FastLane(asyncio.Protocol):
     """One connection until it is a stream, a closed keep-alive, or handed to aiohttp.
 
-    The parser calls back into this object (``on_url``, ``on_header``...); the state of the
-    request being parsed lives in its slots, reset after each request: no per-request objects.
+    Holds what a connection needs for its whole life; the parsing state lives in its
+    :class:`_Reader`, dropped once the connection is a stream (idle streams are many).
     """
 
-    __slots__ = ("body", "buf", "cl", "deadline", "dup", "head_end", "headers", "in_head", "lane",
-                 "method", "parser", "peer", "pos", "pub", "started", "stream", "target", "timer",
-                 "transport", "ua", "url")
+    __slots__ = ("deadline", "lane", "peer", "reader", "started", "stream", "target", "timer",
+                 "transport", "ua")
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
-        #: None once the connection is a stream or aiohttp's (the parser refers back to us)
-        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
-        #: bytes received and not yet answered start at ``buf[pos]``
-        self.buf = b""
-        self.pos = 0
+        #: None once the connection is a stream or aiohttp's
+        self.reader: _Reader | None = _Reader(self)
         self.peer = "?"
         self.stream: Stream | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -140,16 +136,6 @@ class FastLane(asyncio.Protocol):
         self.started = 0.0
         self.ua = b"-"
         self.target = b""
-        # the request being parsed
-        self.url = b""
-        self.method = b""
-        self.headers: dict[bytes, bytes] = {}
-        self.dup = False
-        self.in_head = True
-        self.head_end = 0
-        self.cl = 0
-        self.body = b""
-        self.pub: PublishTarget | None = None
 
     # -- connection --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -167,7 +153,9 @@ class FastLane(asyncio.Protocol):
         if self.stream is not None:
             self.stream.end("gone")
         self.transport = None
-        self.parser = None
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
     def _arm(self, delay: float) -> None:
         """Move the idle deadline; the timer is re-armed lazily when it fires (not per request)."""
@@ -195,44 +183,29 @@ class FastLane(asyncio.Protocol):
 
     # -- bytes in ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        parser = self.parser
-        if parser is None or self.stream is not None:
+        reader = self.reader
+        if reader is None:
             return  # a subscriber has nothing more to say
-        self.buf = self.buf + data if self.buf else data
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserCallbackError as e:
-            if not isinstance(e.__context__, _HandOver):
-                raise (e.__context__ or e) from None  # a bug of ours: asyncio logs it
-            self._hand_over()
-            return
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self._hand_over()  # not a request llhttp accepts: aiohttp refuses it in its words
-            return
-        if self.stream is not None or self.transport is None:
-            return
-        buf = self.buf
-        if self.pos:  # keep only what is not answered yet
-            buf = self.buf = buf[self.pos:] if self.pos < len(buf) else b""
-            if self.head_end:
-                self.head_end -= self.pos
-            self.pos = 0
-        if self.in_head and len(buf) > MAX_HEAD:
-            self._hand_over()
-            return
-        self._arm(KEEPALIVE_TIMEOUT if not buf else HEAD_TIMEOUT)
+        pending = reader.feed(data)
+        if pending is None:
+            self._hand_over(reader.unanswered())
+        elif self.stream is not None:
+            reader.close()  # a stream parses nothing more
+            self.reader = None
+        elif self.transport is not None:
+            self._arm(KEEPALIVE_TIMEOUT if not pending else HEAD_TIMEOUT)
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, buf: bytes) -> None:
         """Give this connection, and every byte not yet answered, to aiohttp."""
         t = self.transport
-        buf = self.buf[self.pos:]
-        self.parser = None
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
         self.lane.conns.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.transport = None
-        self.buf = b""
         if t is None or t.is_closing():
             return
         self.lane.handed_over += 1
@@ -241,6 +214,130 @@ class FastLane(asyncio.Protocol):
         handler.connection_made(t)
         if buf:
             handler.data_received(buf)
+
+    # -- requests ----------------------------------------------------------------------------
+    def publish(self, method: bytes, url: bytes, pub: PublishTarget, body: bytes,
+                ua: bytes | None) -> bool:
+        """Accept one publish inline; False means "let aiohttp handle this request"."""
+        try:
+            obj = parse_json_object(body)
+        except BadRequest:
+            return False
+        t0 = time.monotonic()
+        lane = self.lane
+        lane.state.ingest.submit_now(pub.path, obj, source=self.peer, parsed=(pub.topics, pub.private))
+        t = self.transport
+        if t is not None:
+            t.write(b"HTTP/1.1 202 Accepted\r\nServer: %s\r\nDate: %s\r\n%s"
+                    % (SERVER_HEADER.encode(), _Date.now(), lane.accepted_tail))
+            lane.served += 1
+            if access_logger.isEnabledFor(logging.INFO):
+                access_logger.info('%s "%s %s HTTP/1.1" 202 %d %.6f "%s"', self.peer, method.decode(),
+                                   url.decode("latin-1"), lane.accepted_len, time.monotonic() - t0,
+                                   (ua or b"-").decode("latin-1"))
+        return True
+
+    def subscribe(self, target: bytes, ua: bytes | None) -> bool:
+        """Turn this connection into a stream; False means "let aiohttp handle it"."""
+        lane = self.lane
+        state = lane.state
+        try:
+            spec = subscription_target(target.decode("latin-1"))
+        except TopicError:
+            return False
+        fmt = wire_format((1, 1), ua.decode("latin-1") if ua is not None else None, lane.oldschoolers)
+        t = self.transport
+        if t is None:
+            return True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        t.write(b"HTTP/1.1 200 OK\r\nServer: %s\r\nContent-Type: %s\r\nCache-Control: no-cache\r\n"
+                b"X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\nDate: %s\r\n\r\n"
+                % (SERVER_HEADER.encode(), STREAM_CONTENT_TYPE.encode(), _Date.now()))
+        stream = Stream(t, fmt, spec, self.peer, state.config.server.stream_buffer, state.stats, None)
+        self.stream = stream
+        self.started = time.monotonic()
+        self.ua = ua or b"-"
+        self.target = target
+        state.streams[stream] = None
+        stream.group = state.hub.topics.subscribe(stream, spec, fmt, NO_ACL)
+        stream.done.add_done_callback(self._stream_done)
+        lane.served += 1
+        return True
+
+    def _stream_done(self, fut: asyncio.Future[str]) -> None:
+        stream = self.stream
+        if stream is None:
+            return
+        why = fut.result()
+        self.lane.state.forget(stream, why)
+        t = stream.transport
+        if t is not None and not t.is_closing():
+            if why == "shutdown" and stream.fmt in _CHUNKED:
+                t.write(b"0\r\n\r\n")  # the terminating chunk: a clean end of the stream
+            t.close()
+        log_stream_end(self.peer, f"GET {self.target.decode('latin-1')} HTTP/1.1", self.started,
+                       self.ua.decode("latin-1"))
+
+
+class _Reader:
+    """A connection's parser and the request it is parsing (one per connection, reused for each
+    request: no per-request objects). The parser calls back into it; a callback that raises
+    :class:`_HandOver` stops parsing and the connection goes to aiohttp."""
+
+    __slots__ = ("body", "buf", "cl", "conn", "dup", "head_end", "headers", "in_head", "method",
+                 "parser", "pos", "pub", "url")
+
+    def __init__(self, conn: FastLane) -> None:
+        self.conn = conn
+        #: refers back to this object's callbacks: :meth:`close` breaks the cycle
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        #: bytes received and not yet answered start at ``buf[pos]``
+        self.buf = b""
+        self.pos = 0
+        self.url = b""
+        self.method = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.dup = False
+        self.in_head = True
+        self.head_end = 0
+        self.cl = 0
+        self.body = b""
+        self.pub: PublishTarget | None = None
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse ``data``, serving what the fast lane serves. Returns the bytes kept for the
+        request not yet complete, or None: hand the connection (:meth:`unanswered`) to aiohttp."""
+        parser = self.parser
+        if parser is None:
+            return None
+        self.buf = self.buf + data if self.buf else data
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            if not isinstance(e.__context__, _HandOver):
+                raise (e.__context__ or e) from None  # a bug of ours: asyncio logs it
+            return None
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None  # not a request llhttp accepts: aiohttp refuses it in its own words
+        buf = self.buf
+        if self.pos:  # keep only what is not answered yet
+            buf = self.buf = buf[self.pos:] if self.pos < len(buf) else b""
+            if self.head_end:
+                self.head_end -= self.pos
+            self.pos = 0
+        if self.in_head and len(buf) > MAX_HEAD:
+            return None
+        return buf
+
+    def unanswered(self) -> bytes:
+        return self.buf[self.pos:]
+
+    def close(self) -> None:
+        """Free the parser now (not at the next garbage collection). Never from a callback."""
+        self.parser = None
+        self.buf = self.url = self.body = b""
 
     # -- parser callbacks --------------------------------------------------------------------
     def on_url(self, url: bytes) -> None:
@@ -269,7 +366,7 @@ class FastLane(asyncio.Protocol):
             raise _HandOver
         if decision.outcome is Outcome.PUBLISH:
             self._publish_head()
-        elif self.lane.state.closing:
+        elif self.conn.lane.state.closing:
             raise _HandOver  # aiohttp answers 503
 
     def on_body(self, body: bytes) -> None:
@@ -277,21 +374,17 @@ class FastLane(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         pub = self.pub
+        ua = self.headers.get(b"user-agent")
         if pub is not None:
-            end = self.head_end + self.cl
-            if not self._publish(pub):
+            if not self.conn.publish(self.method, self.url, pub, self.body, ua):
                 raise _HandOver
+            self.pos = self.head_end + self.cl
         else:
             if self.head_end != len(self.buf):
                 raise _HandOver  # bytes after a subscription: unusual, aiohttp's
-            self._subscribe()
-            # a stream parses nothing more: free what parsing needed (idle streams are many)
-            self.parser = None
-            self.buf = self.url = self.body = b""
-            self.pos = self.head_end = 0
-            self.headers = {}
-            return
-        self.pos = end
+            if not self.conn.subscribe(self.url, ua):
+                raise _HandOver
+            self.pos = self.head_end
         self.url = b""
         self.headers.clear()
         self.in_head = True
@@ -299,13 +392,13 @@ class FastLane(asyncio.Protocol):
         self.body = b""
         self.pub = None
 
-    # -- requests ----------------------------------------------------------------------------
     def _publish_head(self) -> None:
         """Check a publish before its body arrives; _HandOver unless the fast lane serves it."""
-        lane = self.lane
+        conn = self.conn
+        lane = conn.lane
         state = lane.state
         cl = int(self.headers[b"content-length"])  # llhttp checked: digits, no overflow
-        if cl > lane.max_payload or not state.ingest.synchronous or not state.allow.allows(self.peer):
+        if cl > lane.max_payload or not state.ingest.synchronous or not state.allow.allows(conn.peer):
             raise _HandOver
         try:
             pub = publish_target(self.url.decode("latin-1"), state.config.clients.secure_topics)
@@ -315,72 +408,6 @@ class FastLane(asyncio.Protocol):
             raise _HandOver  # credentials needed: aiohttp's
         self.cl = cl
         self.pub = pub
-
-    def _publish(self, pub: PublishTarget) -> bool:
-        """Accept one publish inline; False means "let aiohttp handle this request"."""
-        try:
-            obj = parse_json_object(self.body)
-        except BadRequest:
-            return False
-        t0 = time.monotonic()
-        state = self.lane.state
-        state.ingest.submit_now(pub.path, obj, source=self.peer, parsed=(pub.topics, pub.private))
-        t = self.transport
-        if t is not None:
-            lane = self.lane
-            t.write(b"HTTP/1.1 202 Accepted\r\nServer: %s\r\nDate: %s\r\n%s"
-                    % (SERVER_HEADER.encode(), _Date.now(), lane.accepted_tail))
-            lane.served += 1
-            if access_logger.isEnabledFor(logging.INFO):
-                access_logger.info('%s "%s %s HTTP/1.1" 202 %d %.6f "%s"', self.peer,
-                                   self.method.decode(), self.url.decode("latin-1"),
-                                   lane.accepted_len, time.monotonic() - t0,
-                                   self.headers.get(b"user-agent", b"-").decode("latin-1"))
-        return True
-
-    def _subscribe(self) -> None:
-        """Turn this connection into a stream; _HandOver means "let aiohttp handle it"."""
-        lane = self.lane
-        state = lane.state
-        target = self.url
-        try:
-            spec = subscription_target(target.decode("latin-1"))
-        except TopicError:
-            raise _HandOver from None
-        ua = self.headers.get(b"user-agent")
-        fmt = wire_format((1, 1), ua.decode("latin-1") if ua is not None else None, lane.oldschoolers)
-        t = self.transport
-        if t is None:
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        t.write(b"HTTP/1.1 200 OK\r\nServer: %s\r\nContent-Type: %s\r\nCache-Control: no-cache\r\n"
-                b"X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\nDate: %s\r\n\r\n"
-                % (SERVER_HEADER.encode(), STREAM_CONTENT_TYPE.encode(), _Date.now()))
-        stream = Stream(t, fmt, spec, self.peer, state.config.server.stream_buffer, state.stats, None)
-        self.stream = stream
-        self.started = time.monotonic()
-        self.ua = ua or b"-"
-        self.target = target
-        state.streams[stream] = None
-        stream.group = state.hub.topics.subscribe(stream, spec, fmt, NO_ACL)
-        stream.done.add_done_callback(self._stream_done)
-        lane.served += 1
-
-    def _stream_done(self, fut: asyncio.Future[str]) -> None:
-        stream = self.stream
-        if stream is None:
-            return
-        why = fut.result()
-        self.lane.state.forget(stream, why)
-        t = stream.transport
-        if t is not None and not t.is_closing():
-            if why == "shutdown" and stream.fmt in _CHUNKED:
-                t.write(b"0\r\n\r\n")  # the terminating chunk: a clean end of the stream
-            t.close()
-        log_stream_end(self.peer, f"GET {self.target.decode('latin-1')} HTTP/1.1", self.started,
-                       self.ua.decode("latin-1"))
 
 
 class FastLaneSite(web.BaseSite):

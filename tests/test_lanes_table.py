@@ -211,3 +211,30 @@ async def test_bad_body_answer_is_one_line(lanes: dict[str, Daemon], lane: str) 
                 await writer.wait_closed()
         assert head.startswith(b"HTTP/1.1 400 "), head
         assert reason in text and text.count(b"\n") == 1, text
+
+
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_mixed_pipeline_is_handed_over_from_the_first_unusual_request(
+        lanes: dict[str, Daemon], lane: str) -> None:
+    """Plain, chunked, then plain again on one connection in one write: the fast lane answers
+    the first and hands the rest, byte for byte, to aiohttp; nothing is lost or reordered."""
+    d = lanes[lane]
+    chunked = (b"PUT /mix HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"8\r\n{\"i\": 1}\r\n0\r\n\r\n")
+    async with subscribe(d.url, "/mix") as sub:
+        await wait_subscribers(d.url, 1)
+        reader, writer = await asyncio.open_connection(HOST, d.port)
+        try:
+            writer.write(put(b"/mix", b'{"i": 0}') + chunked + put(b"/mix", b'{"i": 2}'))
+            await writer.drain()
+            buf = b""
+            while buf.count(b"202 Accepted") < 3:
+                chunk = await asyncio.wait_for(reader.read(65536), 5)
+                assert chunk, buf
+                buf += chunk
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert [(await sub.next())["i"] for _ in range(3)] == [0, 1, 2]
+    await wait_subscribers(d.url, 0)
