@@ -238,3 +238,33 @@ async def test_mixed_pipeline_is_handed_over_from_the_first_unusual_request(
                 await writer.wait_closed()
         assert [(await sub.next())["i"] for _ in range(3)] == [0, 1, 2]
     await wait_subscribers(d.url, 0)
+
+
+async def response_head(port: int, data: bytes) -> tuple[bytes, dict[bytes, bytes]]:
+    """Status line and headers (lower-case names, Date left out) of the first response."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    status, *lines = head[:-4].split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(b":") for h in lines)}
+    headers.pop(b"date", None)
+    return status, headers
+
+
+@pytest.mark.parametrize("data", [
+    put(b"/t"),
+    put(b"/t", extra=b"Host: x\r\nConnection: keep-alive\r\nUser-Agent: python-requests/2\r\n"
+                     b"Accept: */*\r\nAccept-Encoding: gzip, deflate\r\n"),
+    b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /t HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nAccept: */*\r\nUser-Agent: asfpy\r\n\r\n",
+    b"GET /t HTTP/1.1\r\nHost: x\r\nUser-Agent: svnwcsub/1.14\r\n\r\n",
+], ids=["publish", "publish like requests", "stream", "stream like asfpy", "stream, oldschooler"])
+async def test_what_the_fast_lane_serves_aiohttp_would_serve_alike(lanes: dict[str, Daemon],
+                                                                   data: bytes) -> None:
+    assert await response_head(lanes["fast"].port, data) == await response_head(lanes["aiohttp"].port, data)
