@@ -13,12 +13,15 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support import HOST, Daemon, base_config, subscribe, wait_subscribers
+from tests.support import HOST, Daemon, auth_header, base_config, subscribe, wait_subscribers
 
 SECURE = ["secret", "dé"]
+#: a user who sees every private event
+ACL = {"reader": {"password": "reader-pw", "acl": {"all": []}}}
 
 
 def _cfg(port: int, fast: bool) -> dict[str, object]:
@@ -34,7 +37,7 @@ def lanes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon
     made: dict[str, Daemon] = {}
     try:
         for name, fast in (("fast", True), ("aiohttp", False)):
-            d = Daemon(root / name)
+            d = Daemon(root / name, acl=ACL)
             d.config = _cfg(d.port, fast)
             d.write_files()
             made[name] = d.start()
@@ -156,14 +159,23 @@ async def test_both_lanes_answer_alike(lanes: dict[str, Daemon], name: str, data
 ])
 async def test_private_publish_is_private_in_every_form(lanes: dict[str, Daemon], lane: str,
                                                          target: bytes) -> None:
-    """An anonymous subscriber to everything never sees a private event, however spelt."""
+    """An anonymous subscriber to everything never sees a private event, however spelt; a
+    subscriber allowed to see it gets it with its canonical path."""
     d = lanes[lane]
-    async with subscribe(d.url, "/") as sub:
-        await wait_subscribers(d.url, 1)
+    async with subscribe(d.url, "/") as anon, \
+            subscribe(d.url, "/", headers=auth_header("reader", "reader-pw")) as reader:
+        await wait_subscribers(d.url, 2)
         assert await status_of(d.port, put(target, b'{"leak": 1}')) == 202
         assert await status_of(d.port, put(b"/public", b'{"marker": 1}')) == 202
-        ev = await sub.next()
+        ev = await anon.next()
         assert ev.get("marker") == 1, ev  # the private event was not delivered before it
+        got: list[dict[str, Any]] = []
+        while not got or "marker" not in got[-1]:
+            ev = await reader.next()
+            if "leak" in ev or "marker" in ev:  # (the reader also sees private presence events)
+                got.append(ev)
+        assert [(ev.get("leak"), ev["pubsub_path"], ev["pubsub_topics"]) for ev in got] == [
+            (1, "/private/foo", ["foo"]), (None, "/public", ["public"])]
     await wait_subscribers(d.url, 0)
 
 
