@@ -66,3 +66,12 @@ def test_bench_stalled_subscriber_is_cut_off_and_others_lose_nothing() -> None:
     assert r["stalled_disconnected"] is True, r
     assert r["control_p99_ms"] is not None, r  # the round without the stalled subscriber ran
     assert problems(r) == [], r
+
+
+def test_parse_bench_runs() -> None:
+    """bench/parse_bench.py at a tiny scale: every request answered (it checks), JSON out."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "parse_bench.py"), "-n", "2000",
+                           "--repeat", "1", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["parser"] == "httptools" and res["requests"] == 2000 and res["publish_us"] > 0
