@@ -68,10 +68,6 @@ KEEPALIVE_TIMEOUT = 75.0
 _CHUNKED = (WireFormat.CHUNKED, WireFormat.CHUNKED_NUL)
 
 
-class _HandOver(Exception):
-    """Raised from a parser callback: stop parsing, aiohttp takes the connection from here."""
-
-
 class _Date:
     """The ``Date`` header value, formatted once per second."""
 
@@ -283,11 +279,16 @@ class FastLane(asyncio.Protocol):
 
 class _Reader:
     """A connection's parser and the request it is parsing (one per connection, reused for each
-    request: no per-request objects). The parser calls back into it; a callback that raises
-    :class:`_HandOver` stops parsing and the connection goes to aiohttp."""
+    request: no per-request objects but a small tuple per complete request).
+
+    A read is parsed whole before anything in it is answered, as aiohttp does: a read that holds
+    bytes llhttp refuses is handed over whole (aiohttp answers it with one 400, even the valid
+    requests before the bad bytes), and a request the fast lane does not serve is handed over
+    with everything after it, once the requests before it are answered.
+    """
 
     __slots__ = ("body", "buf", "cl", "conn", "dup", "head_end", "headers", "in_head", "method",
-                 "parser", "pos", "pub", "url")
+                 "mstart", "parser", "pos", "pub", "ready", "stop", "url")
 
     def __init__(self, conn: FastLane) -> None:
         self.conn = conn
@@ -296,6 +297,13 @@ class _Reader:
         #: bytes received and not yet answered start at ``buf[pos]``
         self.buf = b""
         self.pos = 0
+        #: complete requests of this read, to answer once it parsed whole:
+        #: (publish target or None for a stream, method, target, body, user agent, end offset)
+        self.ready: list[tuple[PublishTarget | None, bytes, bytes, bytes, bytes | None, int]] = []
+        #: offset of the first request aiohttp must answer (-1: none so far)
+        self.stop = -1
+        # the request being parsed
+        self.mstart = 0
         self.url = b""
         self.method = b""
         self.headers: dict[bytes, bytes] = {}
@@ -307,25 +315,42 @@ class _Reader:
         self.pub: PublishTarget | None = None
 
     def feed(self, data: bytes) -> bytes | None:
-        """Parse ``data``, serving what the fast lane serves. Returns the bytes kept for the
+        """Parse ``data``, then serve what the fast lane serves. Returns the bytes kept for the
         request not yet complete, or None: hand the connection (:meth:`unanswered`) to aiohttp."""
         parser = self.parser
         if parser is None:
             return None
         self.buf = self.buf + data if self.buf else data
+        ready = self.ready
         try:
             parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # llhttp stops at an Upgrade/CONNECT request (negotiate() gave it to aiohttp)
+            if self.stop < 0:
+                ready.clear()
+                return None
         except httptools.HttpParserCallbackError as e:
-            if not isinstance(e.__context__, _HandOver):
-                raise (e.__context__ or e) from None  # a bug of ours: asyncio logs it
+            raise (e.__context__ or e) from None  # a bug of ours: asyncio logs it
+        except httptools.HttpParserError:
+            ready.clear()  # bytes llhttp refuses: aiohttp answers this whole read
             return None
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            return None  # not a request llhttp accepts: aiohttp refuses it in its own words
+        conn = self.conn
+        for pub, method, url, body, ua, end in ready:
+            ok = conn.publish(method, url, pub, body, ua) if pub is not None else conn.subscribe(url, ua)
+            if not ok:
+                ready.clear()
+                return None  # aiohttp answers it (and what follows) from self.pos
+            self.pos = end
+        ready.clear()
+        if self.stop >= 0 or conn.stream is not None:
+            return None if conn.stream is None else b""
         buf = self.buf
-        if self.pos:  # keep only what is not answered yet
-            buf = self.buf = buf[self.pos:] if self.pos < len(buf) else b""
+        pos = self.pos
+        if pos:  # keep only what is not answered yet
+            buf = self.buf = buf[pos:] if pos < len(buf) else b""
+            self.mstart -= pos
             if self.head_end:
-                self.head_end -= self.pos
+                self.head_end -= pos
             self.pos = 0
         if self.in_head and len(buf) > MAX_HEAD:
             return None
@@ -339,7 +364,7 @@ class _Reader:
         self.parser = None
         self.buf = self.url = self.body = b""
 
-    # -- parser callbacks --------------------------------------------------------------------
+    # -- parser callbacks: they record, feed() acts -------------------------------------------
     def on_url(self, url: bytes) -> None:
         self.url = self.url + url if self.url else url  # a target split across reads
 
@@ -351,63 +376,75 @@ class _Reader:
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if self.stop >= 0:
+            return  # aiohttp answers from an earlier request on: only check the syntax
         buf = self.buf
-        pos = self.pos
-        if self.dup or buf[pos:pos + 1] in (b"\r", b"\n"):  # repeats, or blank lines first
-            raise _HandOver
+        start = self.mstart
+        if self.dup or buf[start:start + 1] in (b"\r", b"\n"):  # repeats, or blank lines first
+            self.stop = start
+            return
         # llhttp accepted this head strictly (CRLF only): it ends at the first blank line
-        self.head_end = buf.find(b"\r\n\r\n", pos) + 4
+        self.head_end = buf.find(b"\r\n\r\n", start) + 4
         parser = self.parser
         if parser is None:
-            raise _HandOver
+            self.stop = start
+            return
         self.method = method = parser.get_method()
         decision = negotiate(method, parser.get_http_version(), self.headers)
-        if decision.lane is not Via.FAST:
-            raise _HandOver
-        if decision.outcome is Outcome.PUBLISH:
-            self._publish_head()
+        if decision.outcome is Outcome.BAD:  # aiohttp's parser refuses it: the whole read, then
+            self.ready.clear()
+            self.stop = self.pos
+        elif decision.lane is not Via.FAST:
+            self.stop = start
+        elif decision.outcome is Outcome.PUBLISH:
+            self.pub = self._publish_target()
+            if self.pub is None:
+                self.stop = start
         elif self.conn.lane.state.closing:
-            raise _HandOver  # aiohttp answers 503
+            self.stop = start  # aiohttp answers 503
 
     def on_body(self, body: bytes) -> None:
-        self.body = self.body + body if self.body else body
+        if self.stop < 0:
+            self.body = self.body + body if self.body else body
 
     def on_message_complete(self) -> None:
-        pub = self.pub
-        ua = self.headers.get(b"user-agent")
-        if pub is not None:
-            if not self.conn.publish(self.method, self.url, pub, self.body, ua):
-                raise _HandOver
-            self.pos = self.head_end + self.cl
-        else:
-            if self.head_end != len(self.buf):
-                raise _HandOver  # bytes after a subscription: unusual, aiohttp's
-            if not self.conn.subscribe(self.url, ua):
-                raise _HandOver
-            self.pos = self.head_end
+        if self.stop < 0:
+            pub = self.pub
+            ua = self.headers.get(b"user-agent")
+            if pub is not None:
+                end = self.head_end + self.cl
+                self.ready.append((pub, self.method, self.url, self.body, ua, end))
+            elif self.head_end != len(self.buf):
+                self.stop = self.mstart  # bytes after a subscription: unusual, aiohttp's
+                end = self.head_end
+            else:
+                end = self.head_end
+                self.ready.append((None, self.method, self.url, b"", ua, end))
+            self.mstart = end
         self.url = b""
         self.headers.clear()
+        self.dup = False
         self.in_head = True
         self.head_end = 0
         self.body = b""
         self.pub = None
 
-    def _publish_head(self) -> None:
-        """Check a publish before its body arrives; _HandOver unless the fast lane serves it."""
+    def _publish_target(self) -> PublishTarget | None:
+        """A publish's target before its body arrives; None unless the fast lane serves it."""
         conn = self.conn
         lane = conn.lane
         state = lane.state
         cl = int(self.headers[b"content-length"])  # llhttp checked: digits, no overflow
         if cl > lane.max_payload or not state.ingest.synchronous or not state.allow.allows(conn.peer):
-            raise _HandOver
+            return None
         try:
             pub = publish_target(self.url.decode("latin-1"), state.config.clients.secure_topics)
         except TopicError:
-            raise _HandOver from None
+            return None
         if pub.secure:
-            raise _HandOver  # credentials needed: aiohttp's
+            return None  # credentials needed: aiohttp's
         self.cl = cl
-        self.pub = pub
+        return pub
 
 
 class FastLaneSite(web.BaseSite):

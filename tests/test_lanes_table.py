@@ -116,6 +116,12 @@ CASES: list[tuple[str, bytes, int]] = [
     ("raw UTF-8 in the target", put(b"/d\xc3\xa9"), 400),
     ("raw latin-1 in the target", put(b"/d\xe9"), 400),
     ("raw UTF-8 in a subscription", b"GET /d\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    # aiohttp answers a read holding refused bytes with one 400, valid requests before included
+    ("valid publish then garbage, one read", put(b"/t") + b"GARBAGE\r\n\r\n", 400),
+    ("valid publish then no Host, one read", put(b"/t") + put(b"/u", extra=b""), 400),
+    ("valid publish then bare LF, one read", put(b"/t") + b"PUT /u HTTP/1.1\nHost: x\n\n", 400),
+    ("valid publish then chunked, one read", put(b"/t") + b"PUT /t HTTP/1.1\r\nHost: x\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n8\r\n{\"k\": 1}\r\n0\r\n\r\n", 202),
     # targets: one canonical topic list, the secure-topic rule read from it
     ("secure topic", put(b"/secret"), 403),
     ("secure topic, percent-encoded UTF-8", put(b"/d%C3%A9"), 403),
