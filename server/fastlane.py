@@ -8,7 +8,10 @@ for each request head, :func:`server.negotiate.negotiate` decides. The fast lane
   stream with no task and no request objects: a subscriber costs a few KB, not ~14 KB;
 * serves a plain publish (``PUT``/``POST``, HTTP/1.1, ``Content-Length`` within the limit,
   allow-listed headers and peer, no secure topic, valid JSON object, a log that accepts
-  synchronously) inline, with keep-alive and pipelining (any number of requests per read);
+  synchronously) inline, with keep-alive and pipelining: every request of a read is answered
+  (a read is at most the transport's read size, 256 KiB: that bounds the work of one call). A
+  read is parsed whole before any of it is answered, as aiohttp does, so that a read aiohttp
+  would refuse whole is handed to it whole;
 * hands **every other** connection, byte for byte from the first request it did not answer,
   to aiohttp's own ``RequestHandler`` — which then owns it for the rest of its life. Requests
   the parser refuses, auth, replay, other stream formats, chunked uploads, ``Expect``,

@@ -8,8 +8,10 @@ means the same thing whichever lane reads it:
    and authority; any other form (``*``, ``host:port``) is refused;
 2. the query string and fragment are dropped: they never change topics;
 3. dot-segments are removed (RFC 3986 section 5.2.4, ``%2E`` counting as ``.``);
-4. segments are percent-decoded as UTF-8; raw non-ASCII bytes are read as UTF-8 as well, so
-   ``/d%C3%A9`` and ``/dé`` are one topic ``dé``; bytes that are not UTF-8 are refused;
+4. segments are percent-decoded as UTF-8, strictly (``%ff`` is refused), so a topic has one
+   spelling. Raw non-ASCII bytes never get here over HTTP: both lanes' parser (llhttp) refuses
+   them with 400. A non-ASCII character in a path from elsewhere (the library, SQS) is taken as
+   the text it is, so ``/d%C3%A9`` and ``/dé`` are one topic ``dé``;
 5. then the ``private`` flag and the secure-topic rule are read from that one topic list.
 
 Pure: strings in, values out; no HTTP objects, no I/O.
