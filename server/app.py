@@ -21,20 +21,23 @@ from multidict import CIMultiDict
 
 from hub.hub import Hub
 from hub.router import NO_ACL
-from hub.topics import TopicError, TopicSpec, parse_publish_path, parse_subscription
+from hub.topics import TopicError, TopicSpec
 from server import __version__
 from server.auth import AllowList, Authenticator, NoAuth, Principal, parse_basic_auth
 from server.config import Config
 from server.cors import Cors
 from server.errors import BadRequest, Forbidden, PayloadTooLarge, PubSubError
 from server.eventlog import EventLog, MemoryLog
-from server.formats import STREAM_CONTENT_TYPE, Kind, StreamFormat, select, wire_format
+from server.formats import STREAM_CONTENT_TYPE, StreamFormat, stream_format, wire_format
 from server.ingest import Ingest
 from server.logs import access_log_flusher
+from server.negotiate import Decision, Outcome, negotiate
+from server.negotiate import StreamFormat as Requested
 from server.page import load_page, page_response
 from server.payload import parse_json_object
 from server.replay import CURSOR_FOUND_HEADER, CURSOR_HEADER, SINCE_HEADER, TRUNCATED_HEADER, ReplayHook
 from server.stream import Stream, StreamStats, close_stream, open_stream, stream_head
+from server.target import publish_target, subscription_target
 from server.tasks import cancel_and_wait
 
 __all__ = ["ACCEPTED_TEXT", "SERVER_HEADER", "STATE", "STREAM_CONTENT_TYPE", "State", "build_app",
@@ -171,14 +174,13 @@ async def handle_publish(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     cfg = state.config
     peer = _peer(request)
-    path = request.raw_path.split("?", 1)[0]
     try:
-        topics, _private = parse_publish_path(path)
+        target = publish_target(request.raw_path, cfg.clients.secure_topics)
     except TopicError as e:
         raise BadRequest(str(e)) from None
     if not state.allow.allows(peer):
         raise Forbidden(f"publishing is not allowed from {peer}")
-    secure = cfg.clients.secure_topics.intersection(topics)
+    secure = target.secure
     if secure:
         who = await _principal(state, request)
         missing = secure - who.publish_topics if who else secure
@@ -187,37 +189,36 @@ async def handle_publish(request: web.Request) -> web.StreamResponse:
             raise Forbidden(f"publishing to secure topic(s) {names} needs credentials that grant them")
     body = await _read_body(request, cfg.server.max_payload_size)
     obj = parse_json_object(body)
-    await state.ingest.submit(path, obj, source=peer)
+    await state.ingest.submit(target.path, obj, source=peer)
     return _text(202, ACCEPTED_TEXT)
 
 
-async def handle_subscribe(request: web.Request) -> web.StreamResponse:
+async def handle_subscribe(request: web.Request, decision: Decision) -> web.StreamResponse:
+    """A ``GET`` on a subscription path, in the format ``negotiate()`` read from the request."""
     state = request.app[STATE]
     if state.closing:
         return _text(503, "server is shutting down\n", **{"Retry-After": "5"})
     try:
-        spec = parse_subscription(request.raw_path)
+        spec = subscription_target(request.raw_path)
     except TopicError as e:
         raise BadRequest(str(e)) from None
-    kind, fmt = select((request.version.major, request.version.minor), request.headers,
-                       state.config.clients.oldschoolers)
-    if kind is Kind.PAGE:
+    version = (request.version.major, request.version.minor)
+    kind = decision.format or Requested.NDJSON
+    if kind is Requested.PAGE:
         page = page_response(SERVER_HEADER)
         if page is not None:
             return page
-        kind, fmt = Kind.STREAM, wire_format((request.version.major, request.version.minor),
-                                             request.headers.get("User-Agent"),
-                                             state.config.clients.oldschoolers)
-    if kind is Kind.WEBSOCKET and not state.cors.websocket_allowed(request.headers, request.scheme):
+        kind = Requested.NDJSON  # the page's files are missing: what browsers got before it
+    fmt = stream_format(kind, version, request.headers.get("User-Agent"),
+                        state.config.clients.oldschoolers)
+    if kind is Requested.WEBSOCKET and not state.cors.websocket_allowed(request.headers, request.scheme):
         raise Forbidden(f"WebSocket handshake from origin {request.headers.get('Origin', '')[:100]!r} "
                         "is not allowed (server.cors_origins)")
     generation = state.auth_generation
     who = await _principal(state, request)
-    if kind is Kind.WEBSOCKET:
+    if kind is Requested.WEBSOCKET:
         from server.websocket import websocket_response
         return await websocket_response(request, state, spec, who, generation)
-    if fmt is None:
-        raise RuntimeError("no format selected for a stream")  # select() always gives one
     return await stream_response(request, state, spec, fmt, who, generation)
 
 
@@ -299,21 +300,27 @@ async def handle_head(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204, headers=headers)
 
 
-HANDLERS: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
-    "GET": handle_subscribe,
-    "PUT": handle_publish,
-    "POST": handle_publish,
-    "HEAD": handle_head,
-    "OPTIONS": handle_options,
+HANDLERS: dict[Outcome, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+    Outcome.PUBLISH: handle_publish,
+    Outcome.HEAD: handle_head,
 }
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """One entry for every request: pick the handler, map refusals to one-line answers."""
-    handler = HANDLERS.get(request.method)
-    if handler is None:
-        return _text(405, f"method {request.method} not allowed\n", Allow=ALLOW)
+    v = request.version
+    decision = negotiate(request.method.encode(), f"{v.major}.{v.minor}",
+                         {k.lower(): val for k, val in request.raw_headers})
     try:
+        if decision.outcome is Outcome.BAD:
+            raise BadRequest(decision.reason)
+        if decision.outcome is Outcome.STREAM:
+            return await handle_subscribe(request, decision)
+        if decision.outcome is Outcome.OTHER and request.method == "OPTIONS":
+            return await handle_options(request)
+        handler = HANDLERS.get(decision.outcome)
+        if handler is None:
+            return _text(405, f"method {request.method} not allowed\n", Allow=ALLOW)
         return await handler(request)
     except PubSubError as e:
         state = request.app[STATE]

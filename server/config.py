@@ -249,6 +249,8 @@ class ServerConfig:
     #: origins allowed cross-origin access (CORS, WebSocket handshakes); ("*",) = any origin
     #: without credentials; () = none (the default: same-origin only)
     cors_origins: tuple[str, ...] = ()
+    #: serve plain publishes and subscriptions through the fast lane (false: aiohttp only)
+    fast_lane: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +352,7 @@ def parse_config(data: object, file: str) -> Config:
         shutdown_grace=srv.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         subscriber_header=srv.typed("subscriber_header", bool, True),
         cors_origins=_parse_origins(srv, "cors_origins"),
+        fast_lane=srv.typed("fast_lane", bool, True),
     )
     if server.ping_interval <= 0:
         raise srv.error("ping_interval", "must be positive")

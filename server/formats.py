@@ -3,8 +3,9 @@
 Owns, for each format, its framing of one event (the bytes the hub computes once per event and
 shares between every subscriber of a group), its content type and response headers, its
 keep-alive record, the record it opens with, its in-band notices (replay gaps) and how it ends.
-Formats are plain values: nothing here does I/O, knows aiohttp or picks a format for a request
-(:func:`select` is the pure rule for that, fed by whoever parsed the request).
+Formats are plain values: nothing here does I/O or knows aiohttp. Which kind of stream a request
+asks for is :func:`server.negotiate.negotiate`'s decision; :func:`stream_format` maps it (with
+the HTTP version and User-Agent) to the registered format.
 
 The hub (``hub/``) sees a format only as a :class:`hub.event.Framing`: an object it hashes by
 identity and whose ``frame(event)`` it calls. HTTP chunk framing, Server-Sent Events and
@@ -21,6 +22,7 @@ from typing import Any
 import orjson
 
 from hub.event import Event
+from server.negotiate import StreamFormat as Requested
 
 __all__ = [
     "FORMATS",
@@ -32,11 +34,11 @@ __all__ = [
     "SSE_RAW",
     "STREAM_CONTENT_TYPE",
     "WEBSOCKET",
-    "Kind",
     "StreamFormat",
     "Transfer",
     "chunk",
-    "select",
+    "stream_format",
+    "wire_format",
     "ws_close_frame",
     "ws_text_frame",
 ]
@@ -63,14 +65,6 @@ class Transfer(enum.Enum):
     CLOSE = "close"
     #: an upgraded connection carrying WebSocket frames
     WEBSOCKET = "websocket"
-
-
-class Kind(enum.Enum):
-    """What a subscription request asks for."""
-
-    STREAM = "stream"
-    WEBSOCKET = "websocket"
-    PAGE = "page"
 
 
 def chunk(record: bytes) -> bytes:
@@ -220,36 +214,16 @@ FORMATS: dict[str, StreamFormat] = {
     f.name: f for f in (NDJSON, NDJSON_NUL, RAW, RAW_NUL, SSE, SSE_RAW, WEBSOCKET)}
 
 
-def _wants(accept: str | None, media: str) -> bool:
-    if not accept:
-        return False
-    return any(part.split(";", 1)[0].strip().lower() == media for part in accept.split(","))
-
-
-def select(version: tuple[int, int], headers: Mapping[str, str],
-           oldschoolers: tuple[str, ...]) -> tuple[Kind, StreamFormat | None]:
-    """What a ``GET`` on a subscription path gets, from its HTTP version and headers.
-
-    * ``Upgrade: websocket`` (HTTP/1.1): a WebSocket;
-    * ``Accept: text/event-stream``: Server-Sent Events;
-    * ``Accept`` starting with ``text/html`` (a browser navigation): the live page;
-    * otherwise 0.7.4's rules: HTTP/1.0 or an ``oldschoolers`` User-Agent gets svnpubsub
-      framing, everything else chunked NDJSON (byte for byte what 0.7.4 clients always got).
-
-    ``headers`` is any case-insensitive mapping (aiohttp's, or the fast lane's lower-cased one).
-    """
-    upgrade = headers.get("Upgrade") or headers.get("upgrade")
-    if upgrade is not None and upgrade.strip().lower() == "websocket" and version >= (1, 1):
-        return Kind.WEBSOCKET, WEBSOCKET
-    accept = headers.get("Accept") or headers.get("accept")
-    if _wants(accept, SSE_CONTENT_TYPE):
-        return Kind.STREAM, SSE if version >= (1, 1) else SSE_RAW
-    if accept is not None and accept.lstrip().lower().startswith("text/html"):
-        return Kind.PAGE, None
-    ua = headers.get("User-Agent")
-    if ua is None:
-        ua = headers.get("user-agent")
-    return Kind.STREAM, wire_format(version, ua, oldschoolers)
+def stream_format(requested: Requested, version: tuple[int, int], ua: str | None,
+                  oldschoolers: tuple[str, ...]) -> StreamFormat:
+    """The registered format serving what :func:`server.negotiate.negotiate` read from a
+    subscription request (``Accept: text/event-stream``: SSE; ``Upgrade: websocket``: WebSocket;
+    anything else: 0.7.4's NDJSON or svnpubsub framing, byte for byte)."""
+    if requested is Requested.SSE:
+        return SSE if version >= (1, 1) else SSE_RAW
+    if requested is Requested.WEBSOCKET:
+        return WEBSOCKET
+    return wire_format(version, ua, oldschoolers)
 
 
 def wire_format(version: tuple[int, int], ua: str | None, oldschoolers: tuple[str, ...]) -> StreamFormat:

@@ -78,3 +78,12 @@ def test_bench_sse_and_websocket_subscribers_get_everything() -> None:
         assert problems(r) == [], r
     assert results[0]["delivered"] == results[1]["delivered"] == 20 * 50
     assert results[0]["latency_samples"] > 0 and results[1]["latency_samples"] > 0
+
+
+def test_parse_bench_runs() -> None:
+    """bench/parse_bench.py at a tiny scale: every request answered (it checks), JSON out."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "parse_bench.py"), "-n", "2000",
+                           "--repeat", "1", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["parser"] == "httptools" and res["requests"] == 2000 and res["publish_us"] > 0

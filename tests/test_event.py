@@ -42,3 +42,9 @@ def test_cursors_are_unique_ordered_and_timed() -> None:
     t = cursor_time(cs[0])
     assert t is not None and t > 1.7e9
     assert cursor_time("not-a-uuid") is None
+
+
+def test_make_event_path_is_canonical() -> None:
+    ev = make_event("/x/../private/a", {})
+    assert (ev.path, ev.topics, ev.private, ev.payload["pubsub_path"]) == ("/private/a", ("a",), True,
+                                                                           "/private/a")

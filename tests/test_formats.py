@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from multidict import CIMultiDict
 
 from hub.event import make_event
 from server.cors import Cors
@@ -19,12 +18,13 @@ from server.formats import (
     SSE,
     SSE_RAW,
     WEBSOCKET,
-    Kind,
     chunk,
-    select,
+    stream_format,
     ws_close_frame,
     ws_text_frame,
 )
+from server.negotiate import StreamFormat as Requested
+from server.negotiate import negotiate
 
 
 def _unchunk(data: bytes) -> list[bytes]:
@@ -118,23 +118,28 @@ OLD = ("svnwcsub",)
 
 
 @pytest.mark.parametrize(("version", "headers", "expect"), [
-    ((1, 1), {"User-Agent": "curl/8"}, (Kind.STREAM, NDJSON)),
-    ((1, 1), {"User-Agent": "curl/8", "Accept": "*/*"}, (Kind.STREAM, NDJSON)),
-    ((1, 1), {}, (Kind.STREAM, NDJSON)),
-    ((1, 1), {"User-Agent": "svnwcsub/1"}, (Kind.STREAM, NDJSON_NUL)),
-    ((1, 0), {}, (Kind.STREAM, RAW_NUL)),
-    ((1, 0), {"User-Agent": "x"}, (Kind.STREAM, RAW)),
-    ((1, 1), {"Accept": "text/event-stream"}, (Kind.STREAM, SSE)),
-    ((1, 1), {"Accept": "application/json, Text/Event-Stream;q=0.9"}, (Kind.STREAM, SSE)),
-    ((1, 0), {"Accept": "text/event-stream"}, (Kind.STREAM, SSE_RAW)),
-    ((1, 1), {"Upgrade": "websocket", "Accept": "text/html"}, (Kind.WEBSOCKET, WEBSOCKET)),
-    ((1, 0), {"Upgrade": "websocket", "User-Agent": "x"}, (Kind.STREAM, RAW)),
-    ((1, 1), {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}, (Kind.PAGE, None)),
-    ((1, 1), {"accept": "text/event-stream"}, (Kind.STREAM, SSE)),  # a lower-cased mapping
+    ("1.1", {"user-agent": "curl/8"}, NDJSON),
+    ("1.1", {"user-agent": "curl/8", "accept": "*/*"}, NDJSON),
+    ("1.1", {}, NDJSON),
+    ("1.1", {"user-agent": "svnwcsub/1"}, NDJSON_NUL),
+    ("1.0", {}, RAW_NUL),
+    ("1.0", {"user-agent": "x"}, RAW),
+    ("1.1", {"accept": "text/event-stream"}, SSE),
+    ("1.1", {"accept": "application/json, Text/Event-Stream;q=0.9"}, SSE),
+    ("1.0", {"accept": "text/event-stream"}, SSE_RAW),
+    ("1.1", {"upgrade": "websocket", "accept": "text/html"}, WEBSOCKET),
+    ("1.1", {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}, None),  # the page
 ])
-def test_select(version: tuple[int, int], headers: dict[str, str], expect: object) -> None:
-    assert select(version, headers, OLD) == expect
-    assert select(version, CIMultiDict(headers), OLD) == expect
+def test_negotiated_kind_maps_to_a_registered_format(version: str, headers: dict[str, str],
+                                                     expect: object) -> None:
+    raw = {k.encode(): v.encode() for k, v in {"host": "x", **headers}.items()}
+    decision = negotiate(b"GET", version, raw)
+    assert decision.format is not None
+    if expect is None:
+        assert decision.format is Requested.PAGE
+        return
+    v = (int(version[0]), int(version[2]))
+    assert stream_format(decision.format, v, headers.get("user-agent"), OLD) is expect
 
 
 def test_cors_rules() -> None:
