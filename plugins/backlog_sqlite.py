@@ -32,6 +32,7 @@ from hub.event import Event, EventError, restore_event
 from hub.topics import TopicError, parse_publish_path
 from server.errors import ConfigError, ServiceUnavailable
 from server.eventlog import Located, MemoryLog
+from server.tasks import cancel_and_wait
 
 __all__ = ["SCHEMA_VERSION", "SqliteLog", "import_074"]
 
@@ -257,10 +258,7 @@ class SqliteLog:
     async def close(self) -> None:
         """Commit what is queued, stop the tasks, close the database."""
         self._closing = True
-        if self._evictor is not None:
-            self._evictor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._evictor
+        await cancel_and_wait(self._evictor)
         if self._writer is not None and self._wake is not None:
             self._wake.set()
             # ends once the queue is empty; a writer that failed was logged when it ended
