@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from typing import Any
 
 import aiohttp
@@ -200,17 +199,15 @@ async def test_reload_refuses_an_empty_or_missing_file(daemon_factory: DaemonFac
     d = daemon_factory(acl=acl_users())
     async with subscribe(d.url, "/foo", auth_header("alice", "alice-pw")) as alice:
         await wait_subscribers(d.url, 1)
-        n = 0
-        for i, (breakage, reason) in enumerate((("", "is empty"), ("# nothing here\n", "is empty"),
-                                                (None, "not found"))):
+        for n, (breakage, reason) in enumerate((("", "is empty"), ("# nothing here\n", "is empty"),
+                                                (None, "not found")), start=1):
             if breakage is None:
                 d.acl_path.unlink()
             else:
                 d.acl_path.write_text(breakage)
             d.signal(signal.SIGUSR2)
-            d.wait_log("ACL reload failed, keeping the previous ACL", count=i + 1)
+            d.wait_log("ACL reload failed, keeping the previous ACL", count=n)
             assert f"{d.acl_path}: (file): {reason}" in d.log()
-            n += 1
             await publish(d.url, "/private/foo", {"n": n})
             assert (await alice.next())["n"] == n  # the previous ACL still holds
         assert "ACL reloaded from" not in d.log()
