@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from hub.cursor import advance_past, new_cursor
+from hub.cursor import advance_past, is_uuid7, new_cursor
 from hub.event import Event, EventError, restore_event
 from hub.topics import TopicError, parse_publish_path
 from server.errors import ConfigError, ServiceUnavailable
@@ -259,7 +259,7 @@ class SqliteLog:
             self.mirror.keep(ev)
         newest = self.mirror.newest()
         for ev in reversed(events):  # the newest UUIDv7 stored: new cursors must sort after it
-            if ev.cursor[14:15] == "7":
+            if is_uuid7(ev.cursor):
                 advance_past(ev.cursor)
                 break
         trim = self.mirror.take_dropped()
