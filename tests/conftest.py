@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,3 +47,11 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     """A daemon on the test defaults (loopback payloaders, no backlog)."""
     return daemon_factory()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_here() -> Iterator[None]:
+    """Collect garbage after each test, so a socket or transport a test leaked warns (and fails)
+    in that test, not in whichever later test the garbage collector happens to run."""
+    yield
+    gc.collect()
