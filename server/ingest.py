@@ -47,7 +47,7 @@ class Ingest:
         """True when the log keeps events at once: :meth:`submit_now` may be used."""
         return self.log.synchronous
 
-    def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http") -> Event:
+    def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http") -> Event:  # noqa: ARG002
         """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path)."""
         event = make_event(path, body)
         if self.log.append(event) is not None:
