@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,11 @@ from typing import Any
 import pytest
 
 from tests.support import Daemon
+
+# PYPUBSUB_TEST_TRACEMALLOC=20: a leaked socket's warning says where it was made (frames kept).
+# Unlike PYTHONTRACEMALLOC, it is not inherited by the daemons the tests start (which it slows).
+if os.environ.get("PYPUBSUB_TEST_TRACEMALLOC"):
+    tracemalloc.start(int(os.environ["PYPUBSUB_TEST_TRACEMALLOC"]))
 
 
 @pytest.fixture

@@ -140,6 +140,12 @@ async def test_tls(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> Non
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as s, \
             s.get(url + "/secure/stream") as resp:
         assert resp.status == 200
+        # Leaving a stream unread closes its connection outside the session's pool, with a
+        # TLS close_notify exchange that ends after the session has closed: wait for it, or the
+        # test's loop closes first and the socket leaks (a ResourceWarning in a later test).
+        assert resp.connection is not None and resp.connection.protocol is not None
+        stream_closed = resp.connection.protocol.closed
+        assert stream_closed is not None
         await wait_subscribers(d.url, 1)
         assert (await publish(d.url, "/secure/stream", {"tls": True}))[0] == 202
         async with s.put(url + "/secure/stream", json={"tls": "put"}) as r:
@@ -150,6 +156,7 @@ async def test_tls(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> Non
             if "stillalive" not in obj:
                 lines.append(obj["tls"])
         assert lines == [True, "put"]
+    await asyncio.wait_for(stream_closed, 10)
 
 
 def test_missing_tls_files_are_a_config_error(tmp_path: Path) -> None:
