@@ -8,7 +8,6 @@ key the same way. No I/O beyond reading the file; nothing here starts anything.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 from collections.abc import Mapping
@@ -275,11 +274,11 @@ def _parse_cidrs(sec: Section, name: str) -> netaddr.IPSet:
     out = netaddr.IPSet()
     for i, entry in enumerate(sec.strings(name)):
         try:
-            net = ipaddress.ip_network(entry.strip(), strict=False)
-        except ValueError:
+            net = netaddr.IPNetwork(entry.strip()).cidr  # host bits allowed: 10.0.0.1/24
+        except (netaddr.AddrFormatError, ValueError, TypeError):
             raise ConfigError(sec.file, f"{sec.key(name)}[{i}]",
                               f"{entry!r} is not an IP address or CIDR") from None
-        out.add(netaddr.IPNetwork(str(net)))
+        out.add(net)
     return out
 
 
@@ -289,8 +288,8 @@ def _parse_bind(sec: Section) -> tuple[str, ...]:
         if b in ("", "*"):
             continue
         try:
-            ipaddress.ip_address(b)
-        except ValueError:
+            netaddr.IPAddress(b)
+        except (netaddr.AddrFormatError, ValueError, TypeError):
             if not re.match(r"^[A-Za-z0-9.-]+$", b):
                 raise ConfigError(sec.file, f"{sec.key('bind')}[{i}]", f"{b!r} is not an address") from None
     return binds
