@@ -1,7 +1,8 @@
 """The live page: what a browser navigating to a subscription path is shown.
 
-Owns building the page (``server/page.html`` with the browser client ``clients/browser/
-pypubsub.js`` inlined as a module script: one request, no CDN, no build step) and its response
+Owns building the page (``server/static/page.html`` and ``page.js`` with the browser client
+``clients/browser/pypubsub.js`` inlined as a module script: one request, no CDN, no build step;
+``server/static/pypubsub.js`` links to the client so an installed package carries it) and its response
 headers (a Content-Security-Policy that allows exactly that script and same-origin
 connections). The page itself subscribes with Server-Sent Events to the path it was served on.
 """
@@ -16,13 +17,16 @@ from pathlib import Path
 
 from aiohttp import web
 
-__all__ = ["CLIENT_PATH", "PAGE_PATH", "load_page", "page_html", "page_response"]
+__all__ = ["CLIENT_PATH", "PAGE_PATH", "SCRIPT_PATH", "load_page", "page_html", "page_response"]
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE_PATH = ROOT / "server" / "page.html"
-CLIENT_PATH = ROOT / "clients" / "browser" / "pypubsub.js"
+STATIC = Path(__file__).resolve().parent / "static"
+PAGE_PATH = STATIC / "page.html"
+SCRIPT_PATH = STATIC / "page.js"
+#: the browser client (a link to clients/browser/pypubsub.js in a checkout, a copy when installed)
+CLIENT_PATH = STATIC / "pypubsub.js"
 #: where page.html wants the script
 _MARKER = "<!-- pypubsub:script -->"
 
@@ -42,7 +46,7 @@ def page_html() -> tuple[bytes, str]:
     """The page and the CSP hash of its one script (read once: the files ship with the code)."""
     page = PAGE_PATH.read_text(encoding="utf-8")
     client = CLIENT_PATH.read_text(encoding="utf-8")
-    app_js = (ROOT / "server" / "page.js").read_text(encoding="utf-8")
+    app_js = SCRIPT_PATH.read_text(encoding="utf-8")
     script = "\n" + client + "\n" + app_js + "\n"
     if _MARKER not in page:
         raise ValueError(f"{PAGE_PATH} lacks {_MARKER}")

@@ -12,7 +12,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from server.page import CLIENT_PATH, ROOT
+from server.page import CLIENT_PATH, ROOT, SCRIPT_PATH
 from tests.chromium import chromium
 from tests.support import Daemon, DaemonFactory, base_config, free_port
 
@@ -106,7 +106,8 @@ def test_page_pause_resume_and_change_subscription(daemon_factory: DaemonFactory
 
 def test_browser_module_and_page_script_parse(tmp_path: Path) -> None:
     """The ES module and the page script are valid JavaScript (node parses them as modules)."""
-    for src in (CLIENT_PATH, ROOT / "server" / "page.js"):
+    assert CLIENT_PATH.resolve() == (ROOT / "clients" / "browser" / "pypubsub.js").resolve()
+    for src in (CLIENT_PATH, SCRIPT_PATH):
         copy = tmp_path / (src.stem + ".mjs")
         copy.write_text(src.read_text())
         subprocess.run(["node", "--check", str(copy)], check=True, capture_output=True, timeout=30)
