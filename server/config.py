@@ -245,6 +245,8 @@ class ServerConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     #: send ``X-Subscribers`` on HEAD (it reveals how many clients are connected)
     subscriber_header: bool = True
+    #: serve plain publishes and subscriptions through the fast lane (false: aiohttp only)
+    fast_lane: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +329,7 @@ def parse_config(data: object, file: str) -> Config:
         ping_interval=srv.duration("ping_interval", DEFAULT_PING_INTERVAL),
         shutdown_grace=srv.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         subscriber_header=srv.typed("subscriber_header", bool, True),
+        fast_lane=srv.typed("fast_lane", bool, True),
     )
     if server.ping_interval <= 0:
         raise srv.error("ping_interval", "must be positive")
