@@ -1,0 +1,443 @@
+"""The cluster log: an :class:`~server.eventlog.EventLog` on one Redis Stream shared by every node.
+
+Owns the stream (``XADD … MAXLEN ~`` through a small Lua script, a periodic ``XTRIM MINID ~``),
+the blocking ``XREAD`` that every node runs on its own connection to route what it reads back,
+the cluster cursor (derived from the entry id: the same on every node, ordered as the stream),
+reset detection, de-duplication of SQS messages across nodes, and the outage state (503 while
+Redis is unreachable, one log line when an outage starts and one when it ends). Reads for replay
+are served from an in-memory mirror (:class:`~server.eventlog.MemoryLog`) of what this node read
+back, so a replay is a prefix of exactly what the node routes: gap-free, no duplicate.
+
+redis-py (``redis.asyncio``) is imported only when ``server.backlog.storage`` is a redis:// URL.
+Nothing here knows HTTP; the daemon's wiring builds it from the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+from hub.event import Event, EventError, make_event
+from hub.topics import TopicError
+from server.errors import ConfigError, ServiceUnavailable
+from server.eventlog import Appended, Located, MemoryLog, TailConsumer
+from server.tasks import cancel_and_wait
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["RedisLog", "cursor_entry", "entry_cursor", "entry_position"]
+
+logger = logging.getLogger(__name__)
+
+#: With ``size: 0`` the stream still carries live events between nodes; it is trimmed to about
+#: this many entries (enough for a node that was briefly unreachable to catch up on).
+LIVE_BOUND = 1000
+#: Entries one XREAD takes: bounds the work of one loop iteration under a flood.
+READ_COUNT = 1024
+#: A blocking XREAD returns at least this often (ms) when nothing is published.
+BLOCK_MS = 2000
+#: Reconnect back-off of the reader while Redis is unreachable (seconds, doubling).
+RECONNECT_MIN = 0.05
+RECONNECT_MAX = 1.0
+#: How often a node checks that the stream was not reset (and trims by age when due).
+MAINTAIN_INTERVAL = 1.0
+#: Trimming by age runs at most this often (``XTRIM MINID ~`` by Redis time).
+MIN_TRIM_INTERVAL = 1.0
+MAX_TRIM_INTERVAL = 60.0
+#: An SQS message id is remembered this long (seconds) by the cluster: a redelivery within it
+#: (another node, an expired visibility timeout) does not enter the stream again.
+DEDUP_TTL = 3600
+#: ``Retry-After`` (seconds) of a publish refused while Redis is unreachable.
+RETRY_AFTER = 1
+
+#: Stream entry fields: the stamped event's JSON, and the stream's epoch when it was written.
+EVENT_FIELD = b"e"
+EPOCH_FIELD = b"g"
+
+#: KEYS: stream, epoch key[, dedup key]; ARGV: event JSON, MAXLEN, a new epoch, dedup TTL.
+#: One script, so that de-duplication, the epoch stamp and the append are atomic. An append to
+#: a stream that does not exist (first use, deleted, FLUSHALL) starts a new epoch: readers see
+#: the change on the entry itself.
+_APPEND_LUA = """
+if #KEYS > 2 then
+  if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return false end
+end
+local epoch = redis.call('GET', KEYS[2])
+if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
+  epoch = ARGV[3]
+  redis.call('SET', KEYS[2], epoch)
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 'g', epoch)
+"""
+
+_MASK48 = (1 << 48) - 1
+_MASK62 = (1 << 62) - 1
+#: the sequence part of an entry id fits the cursor's 74 free bits
+_SEQ_LIMIT = 1 << 74
+
+
+# -- the cluster cursor -------------------------------------------------------------------------
+def _split_id(entry_id: bytes | str) -> tuple[int, int]:
+    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = s.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def entry_position(entry_id: bytes | str) -> tuple[int, str]:
+    """The log position and the cursor of the stream entry ``entry_id`` (``<ms>-<seq>``)."""
+    ms, seq = _split_id(entry_id)
+    return ms << 64 | seq, entry_cursor(ms, seq)
+
+
+def entry_cursor(ms: int, seq: int) -> str:
+    """The cursor of entry ``ms-seq``: a UUIDv7 layout (48-bit ms time, version 7) whose variant
+    bits are ``11`` and whose 74 remaining bits hold the sequence. Every node derives the same
+    cursor; cursors sort as the stream does; the variant tells them apart from the cursors of
+    the memory and SQLite logs (variant ``10``) and from 0.7.4's UUID4s."""
+    if not 0 <= ms <= _MASK48 or not 0 <= seq < _SEQ_LIMIT:
+        raise ValueError(f"stream entry id {ms}-{seq} is out of the cursor's range")
+    n = ms << 80 | 0x7 << 76 | (seq >> 62) << 64 | 0b11 << 62 | (seq & _MASK62)
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def cursor_entry(cursor: str) -> str | None:
+    """The stream entry id a cluster cursor names; None for any other string (foreign)."""
+    if len(cursor) != 36:
+        return None
+    try:
+        n = uuid.UUID(cursor).int
+    except ValueError:
+        return None
+    if (n >> 76) & 0xF != 7 or (n >> 62) & 0b11 != 0b11:
+        return None
+    ms, seq = n >> 80, ((n >> 64) & 0xFFF) << 62 | (n & _MASK62)
+    return f"{ms}-{seq}"
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Outage:
+    """Whether Redis answers; logs one line when an outage starts and one when it ends."""
+
+    def __init__(self, where: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.where = where
+        self.clock = clock
+        self.since: float | None = None
+        #: outages seen since start
+        self.count = 0
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, error: BaseException) -> None:
+        if self.since is None:
+            self.since = self.clock()
+            self.count += 1
+            logger.error("cluster log %s: Redis is unreachable (%s: %s): publishes are refused "
+                         "with 503 until it returns", self.where, type(error).__name__, error)
+
+    def ok(self) -> None:
+        if self.since is not None:
+            logger.warning("cluster log %s: Redis is reachable again after %.1f s",
+                           self.where, self.clock() - self.since)
+            self.since = None
+
+
+class RedisLog:
+    """One node's view of the cluster log: appends go to Redis, the node routes what it reads."""
+
+    synchronous = False
+
+    def __init__(self, url: str, stream: str, size: int, max_age: float = 0.0, *,
+                 timeout: float = 1.0, config_file: str = "?",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.url = url
+        self.stream = stream
+        self.size = size
+        self.max_age = max_age
+        self.timeout = timeout
+        self.config_file = config_file
+        self.where = f"{_redacted(url)} stream {stream!r}"
+        self.mirror = MemoryLog(size, max_age, clock=clock)
+        self.maxlen = size or LIVE_BOUND
+        self.epoch_key = f"{stream}:epoch"
+        self.outage = Outage(self.where)
+        self._consumer: TailConsumer | None = None
+        self._redis: Redis | None = None
+        self._reader: Redis | None = None
+        self._append_script: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        #: the id of the last entry read back: the next XREAD continues after it, always
+        self.last_id = b"0-0"
+        #: the stream's epoch (changes when the stream was deleted or reset)
+        self.epoch: bytes | None = None
+        self._closing = False
+        #: entries read back, entries that were not events, resets detected
+        self.read = 0
+        self.unreadable = 0
+        self.resets = 0
+
+    def __repr__(self) -> str:
+        return f"<RedisLog {self.where} {len(self.mirror)}/{self.size}>"
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def tail(self, consumer: TailConsumer) -> None:
+        self._consumer = consumer
+
+    async def start(self) -> None:
+        """Connect, check the server's settings, load the retained tail, start reading."""
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # no retries inside redis-py: a publish gets its answer within ``timeout``
+        common: dict[str, Any] = {"socket_connect_timeout": self.timeout, "retry": Retry(NoBackoff(), 0),
+                                  "decode_responses": False}
+        try:
+            self._redis = Redis.from_url(self.url, socket_timeout=self.timeout, **common)
+            # the blocking read has its own connection, with a socket timeout beyond the block
+            self._reader = Redis.from_url(self.url, single_connection_client=True,
+                                          socket_timeout=BLOCK_MS / 1000 + self.timeout, **common)
+        except ValueError as e:
+            raise ConfigError(self.config_file, "server.backlog.storage", f"not a Redis URL: {e}") from None
+        from redis.exceptions import RedisError
+
+        try:
+            async with asyncio.timeout(self.timeout * 5):
+                await self._check_server()
+                await self._load()
+        except (RedisError, OSError, TimeoutError) as e:
+            await self._aclose()
+            raise ConfigError(self.config_file, "server.backlog.storage",
+                              f"cannot use Redis at {self.where}: {type(e).__name__}: {e}") from None
+        self._append_script = self._redis.register_script(_APPEND_LUA)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read_loop(), name="pypubsub-redis-reader"),
+                       loop.create_task(self._maintain_loop(), name="pypubsub-redis-maintainer")]
+        newest = self.mirror.newest()
+        logger.info("cluster log %s: %d event(s) retained (newest %s), reading after %s",
+                    self.where, len(self.mirror), newest.cursor if newest else "none",
+                    self.last_id.decode())
+
+    async def _check_server(self) -> None:
+        """Warn about settings under which Redis may lose acknowledged events."""
+        if self._redis is None:
+            raise RuntimeError("RedisLog not started")
+        memory = await self._redis.info("memory")
+        policy = str(_text(memory.get("maxmemory_policy", "noeviction")))
+        if policy != "noeviction":
+            logger.warning("cluster log %s: Redis maxmemory-policy is %r: Redis may evict the "
+                           "stream and lose acknowledged events; set maxmemory-policy noeviction",
+                           self.where, policy)
+        persistence = await self._redis.info("persistence")
+        if str(persistence.get("aof_enabled", 0)) != "1":
+            logger.warning("cluster log %s: Redis runs without AOF (appendonly no): a restart of "
+                           "Redis loses acknowledged events; set appendonly yes and appendfsync "
+                           "always", self.where)
+            return
+        from redis.exceptions import ResponseError
+
+        try:
+            fsync = await self._redis.config_get("appendfsync")
+        except ResponseError:  # CONFIG is often renamed or refused by managed services
+            return
+        value = str(_text(fsync.get(b"appendfsync", fsync.get("appendfsync", b"?"))))
+        if value != "always":
+            logger.warning("cluster log %s: Redis appendfsync is %r: a crash of the Redis host "
+                           "may lose the last second of acknowledged events; set appendfsync "
+                           "always", self.where, value)
+
+    async def _load(self) -> None:
+        """Fill the mirror with the newest retained entries; the reader continues after them."""
+        if self._redis is None:
+            raise RuntimeError("RedisLog not started")
+        entries = await self._redis.xrevrange(self.stream, "+", "-", count=max(self.size, 1))
+        for entry_id, fields in reversed(entries):
+            self._take(entry_id, fields, route=False)
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._tasks:
+            await cancel_and_wait(t)
+        self._tasks = []
+        await self._aclose()
+        logger.info("cluster log %s closed: %d entries read since start", self.where, self.read)
+
+    async def _aclose(self) -> None:
+        for r in (self._reader, self._redis):
+            if r is not None:
+                await r.aclose()
+        self._reader = self._redis = None
+
+    # -- writing ------------------------------------------------------------------------
+    def append(self, event: Event, *, dedup: str | None = None) -> asyncio.Future[Appended | None]:
+        """XADD the stamped event; resolves once Redis acknowledged it (None: a duplicate).
+
+        The event is routed when this node's reader reads it back, like everyone else's.
+        """
+        return asyncio.ensure_future(self._append(event, dedup))
+
+    async def _append(self, event: Event, dedup: str | None) -> Appended | None:
+        from redis.exceptions import RedisError
+
+        if self._closing or self._append_script is None:
+            raise ServiceUnavailable("the cluster log is closed: event not stored", RETRY_AFTER)
+        keys = [self.stream, self.epoch_key]
+        if dedup is not None:
+            keys.append(f"{self.stream}:dedup:{dedup}")
+        args = [event.json, self.maxlen, uuid.uuid4().hex, DEDUP_TTL]
+        try:
+            async with asyncio.timeout(self.timeout):
+                entry_id = await self._append_script(keys=keys, args=args)
+        except (RedisError, OSError, TimeoutError) as e:
+            self.outage.failed(e)
+            raise ServiceUnavailable("the cluster log (Redis) is unreachable: event not stored",
+                                     RETRY_AFTER) from None
+        self.outage.ok()
+        if entry_id is None:
+            return None
+        return Appended(*entry_position(entry_id))
+
+    # -- reading back -------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        """Owns the blocking XREAD: always from the last id read, reconnecting after outages."""
+        from redis.exceptions import RedisError
+
+        backoff = RECONNECT_MIN
+        for _ in iter(int, 1):  # until cancelled
+            reader = self._reader
+            if reader is None:
+                return
+            try:
+                resp = await reader.xread({self.stream: self.last_id}, count=READ_COUNT, block=BLOCK_MS)
+            except (RedisError, OSError) as e:
+                self.outage.failed(e)
+                await asyncio.sleep(backoff)  # back-off before reconnecting, not synchronisation
+                backoff = min(backoff * 2, RECONNECT_MAX)
+                continue
+            backoff = RECONNECT_MIN
+            self.outage.ok()
+            for _key, entries in _streams(resp):
+                for entry_id, fields in entries:
+                    self._take(entry_id, fields, route=True)
+
+    def _take(self, entry_id: bytes, fields: Mapping[bytes, bytes], *, route: bool) -> None:
+        """One entry read back: into the mirror, then (live) to the node's hub."""
+        position, cursor = entry_position(entry_id)
+        if position <= self.mirror.last_position:
+            return  # already taken (cannot happen with XREAD after last_id; cheap to guard)
+        self.last_id = entry_id
+        self.read += 1
+        epoch = fields.get(EPOCH_FIELD)
+        if epoch != self.epoch:
+            if self.epoch is not None or len(self.mirror):
+                self._reset("an entry of a new epoch")
+            self.epoch = epoch
+        try:
+            obj = orjson.loads(fields[EVENT_FIELD])
+            if not isinstance(obj, dict):
+                raise EventError("not a JSON object")
+            path, ts = obj.get("pubsub_path"), obj.get("pubsub_timestamp")
+            if not isinstance(path, str) or not isinstance(ts, (int, float)) or isinstance(ts, bool):
+                raise EventError("no pubsub_path or pubsub_timestamp")
+            event = make_event(path, obj, timestamp=float(ts), cursor=cursor, position=position)
+        except (KeyError, orjson.JSONDecodeError, EventError, TopicError) as e:
+            self.unreadable += 1
+            logger.warning("cluster log %s: skipping entry %s, not an event (%s)",
+                           self.where, entry_id.decode(errors="replace"), e)
+            return
+        self.mirror.keep(event)
+        if route and self._consumer is not None:
+            self._consumer(event)
+
+    def _reset(self, why: str) -> None:
+        """The stream was deleted or reset (FLUSHALL, failover to an empty replica)."""
+        self.resets += 1
+        lost = len(self.mirror)
+        self.mirror.clear()
+        logger.warning("cluster log %s: the stream was reset (%s): acknowledged events may be "
+                       "lost; %d retained event(s) dropped, clients resuming from before the "
+                       "reset are told their cursor is not found", self.where, why, lost)
+
+    async def _maintain_loop(self) -> None:
+        """Detect a reset even when nothing is published; trim by age (Redis time)."""
+        from redis.exceptions import RedisError
+
+        trim_every = min(max(self.max_age / 10, MIN_TRIM_INTERVAL), MAX_TRIM_INTERVAL)
+        next_trim = time.monotonic() + trim_every
+        for _ in iter(int, 1):  # until cancelled
+            await asyncio.sleep(MAINTAIN_INTERVAL)
+            redis = self._redis
+            if redis is None:
+                return
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._check_reset(redis)
+                    if self.max_age and time.monotonic() >= next_trim:
+                        next_trim = time.monotonic() + trim_every
+                        sec, usec = await redis.time()
+                        minid = int(sec) * 1000 + int(usec) // 1000 - int(self.max_age * 1000)
+                        if minid > 0:
+                            await redis.xtrim(self.stream, minid=f"{minid}-0", approximate=True)
+            except (RedisError, OSError, TimeoutError) as e:
+                self.outage.failed(e)
+
+    async def _check_reset(self, redis: Redis) -> None:
+        """A stream that is gone, or whose newest id is older than what this node read, was
+        reset (FLUSHALL, DEL, a restart from an older snapshot, failover to a lagging replica)."""
+        if self.epoch is None:
+            return  # nothing read since start or since the last reset: nothing more to lose
+        from redis.exceptions import ResponseError
+
+        try:
+            info = await redis.xinfo_stream(self.stream)
+        except ResponseError:  # no such key
+            why = "the stream is gone"
+        else:
+            last = info.get("last-generated-id", info.get(b"last-generated-id", b"0-0"))
+            if _split_id(last) >= _split_id(self.last_id):
+                return
+            why = "the stream is behind what this node read"
+        self.epoch = None
+        self._reset(why)
+
+    # -- replay (from the mirror of what this node read back) -----------------------------
+    async def locate(self, *, cursor: str | None = None, since: float | None = None) -> Located | None:
+        if cursor is not None and cursor_entry(cursor) is None:
+            logger.debug("cluster log: cursor %.64r is not a cluster cursor (foreign)", cursor)
+            return None
+        return self.mirror.locate_now(cursor=cursor, since=since)
+
+    async def read(self, after: int, limit: int) -> list[Event]:
+        return self.mirror.read_now(after, limit)
+
+
+def _text(v: object) -> object:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _streams(resp: object) -> Sequence[tuple[object, Sequence[tuple[bytes, Mapping[bytes, bytes]]]]]:
+    """XREAD's answer as (key, entries) pairs, whether RESP2 (a list) or RESP3 (a map)."""
+    if not resp:
+        return ()
+    if isinstance(resp, dict):
+        return [(k, v) for k, v in resp.items()]
+    return resp  # type: ignore[return-value]
