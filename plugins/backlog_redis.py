@@ -191,7 +191,7 @@ class RedisLog:
         self.epoch: bytes | None = None
         self._closing = False
         #: entries read back, entries that were not events, resets detected
-        self.read = 0
+        self.entries_read = 0
         self.unreadable = 0
         self.resets = 0
 
@@ -207,10 +207,12 @@ class RedisLog:
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.maint_notifications import MaintNotificationsConfig
 
         # no retries inside redis-py: a publish gets its answer within ``timeout``
         common: dict[str, Any] = {"socket_connect_timeout": self.timeout, "retry": Retry(NoBackoff(), 0),
-                                  "decode_responses": False}
+                                  "decode_responses": False,
+                                  "maint_notifications_config": MaintNotificationsConfig(enabled=False)}
         try:
             self._redis = Redis.from_url(self.url, socket_timeout=self.timeout, **common)
             # the blocking read has its own connection, with a socket timeout beyond the block
@@ -279,7 +281,7 @@ class RedisLog:
             await cancel_and_wait(t)
         self._tasks = []
         await self._aclose()
-        logger.info("cluster log %s closed: %d entries read since start", self.where, self.read)
+        logger.info("cluster log %s closed: %d entries read since start", self.where, self.entries_read)
 
     async def _aclose(self) -> None:
         for r in (self._reader, self._redis):
@@ -345,7 +347,7 @@ class RedisLog:
         if position <= self.mirror.last_position:
             return  # already taken (cannot happen with XREAD after last_id; cheap to guard)
         self.last_id = entry_id
-        self.read += 1
+        self.entries_read += 1
         epoch = fields.get(EPOCH_FIELD)
         if epoch != self.epoch:
             if self.epoch is not None or len(self.mirror):
