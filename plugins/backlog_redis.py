@@ -261,7 +261,7 @@ class RedisLog:
             fsync = await self._redis.config_get("appendfsync")
         except ResponseError:  # CONFIG is often renamed or refused by managed services
             return
-        value = str(_text(fsync.get(b"appendfsync", fsync.get("appendfsync", b"?"))))
+        value = str(_text(_field(fsync, "appendfsync") or "?"))
         if value != "always":
             logger.warning("cluster log %s: Redis appendfsync is %r: a crash of the Redis host "
                            "may lose the last second of acknowledged events; set appendfsync "
@@ -271,7 +271,8 @@ class RedisLog:
         """Fill the mirror with the newest retained entries; the reader continues after them."""
         if self._redis is None:
             raise RuntimeError("RedisLog not started")
-        entries = await self._redis.xrevrange(self.stream, "+", "-", count=max(self.size, 1))
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrevrange(
+            self.stream, "+", "-", count=max(self.size, 1))  # type: ignore[assignment]
         for entry_id, fields in reversed(entries):
             self._take(entry_id, fields, route=False)
 
@@ -414,7 +415,7 @@ class RedisLog:
         except ResponseError:  # no such key
             why = "the stream is gone"
         else:
-            last = info.get("last-generated-id", info.get(b"last-generated-id", b"0-0"))
+            last = _field(info, "last-generated-id") or b"0-0"
             if _split_id(last) >= _split_id(self.last_id):
                 return
             why = "the stream is behind what this node read"
@@ -430,6 +431,12 @@ class RedisLog:
 
     async def read(self, after: int, limit: int) -> list[Event]:
         return self.mirror.read_now(after, limit)
+
+
+def _field(reply: Mapping[Any, Any], name: str) -> Any:
+    """``reply[name]`` whether redis-py gave its keys as str or bytes (None when absent)."""
+    v = reply.get(name)
+    return reply.get(name.encode()) if v is None else v
 
 
 def _text(v: object) -> object:
