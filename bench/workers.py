@@ -305,9 +305,10 @@ async def run_publisher(cfg: dict[str, Any], commands: asyncio.StreamReader) -> 
     loop = asyncio.get_running_loop()
     slots: asyncio.Queue[Publisher] = asyncio.Queue()
     conns: list[Publisher] = []
-    for _ in range(int(cfg["conns"])):
+    ports = [int(x) for x in cfg.get("ports") or [port]]  # several nodes: connections spread
+    for i in range(int(cfg["conns"])):
         conn = Publisher(slots)
-        await loop.create_connection(lambda c=conn: c, host, port)  # type: ignore[misc]
+        await loop.create_connection(lambda c=conn: c, host, ports[i % len(ports)])  # type: ignore[misc]
         conns.append(conn)
         for _ in range(window):
             slots.put_nowait(conn)

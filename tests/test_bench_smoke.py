@@ -66,3 +66,11 @@ def test_bench_stalled_subscriber_is_cut_off_and_others_lose_nothing() -> None:
     assert r["stalled_disconnected"] is True, r
     assert r["control_p99_ms"] is not None, r  # the round without the stalled subscriber ran
     assert problems(r) == [], r
+
+
+def test_bench_cluster_delivers_everything() -> None:
+    """``--nodes 3``: three daemons on one redis-server; subscribers on every node get it all."""
+    (r,) = run_bench("broadcast", "-n", "21", "--events", "50", "--nodes", "3")
+    assert (r["nodes"], r["log"], r["published"], r["expected"]) == (3, "redis", 50, 21 * 50)
+    assert r["lost"] == 0 and r["duplicates"] == 0 and r["delivered"] == 21 * 50
+    assert not problems(r), r["notes"]
