@@ -97,6 +97,8 @@ class Params:
     nodes: int = 1
     #: the daemons' log is a Redis stream (implied by nodes > 1)
     redis: bool = False
+    #: publish through aiohttp's handler rather than the fast lane
+    via_aiohttp: bool = False
 
     @property
     def cluster(self) -> bool:
@@ -157,6 +159,7 @@ class Result:
     control_max_ms: float | None = None
     nodes: int = 1
     log: str = "memory"
+    lane: str = "fast"
     notes: list[str] = field(default_factory=list)
 
 
@@ -571,7 +574,7 @@ def publisher_config(p: Params, port: int, paths: list[str],
                      ports: list[int] | None = None) -> dict[str, Any]:
     return {"host": HOST, "port": port, "cpus": p.load_cpus, "max_time": p.max_time, "paths": paths,
             "events": p.events, "rate": p.rate, "size": p.size, "conns": p.pub_conns,
-            "window": p.window, "ports": ports or [port]}
+            "window": p.window, "ports": ports or [port], "via_aiohttp": p.via_aiohttp}
 
 
 async def fill_stalled(res: Result, stalled: StalledClient, watch: asyncio.Task[None],
@@ -596,6 +599,8 @@ async def run_scenario(p: Params) -> Result:
     deadline = time.monotonic() + p.max_time
     rundir = Path(tempfile.mkdtemp(prefix="pubsub-bench-run-"))
     res.nodes, res.log = p.nodes, "redis" if p.cluster else "memory"
+    # the fast lane publishes inline only for a synchronous (memory) log
+    res.lane = "aiohttp" if p.via_aiohttp or p.cluster else "fast"
     redis = RedisServer(p, rundir / "redis") if p.cluster else None
     daemons: list[Daemon] = []
     workers: list[Worker] = []
@@ -722,7 +727,7 @@ COLUMNS = [
     ("deliveries_per_s", "deliveries/s"), ("events_per_s", "events/s"), ("p50_ms", "p50 ms"),
     ("p99_ms", "p99 ms"), ("max_ms", "max ms"), ("lost", "lost"), ("rss_per_conn_kb", "KB/conn"),
     ("server_cpu_pct", "daemon CPU%"), ("load_cpu_pct", "load CPU%"),
-    ("stalled_after_s", "stalled cut s"), ("nodes", "nodes"), ("log", "log"),
+    ("stalled_after_s", "stalled cut s"), ("nodes", "nodes"), ("log", "log"), ("lane", "publish lane"),
 ]
 
 
@@ -785,6 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nodes", type=int, default=1, help="daemons; more than 1: a cluster on one Redis")
     ap.add_argument("--redis", action="store_true",
                     help="the daemons' log on Redis Streams (implied by --nodes > 1)")
+    ap.add_argument("--via-aiohttp", action="store_true",
+                    help="publish through aiohttp's handler, not the fast lane (what the lane saves)")
     return ap
 
 
@@ -815,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
         p = Params(scenario, n=a.n, events=a.events, rate=a.rate, size=a.size,
                    stream_buffer=a.stream_buffer, procs=a.procs, probes=a.probes,
                    pub_conns=a.pub_conns, server_cpu=a.server_cpu, load_cpus=a.load_cpus,
-                   python=a.python, max_time=a.max_time, nodes=max(1, a.nodes), redis=a.redis)
+                   python=a.python, max_time=a.max_time, nodes=max(1, a.nodes), redis=a.redis,
+                   via_aiohttp=a.via_aiohttp)
         logger.info("running %s", scenario)
         try:
             res = asyncio.run(interruptible(run_scenario(p)))

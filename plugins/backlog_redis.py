@@ -303,6 +303,8 @@ class RedisLog:
 
         if self._closing or self._append_script is None:
             raise ServiceUnavailable("the cluster log is closed: event not stored", RETRY_AFTER)
+        from redis.exceptions import ResponseError
+
         keys = [self.stream, self.epoch_key]
         if dedup is not None:
             keys.append(f"{self.stream}:dedup:{dedup}")
@@ -310,6 +312,9 @@ class RedisLog:
         try:
             async with asyncio.timeout(self.timeout):
                 entry_id = await self._append_script(keys=keys, args=args)
+        except ResponseError as e:  # Redis answered, and refused (out of memory, read-only replica)
+            self.outage.ok()
+            raise ServiceUnavailable(f"Redis refused the event: {str(e)[:200]}", RETRY_AFTER) from None
         except (RedisError, OSError, TimeoutError) as e:
             self.outage.failed(e)
             raise ServiceUnavailable("the cluster log (Redis) is unreachable: event not stored",
@@ -340,7 +345,10 @@ class RedisLog:
             self.outage.ok()
             for _key, entries in _streams(resp):
                 for entry_id, fields in entries:
-                    self._take(entry_id, fields, route=True)
+                    try:
+                        self._take(entry_id, fields, route=True)
+                    except Exception:  # task boundary: one bad entry must not stop the node's reads
+                        logger.exception("cluster log %s: entry %r not routed", self.where, entry_id)
 
     def _take(self, entry_id: bytes, fields: Mapping[bytes, bytes], *, route: bool) -> None:
         """One entry read back: into the mirror, then (live) to the node's hub."""

@@ -339,7 +339,10 @@ class SqliteLog:
                 place(ev, seq + i)
                 mirror.keep(ev)
                 if consumer is not None:
-                    consumer(ev)  # routed in commit (= position) order
+                    try:
+                        consumer(ev)  # routed in commit (= position) order
+                    except Exception:  # task boundary: routing must not stop the writer
+                        logger.exception("backlog %s: %r committed but not routed", self.path, ev)
                 if not fut.done():
                     fut.set_result(Appended(ev.position, ev.cursor))
             self._trim += mirror.take_dropped()

@@ -367,7 +367,7 @@ class QueueConsumer:
             return
         self.stats.accepted += 1
         self.seen.add(mid)
-        logger.debug("sqs %s: message %s accepted as %s", self.cfg.name, mid,
+        logger.debug("sqs %s: message %s for %r accepted as %s", self.cfg.name, mid, path,
                      event or "a duplicate: the cluster log has it already")
         if self.cfg.delete:
             await self._delete(client, url, msg, mid)

@@ -70,7 +70,7 @@ class Ingest:
         Raises what the log raises when it cannot keep the event (the event is then not routed).
         """
         event = make_event(path, body)
-        done = self.log.append(event, dedup=dedup)
+        done = self.log.append(event) if dedup is None else self.log.append(event, dedup=dedup)
         if isinstance(done, Appended):
             self.accepted += 1
             return done

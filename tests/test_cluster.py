@@ -399,7 +399,7 @@ async def test_sqs_message_enters_the_stream_once(
     ids = [send(sqs, url, {"pubsub_path": "/sqs/m", "k": k}) for k in range(5)]
     for d in nodes:
         for mid in ids:
-            d.wait_log(f"message {mid} accepted", EVENT_TIMEOUT)
+            d.wait_log(f"message {mid} for '/sqs/m' accepted", EVENT_TIMEOUT)
     r = redis_server.client()
     try:
         stored = [json.loads(f[b"e"])["k"] for _, f in r.xrange(STREAM)]
