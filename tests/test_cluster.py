@@ -170,6 +170,26 @@ def test_cursor_is_derived_from_the_entry_id_and_sorts_as_the_stream() -> None:
     assert cursor_entry("not-a-cursor") is None
 
 
+def test_redis_url_password_never_logged() -> None:
+    log = RedisLog("redis://:s3cret@127.0.0.1:6390/2", "s", 10)
+    assert "s3cret" not in log.where and "127.0.0.1:6390/2" in log.where
+    assert "s3cret" not in repr(log)
+
+
+def test_redis_storage_config_keys() -> None:
+    from server.config import parse_config
+    from server.errors import ConfigError
+
+    cfg = parse_config({"server": {"backlog": {"storage": "rediss://h:6380/1", "stream": "ev",
+                                               "timeout": 0.5}}}, "x.yaml")
+    bl = cfg.server.backlog
+    assert (bl.redis_url, bl.storage, bl.stream, bl.timeout) == ("rediss://h:6380/1", None, "ev", 0.5)
+    with pytest.raises(ConfigError, match=r"server\.backlog\.timeout"):
+        parse_config({"server": {"backlog": {"storage": "redis://h", "timeout": 0}}}, "x.yaml")
+    with pytest.raises(ConfigError, match=r"server\.backlog\.stream"):
+        parse_config({"server": {"backlog": {"storage": "redis://h", "stream": ""}}}, "x.yaml")
+
+
 def test_memory_config_does_not_import_redis(tmp_path: Path) -> None:
     code = ("import sys; from server.config import parse_config; from server.wiring import build_daemon;"
             "build_daemon(parse_config({'server': {'backlog': {'size': 10}}}, 'x.yaml'), None);"
