@@ -75,7 +75,7 @@ def install(app: web.Application) -> PresenceReporter:
     """Report presence for the app's hub from startup until cleanup (``cleanup_ctx``)."""
     reporter = PresenceReporter(app[STATE].hub)
 
-    async def presence(app: web.Application) -> AsyncIterator[None]:
+    async def presence(_app: web.Application) -> AsyncIterator[None]:
         reporter.start()
         logger.debug("presence events at %s", PRESENCE_PATH)
         try:

@@ -54,7 +54,8 @@ class Ingest:
         """True when the log keeps events at once: :meth:`submit_now` may be used."""
         return self.log.synchronous
 
-    def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http") -> Appended:
+    def submit_now(self, path: str, body: Mapping[str, Any], *,
+                   source: str = "http") -> Appended:  # noqa: ARG002
         """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path)."""
         done = self.log.append(make_event(path, body))
         if not isinstance(done, Appended):
