@@ -99,6 +99,8 @@ class Params:
     redis: bool = False
     #: publish through aiohttp's handler rather than the fast lane
     via_aiohttp: bool = False
+    #: Redis' appendfsync for cluster runs (always: no acknowledged event lost)
+    redis_fsync: str = "always"
 
     @property
     def cluster(self) -> bool:
@@ -278,7 +280,7 @@ class Daemon:
 
 
 class RedisServer:
-    """``redis-server`` for cluster runs: AOF with ``appendfsync always``, pinned like the daemons."""
+    """``redis-server`` for cluster runs: AOF (``appendfsync always`` unless told), pinned as a daemon."""
 
     def __init__(self, p: Params, rundir: Path) -> None:
         binary = shutil.which("redis-server")
@@ -287,7 +289,7 @@ class RedisServer:
         self.port = free_port()
         rundir.mkdir(parents=True, exist_ok=True)
         cmd = [binary, "--port", str(self.port), "--bind", HOST, "--dir", str(rundir), "--save", "",
-               "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no",
+               "--appendonly", "yes", "--appendfsync", p.redis_fsync, "--daemonize", "no",
                "--logfile", str(rundir / "redis.log")]
         if shutil.which("taskset") is not None and p.server_cpu in os.sched_getaffinity(0):
             cmd = ["taskset", "-c", str(p.server_cpu), *cmd]
@@ -790,6 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nodes", type=int, default=1, help="daemons; more than 1: a cluster on one Redis")
     ap.add_argument("--redis", action="store_true",
                     help="the daemons' log on Redis Streams (implied by --nodes > 1)")
+    ap.add_argument("--redis-fsync", choices=("always", "everysec", "no"), default="always",
+                    help="Redis' appendfsync in cluster runs (default: always)")
     ap.add_argument("--via-aiohttp", action="store_true",
                     help="publish through aiohttp's handler, not the fast lane (what the lane saves)")
     return ap
@@ -823,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
                    stream_buffer=a.stream_buffer, procs=a.procs, probes=a.probes,
                    pub_conns=a.pub_conns, server_cpu=a.server_cpu, load_cpus=a.load_cpus,
                    python=a.python, max_time=a.max_time, nodes=max(1, a.nodes), redis=a.redis,
-                   via_aiohttp=a.via_aiohttp)
+                   via_aiohttp=a.via_aiohttp, redis_fsync=a.redis_fsync)
         logger.info("running %s", scenario)
         try:
             res = asyncio.run(interruptible(run_scenario(p)))

@@ -15,6 +15,7 @@ Nothing here knows HTTP; the daemon's wiring builds it from the configuration.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -57,6 +58,8 @@ MAX_TRIM_INTERVAL = 60.0
 DEDUP_TTL = 3600
 #: ``Retry-After`` (seconds) of a publish refused while Redis is unreachable.
 RETRY_AFTER = 1
+#: Most appends one pipeline takes: bounds a round trip's size under a flood.
+MAX_BATCH = 1024
 
 #: Stream entry fields: the stamped event's JSON, and the stream's epoch when it was written.
 EVENT_FIELD = b"e"
@@ -77,6 +80,9 @@ if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
 end
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 'g', epoch)
 """
+
+#: an append waiting for the writer: script keys, script arguments, the publisher's future
+_Queued = tuple[list[str], list[Any], "asyncio.Future[Appended | None]"]
 
 _MASK48 = (1 << 48) - 1
 _MASK62 = (1 << 62) - 1
@@ -183,8 +189,13 @@ class RedisLog:
         self._consumer: TailConsumer | None = None
         self._redis: Redis | None = None
         self._reader: Redis | None = None
-        self._append_script: Any = None
+        self._sha = hashlib.sha1(_APPEND_LUA.encode(), usedforsecurity=False).hexdigest()  # its id
+        #: appends being sent (failed if the writer is cancelled at shutdown)
+        self._batch: list[_Queued] = []
+        self._queue: list[_Queued] = []
+        self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._writer: asyncio.Task[None] | None = None
         #: the id of the last entry read back: the next XREAD continues after it, always
         self.last_id = b"0-0"
         #: the stream's epoch (changes when the stream was deleted or reset)
@@ -197,6 +208,10 @@ class RedisLog:
 
     def __repr__(self) -> str:
         return f"<RedisLog {self.where} {len(self.mirror)}/{self.size}>"
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     # -- lifecycle ------------------------------------------------------------------------
     def tail(self, consumer: TailConsumer) -> None:
@@ -215,8 +230,10 @@ class RedisLog:
                                   "maint_notifications_config": MaintNotificationsConfig(enabled=False)}
         try:
             self._redis = Redis.from_url(self.url, socket_timeout=self.timeout, **common)
-            # the blocking read has its own connection, with a socket timeout beyond the block
-            self._reader = Redis.from_url(self.url, single_connection_client=True,
+            # the blocking read has its own client (one task uses it: one connection), with a
+            # socket timeout beyond the block (redis-py's single_connection_client does not end a
+            # blocked read when its task is cancelled)
+            self._reader = Redis.from_url(self.url, max_connections=1,
                                           socket_timeout=BLOCK_MS / 1000 + self.timeout, **common)
         except ValueError as e:
             raise ConfigError(self.config_file, "server.backlog.storage", f"not a Redis URL: {e}") from None
@@ -230,8 +247,9 @@ class RedisLog:
             await self._aclose()
             raise ConfigError(self.config_file, "server.backlog.storage",
                               f"cannot use Redis at {self.where}: {type(e).__name__}: {e}") from None
-        self._append_script = self._redis.register_script(_APPEND_LUA)
         loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._writer = loop.create_task(self._write_loop(), name="pypubsub-redis-writer")
         self._tasks = [loop.create_task(self._read_loop(), name="pypubsub-redis-reader"),
                        loop.create_task(self._maintain_loop(), name="pypubsub-redis-maintainer")]
         newest = self.mirror.newest()
@@ -278,6 +296,19 @@ class RedisLog:
 
     async def close(self) -> None:
         self._closing = True
+        if self._writer is not None and self._wake is not None:
+            self._wake.set()  # the writer ends once what is queued was sent (or timed out)
+            await cancel_and_wait_after(self._writer, self.timeout * 2)
+            for _k, _a, fut in self._batch + self._queue:
+                if not fut.done():
+                    fut.set_exception(ServiceUnavailable("shutting down: event not stored", RETRY_AFTER))
+            self._batch, self._queue = [], []
+        for t in self._tasks:
+            t.cancel()
+        # redis-py may let a cancellation that lands as a blocking XREAD starts go by (the
+        # XREAD then blocks its full time): closing the reader's connection ends it at once
+        if self._reader is not None:
+            await self._reader.connection_pool.disconnect()
         for t in self._tasks:
             await cancel_and_wait(t)
         self._tasks = []
@@ -292,37 +323,91 @@ class RedisLog:
 
     # -- writing ------------------------------------------------------------------------
     def append(self, event: Event, *, dedup: str | None = None) -> asyncio.Future[Appended | None]:
-        """XADD the stamped event; resolves once Redis acknowledged it (None: a duplicate).
-
-        The event is routed when this node's reader reads it back, like everyone else's.
-        """
-        return asyncio.ensure_future(self._append(event, dedup))
-
-    async def _append(self, event: Event, dedup: str | None) -> Appended | None:
-        from redis.exceptions import RedisError
-
-        if self._closing or self._append_script is None:
-            raise ServiceUnavailable("the cluster log is closed: event not stored", RETRY_AFTER)
-        from redis.exceptions import ResponseError
-
+        """Queue the stamped event for the next pipeline; resolves once Redis acknowledged it
+        (None: a duplicate). The event is routed when this node's reader reads it back."""
+        fut: asyncio.Future[Appended | None] = asyncio.get_running_loop().create_future()
+        if self._closing or self._wake is None:
+            fut.set_exception(ServiceUnavailable("the cluster log is closed: event not stored", RETRY_AFTER))
+            return fut
         keys = [self.stream, self.epoch_key]
         if dedup is not None:
             keys.append(f"{self.stream}:dedup:{dedup}")
-        args = [event.json, self.maxlen, uuid.uuid4().hex, DEDUP_TTL]
-        try:
-            async with asyncio.timeout(self.timeout):
-                entry_id = await self._append_script(keys=keys, args=args)
-        except ResponseError as e:  # Redis answered, and refused (out of memory, read-only replica)
+        self._queue.append((keys, [event.json, self.maxlen, uuid.uuid4().hex, DEDUP_TTL], fut))
+        self._wake.set()
+        return fut
+
+    async def _write_loop(self) -> None:
+        """Owns the appends: all those queued meanwhile go in one pipeline (one round trip, and
+        one fsync in Redis), in queue order; ends once closing and nothing is left."""
+        from redis.exceptions import RedisError, ResponseError
+
+        wake = self._wake
+        if wake is None:
+            raise RuntimeError("RedisLog._write_loop runs only after start()")
+        for _ in iter(int, 1):  # until closed
+            if not self._queue:
+                if self._closing:
+                    return
+                await wake.wait()
+                wake.clear()
+                continue
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            self._batch = batch
+            try:
+                async with asyncio.timeout(self.timeout):
+                    results = await self._send(batch)
+            except (RedisError, OSError, TimeoutError) as e:
+                self.outage.failed(e)
+                for _k, _a, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(ServiceUnavailable(
+                            "the cluster log (Redis) is unreachable: event not stored", RETRY_AFTER))
+                continue
             self.outage.ok()
-            raise ServiceUnavailable(f"Redis refused the event: {str(e)[:200]}", RETRY_AFTER) from None
-        except (RedisError, OSError, TimeoutError) as e:
-            self.outage.failed(e)
-            raise ServiceUnavailable("the cluster log (Redis) is unreachable: event not stored",
-                                     RETRY_AFTER) from None
-        self.outage.ok()
-        if entry_id is None:
-            return None
-        return Appended(*entry_position(entry_id))
+            for (_k, _a, fut), r in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(r, ResponseError):  # Redis answered and refused (out of memory...)
+                    fut.set_exception(ServiceUnavailable(f"Redis refused the event: {str(r)[:200]}",
+                                                         RETRY_AFTER))
+                elif r is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_result(Appended(*entry_position(r)))
+            self._batch = []
+
+    async def _send(self, batch: list[_Queued]) -> list[Any]:
+        """Run the append script for ``batch`` in one pipeline; one reply per append."""
+        from redis.exceptions import NoScriptError, ResponseError
+
+        redis = self._redis
+        if redis is None:
+            raise ServiceUnavailable("the cluster log is closed: event not stored", RETRY_AFTER)
+        results: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        for _ in range(2):
+            pipe = redis.pipeline(transaction=False)
+            for i in todo:
+                keys, args, _fut = batch[i]
+                pipe.evalsha(self._sha, len(keys), *keys, *args)
+            out = await pipe.execute(raise_on_error=False)
+            if not isinstance(out, list) or len(out) != len(todo):  # never acknowledge on doubt
+                raise ServiceUnavailable("no complete answer from Redis", RETRY_AFTER)
+            again = []
+            for i, r in zip(todo, out, strict=True):
+                if isinstance(r, NoScriptError):  # not run: Redis lost its script cache (restart)
+                    again.append(i)
+                elif r is not None and not isinstance(r, (bytes, str, ResponseError)):
+                    raise ServiceUnavailable(f"unexpected answer from Redis: {r!r:.80}", RETRY_AFTER)
+                else:
+                    results[i] = r
+            if not again:
+                return results
+            await redis.script_load(_APPEND_LUA)
+            todo = again
+        for i in todo:
+            results[i] = ResponseError("NOSCRIPT even after SCRIPT LOAD")
+        return results
 
     # -- reading back -------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -330,13 +415,15 @@ class RedisLog:
         from redis.exceptions import RedisError
 
         backoff = RECONNECT_MIN
-        for _ in iter(int, 1):  # until cancelled
+        for _ in iter(int, 1):  # until cancelled or closing
             reader = self._reader
-            if reader is None:
+            if reader is None or self._closing:
                 return
             try:
                 resp = await reader.xread({self.stream: self.last_id}, count=READ_COUNT, block=BLOCK_MS)
             except (RedisError, OSError) as e:
+                if self.closing:  # close() ended the connection
+                    return
                 self.outage.failed(e)
                 await asyncio.sleep(backoff)  # back-off before reconnecting, not synchronisation
                 backoff = min(backoff * 2, RECONNECT_MAX)
@@ -439,6 +526,14 @@ class RedisLog:
 
     async def read(self, after: int, limit: int) -> list[Event]:
         return self.mirror.read_now(after, limit)
+
+
+async def cancel_and_wait_after(task: asyncio.Task[None], grace: float) -> None:
+    """Let ``task`` finish by itself for ``grace`` seconds, then cancel it."""
+    done, _ = await asyncio.wait([task], timeout=grace)
+    if not done:
+        logger.warning("cluster log: appends still pending at shutdown after %.1f s: refused", grace)
+    await cancel_and_wait(task)
 
 
 def _field(reply: Mapping[Any, Any], name: str) -> Any:

@@ -286,7 +286,8 @@ class SqliteLog:
     def tail(self, consumer: TailConsumer) -> None:
         self._consumer = consumer
 
-    def append(self, event: Event, *, dedup: str | None = None) -> asyncio.Future[Appended | None]:
+    def append(self, event: Event, *,
+               dedup: str | None = None) -> asyncio.Future[Appended | None]:  # noqa: ARG002
         """Queue ``event`` for the next commit; resolves once it is committed (and routed).
 
         ``dedup`` is ignored: one process has one SQS consumer per queue, which de-duplicates.

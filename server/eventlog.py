@@ -54,7 +54,7 @@ def place(event: Event, position: int) -> Event:
     return event
 
 
-def _ignore(event: Event) -> None:
+def _ignore(_event: Event) -> None:
     return None
 
 
@@ -148,7 +148,7 @@ class MemoryLog:
     def tail(self, consumer: TailConsumer) -> None:
         self._consumer = consumer
 
-    def append(self, event: Event, *, dedup: str | None = None) -> Appended:
+    def append(self, event: Event, *, dedup: str | None = None) -> Appended:  # noqa: ARG002
         """Keep ``event`` at the next position and hand it to the tail at once.
 
         ``dedup`` is ignored: one process has one SQS consumer per queue, which de-duplicates.

@@ -13,6 +13,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -105,3 +106,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def stream_entries(client: redis.Redis, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of ``stream``: (id, fields), as redis-py returns them without decoding."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(stream))

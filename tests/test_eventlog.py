@@ -217,7 +217,7 @@ class ParkedLog(MemoryLog):
         super().__init__(100)
         self.pending: list[tuple[Event, asyncio.Future[Appended | None]]] = []
 
-    def append(self, event: Event, *, dedup: str | None = None  # type: ignore[override]
+    def append(self, event: Event, *, dedup: str | None = None  # type: ignore[override]  # noqa: ARG002
                ) -> asyncio.Future[Appended | None]:
         fut: asyncio.Future[Appended | None] = asyncio.get_running_loop().create_future()
         self.pending.append((event, fut))

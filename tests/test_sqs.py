@@ -227,7 +227,7 @@ class FailingLog(MemoryLog):
         super().__init__(100)
         self.broken = True
 
-    def append(self, event: Event, *, dedup: str | None = None  # type: ignore[override]
+    def append(self, event: Event, *, dedup: str | None = None  # type: ignore[override]  # noqa: ARG002
                ) -> Awaitable[Appended | None]:
         return self._commit(event)
 
