@@ -81,8 +81,9 @@ end
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 'g', epoch)
 """
 
-#: an append waiting for the writer: script keys, script arguments, the publisher's future
-_Queued = tuple[list[str], list[Any], "asyncio.Future[Appended | None]"]
+#: an append waiting for the writer: script keys, script arguments, the publisher's future, and
+#: the loop time by which it must be answered
+_Queued = tuple[list[str], list[Any], "asyncio.Future[Appended | None]", float]
 
 _MASK48 = (1 << 48) - 1
 _MASK62 = (1 << 62) - 1
@@ -299,7 +300,7 @@ class RedisLog:
         if self._writer is not None and self._wake is not None:
             self._wake.set()  # the writer ends once what is queued was sent (or timed out)
             await cancel_and_wait_after(self._writer, self.timeout * 2)
-            for _k, _a, fut in self._batch + self._queue:
+            for _k, _a, fut, _d in self._batch + self._queue:
                 if not fut.done():
                     fut.set_exception(ServiceUnavailable("shutting down: event not stored", RETRY_AFTER))
             self._batch, self._queue = [], []
@@ -332,7 +333,8 @@ class RedisLog:
         keys = [self.stream, self.epoch_key]
         if dedup is not None:
             keys.append(f"{self.stream}:dedup:{dedup}")
-        self._queue.append((keys, [event.json, self.maxlen, uuid.uuid4().hex, DEDUP_TTL], fut))
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        self._queue.append((keys, [event.json, self.maxlen, uuid.uuid4().hex, DEDUP_TTL], fut, deadline))
         self._wake.set()
         return fut
 
@@ -352,19 +354,27 @@ class RedisLog:
                 wake.clear()
                 continue
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            # each append is answered within its own ``timeout``, also when it waited behind a
+            # pipeline to a hung Redis: one whose time is up is refused unsent
+            now = asyncio.get_running_loop().time()
+            late = [q for q in batch if q[3] <= now]
+            if late:
+                self.outage.failed(TimeoutError(f"no answer within {self.timeout:g} s"))
+                _refuse(late)
+                batch = [q for q in batch if q[3] > now]
+                if not batch:
+                    continue
             self._batch = batch
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout_at(batch[0][3]):
                     results = await self._send(batch)
             except (RedisError, OSError, TimeoutError) as e:
                 self.outage.failed(e)
-                for _k, _a, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(ServiceUnavailable(
-                            "the cluster log (Redis) is unreachable: event not stored", RETRY_AFTER))
+                _refuse(batch)
+                self._batch = []
                 continue
             self.outage.ok()
-            for (_k, _a, fut), r in zip(batch, results, strict=True):
+            for (_k, _a, fut, _d), r in zip(batch, results, strict=True):
                 if fut.done():
                     continue
                 if isinstance(r, ResponseError):  # Redis answered and refused (out of memory...)
@@ -388,7 +398,7 @@ class RedisLog:
         for _ in range(2):
             pipe = redis.pipeline(transaction=False)
             for i in todo:
-                keys, args, _fut = batch[i]
+                keys, args, _fut, _deadline = batch[i]
                 pipe.evalsha(self._sha, len(keys), *keys, *args)
             out = await pipe.execute(raise_on_error=False)
             if not isinstance(out, list) or len(out) != len(todo):  # never acknowledge on doubt
@@ -526,6 +536,13 @@ class RedisLog:
 
     async def read(self, after: int, limit: int) -> list[Event]:
         return self.mirror.read_now(after, limit)
+
+
+def _refuse(batch: list[_Queued]) -> None:
+    for _k, _a, fut, _d in batch:
+        if not fut.done():
+            fut.set_exception(ServiceUnavailable(
+                "the cluster log (Redis) is unreachable: event not stored", RETRY_AFTER))
 
 
 async def cancel_and_wait_after(task: asyncio.Task[None], grace: float) -> None:
