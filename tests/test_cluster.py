@@ -198,6 +198,14 @@ def test_memory_config_does_not_import_redis() -> None:
     assert out.stdout.strip() == "False", out.stderr
 
 
+def test_node_without_redis_exits_naming_the_key(daemon_factory: DaemonFactory) -> None:
+    port = free_port()
+    d = daemon_factory(config=node_config(port, f"redis://{HOST}:{free_port()}/0"), port=port, start=False)
+    d.start(wait=False)
+    assert d.proc is not None and d.proc.wait(20) == 2
+    assert "server.backlog.storage: cannot use Redis at" in d.log()
+
+
 # -- 1, 2: one service -------------------------------------------------------------------------------
 async def test_every_node_delivers_every_event_once_in_one_order(
         redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
