@@ -291,6 +291,21 @@ async def test_replay_on_any_node_with_a_cursor_from_another_while_others_publis
     assert len(everything) == 50
 
 
+async def test_max_age_trims_the_stream_and_filters_replays(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    port = free_port()
+    d = daemon_factory(config=node_config(port, redis_server.url, max_age=1), port=port)
+    await publish_spread([d], 3)
+    r = redis_server.client()
+    try:  # XTRIM MINID ~ by Redis time removes what is older than max_age
+        await await_until(lambda: r.xlen(STREAM) == 0, EVENT_TIMEOUT, "the stream to be trimmed")
+    finally:
+        r.close()
+    await put(d, SENTINEL, {})
+    _, got = await replay(d.url, {SINCE_HEADER: "0"})
+    assert got == []  # nothing older than max_age is replayed
+
+
 # -- 4: Redis unreachable ---------------------------------------------------------------------------
 async def test_outage_gives_503_keeps_streams_and_resumes_without_gap(
         redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
