@@ -20,7 +20,7 @@ from server.config import load_config
 from server.errors import ConfigError
 from server.logs import setup_logging
 from server.run import serve
-from server.wiring import build_daemon
+from wiring import build_daemon
 
 logger = logging.getLogger("pypubsub")
 

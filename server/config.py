@@ -8,7 +8,6 @@ key the same way. No I/O beyond reading the file; nothing here starts anything.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 from collections.abc import Mapping
@@ -258,6 +257,8 @@ class ServerConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     #: send ``X-Subscribers`` on HEAD (it reveals how many clients are connected)
     subscriber_header: bool = True
+    #: serve plain publishes and subscriptions through the fast lane (false: aiohttp only)
+    fast_lane: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,11 +283,11 @@ def _parse_cidrs(sec: Section, name: str) -> netaddr.IPSet:
     out = netaddr.IPSet()
     for i, entry in enumerate(sec.strings(name)):
         try:
-            net = ipaddress.ip_network(entry.strip(), strict=False)
-        except ValueError:
+            net = netaddr.IPNetwork(entry.strip()).cidr  # host bits allowed: 10.0.0.1/24
+        except (netaddr.AddrFormatError, ValueError, TypeError):
             raise ConfigError(sec.file, f"{sec.key(name)}[{i}]",
                               f"{entry!r} is not an IP address or CIDR") from None
-        out.add(netaddr.IPNetwork(str(net)))
+        out.add(net)
     return out
 
 
@@ -296,8 +297,8 @@ def _parse_bind(sec: Section) -> tuple[str, ...]:
         if b in ("", "*"):
             continue
         try:
-            ipaddress.ip_address(b)
-        except ValueError:
+            netaddr.IPAddress(b)
+        except (netaddr.AddrFormatError, ValueError, TypeError):
             if not re.match(r"^[A-Za-z0-9.-]+$", b):
                 raise ConfigError(sec.file, f"{sec.key('bind')}[{i}]", f"{b!r} is not an address") from None
     return binds
@@ -351,6 +352,7 @@ def parse_config(data: object, file: str) -> Config:
         ping_interval=srv.duration("ping_interval", DEFAULT_PING_INTERVAL),
         shutdown_grace=srv.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         subscriber_header=srv.typed("subscriber_header", bool, True),
+        fast_lane=srv.typed("fast_lane", bool, True),
     )
     if server.ping_interval <= 0:
         raise srv.error("ping_interval", "must be positive")

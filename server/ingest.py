@@ -54,10 +54,12 @@ class Ingest:
         """True when the log keeps events at once: :meth:`submit_now` may be used."""
         return self.log.synchronous
 
-    def submit_now(self, path: str, body: Mapping[str, Any], *,
-                   source: str = "http") -> Appended:  # noqa: ARG002
-        """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path)."""
-        done = self.log.append(make_event(path, body))
+    def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http",  # noqa: ARG002
+                   parsed: tuple[tuple[str, ...], bool] | None = None) -> Appended:
+        """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path).
+
+        ``parsed``: the path's ``(topics, private)`` when the caller has them already."""
+        done = self.log.append(make_event(path, body, parsed=parsed))
         if not isinstance(done, Appended):
             raise RuntimeError(f"{self.log!r} is not synchronous: use Ingest.submit")
         self.accepted += 1

@@ -67,10 +67,14 @@ async def serve(config: Config, app: web.Application,
     try:
         for host in srv.bind:
             h = None if host in ("", "*") else host
-            lane = FastLaneSite(runner, h, srv.port, app[STATE], backlog=LISTEN_BACKLOG,
-                                reuse_address=True)
-            lanes.append(lane)
-            sites.append(lane)
+            if srv.fast_lane:
+                lane = FastLaneSite(runner, h, srv.port, app[STATE], backlog=LISTEN_BACKLOG,
+                                    reuse_address=True)
+                lanes.append(lane)
+                sites.append(lane)
+            else:
+                sites.append(web.TCPSite(runner, h, srv.port, backlog=LISTEN_BACKLOG,
+                                         reuse_address=True))
             if srv.tls is not None and ssl_ctx is not None:
                 sites.append(web.TCPSite(runner, h, srv.tls.port, ssl_context=ssl_ctx,
                                          backlog=LISTEN_BACKLOG, reuse_address=True))

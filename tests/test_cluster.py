@@ -191,7 +191,7 @@ def test_redis_storage_config_keys() -> None:
 
 
 def test_memory_config_does_not_import_redis() -> None:
-    code = ("import sys; from server.config import parse_config; from server.wiring import build_daemon;"
+    code = ("import sys; from server.config import parse_config; from wiring import build_daemon;"
             "build_daemon(parse_config({'server': {'backlog': {'size': 10}}}, 'x.yaml'), None);"
             "print('redis' in sys.modules)")
     out = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
