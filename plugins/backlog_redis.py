@@ -202,6 +202,8 @@ class RedisLog:
         #: the stream's epoch (changes when the stream was deleted or reset)
         self.epoch: bytes | None = None
         self._closing = False
+        #: the writer failed: appends are refused (reading back goes on)
+        self._refusing = False
         #: entries read back, entries that were not events, resets detected
         self.entries_read = 0
         self.unreadable = 0
@@ -232,8 +234,7 @@ class RedisLog:
         try:
             self._redis = Redis.from_url(self.url, socket_timeout=self.timeout, **common)
             # the blocking read has its own client (one task uses it: one connection), with a
-            # socket timeout beyond the block (redis-py's single_connection_client does not end a
-            # blocked read when its task is cancelled)
+            # socket timeout beyond the block
             self._reader = Redis.from_url(self.url, max_connections=1,
                                           socket_timeout=BLOCK_MS / 1000 + self.timeout, **common)
         except ValueError as e:
@@ -251,6 +252,7 @@ class RedisLog:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._writer = loop.create_task(self._write_loop(), name="pypubsub-redis-writer")
+        self._writer.add_done_callback(self._writer_ended)
         self._tasks = [loop.create_task(self._read_loop(), name="pypubsub-redis-reader"),
                        loop.create_task(self._maintain_loop(), name="pypubsub-redis-maintainer")]
         newest = self.mirror.newest()
@@ -327,7 +329,7 @@ class RedisLog:
         """Queue the stamped event for the next pipeline; resolves once Redis acknowledged it
         (None: a duplicate). The event is routed when this node's reader reads it back."""
         fut: asyncio.Future[Appended | None] = asyncio.get_running_loop().create_future()
-        if self._closing or self._wake is None:
+        if self._closing or self._refusing or self._wake is None:
             fut.set_exception(ServiceUnavailable("the cluster log is closed: event not stored", RETRY_AFTER))
             return fut
         keys = [self.stream, self.epoch_key]
@@ -373,6 +375,11 @@ class RedisLog:
                 _refuse(batch)
                 self._batch = []
                 continue
+            except ServiceUnavailable as e:  # an answer we cannot trust: not acknowledged
+                logger.error("cluster log %s: %s: %d append(s) refused", self.where, e.reason, len(batch))
+                _refuse(batch)
+                self._batch = []
+                continue
             self.outage.ok()
             for (_k, _a, fut, _d), r in zip(batch, results, strict=True):
                 if fut.done():
@@ -385,6 +392,16 @@ class RedisLog:
                 else:
                     fut.set_result(Appended(*entry_position(r)))
             self._batch = []
+
+    def _writer_ended(self, task: asyncio.Task[None]) -> None:
+        """If the writer failed, refuse appends (503) instead of leaving publishers waiting."""
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error("cluster log %s: the writer failed; publishing is refused until restart",
+                     self.where, exc_info=task.exception())
+        self._refusing = True
+        _refuse(self._batch + self._queue)
+        self._batch, self._queue = [], []
 
     async def _send(self, batch: list[_Queued]) -> list[Any]:
         """Run the append script for ``batch`` in one pipeline; one reply per append."""
