@@ -206,6 +206,42 @@ def test_node_without_redis_exits_naming_the_key(daemon_factory: DaemonFactory) 
     assert "server.backlog.storage: cannot use Redis at" in d.log()
 
 
+def test_start_up_warns_about_a_redis_that_may_lose_events(
+        tmp_path: Path, daemon_factory: DaemonFactory) -> None:
+    server = RedisServer(tmp_path / "plain", aof=False).start()
+    try:
+        r = server.client()
+        try:
+            r.config_set("maxmemory-policy", "allkeys-lru")
+        finally:
+            r.close()
+        port = free_port()
+        d = daemon_factory(config=node_config(port, server.url), port=port)
+        log = d.log()
+        assert "Redis maxmemory-policy is 'allkeys-lru'" in log and "set maxmemory-policy noeviction" in log
+        assert "Redis runs without AOF (appendonly no)" in log
+        d.stop()
+    finally:
+        server.stop()
+
+
+async def test_size_0_carries_live_events_without_replay(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    nodes = start_nodes(daemon_factory, redis_server.url, n=2)
+    for d in nodes:
+        d.config["server"]["backlog"]["size"] = 0
+        d.write_files()
+        d.restart()
+    async with subscribers(nodes[1:]) as (sub,):
+        await put(nodes[0], "/t/live", {"n": 1})
+        got = await sub.next(EVENT_TIMEOUT)
+        assert got["n"] == 1
+        async with subscribe(nodes[1].url, "/", {CURSOR_HEADER: got["pubsub_cursor"]}) as s:
+            assert s.resp.headers[CURSOR_FOUND_HEADER] == "false"  # replay is off
+    for d in nodes:
+        assert "the stream was reset" not in d.log()
+
+
 # -- 1, 2: one service -------------------------------------------------------------------------------
 async def test_every_node_delivers_every_event_once_in_one_order(
         redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
