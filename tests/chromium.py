@@ -33,6 +33,7 @@ def start_chromium(log_dir: Path) -> webdriver.Chrome:
     opts.binary_location = CHROMIUM
     for flag in FLAGS:
         opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console messages, for tests
     service = Service(CHROMEDRIVER, log_output=str(log_dir / "chromedriver.log"))
     return webdriver.Chrome(service=service, options=opts)
 

@@ -49,6 +49,8 @@ def test_page_shows_an_event_published_after_it_loaded(daemon: Daemon,
     assert ev["hello"] == "browser" and ev["pubsub_topics"] == ["fruits", "apples", "green"]
     meta = chromium.find_element(By.CSS_SELECTOR, "#events li.event .topics").text
     assert meta == "fruits / apples / green"
+    logs = chromium.get_log("browser")  # type: ignore[no-untyped-call]
+    assert [e for e in logs if e.get("level") == "SEVERE"] == []  # no script or CSP error
 
 
 def test_page_resumes_after_a_restart_exactly_once(daemon_factory: DaemonFactory, tmp_path: Path,
