@@ -31,6 +31,9 @@ __all__ = ["AuthChain", "build_auth"]
 
 logger = logging.getLogger(__name__)
 
+#: signals that reload the ACL file
+RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)
+
 
 class AuthChain:
     """ACL-file users, then LDAP users. Implements ``server.auth.Authenticator``."""
@@ -90,6 +93,11 @@ class AclReloader:
         self.task: asyncio.Task[None] | None = None
         self.again = False
         self.reloads = 0
+        self.failures = 0
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {"acl_reloads_total": self.reloads, "acl_reload_failures_total": self.failures}
 
     def trigger(self) -> None:
         if self.task is not None and not self.task.done():
@@ -110,6 +118,7 @@ class AclReloader:
             # reading the file and making the decoy hash are blocking: off the event loop
             new = await asyncio.to_thread(load_acl_file, path)
         except ConfigError as e:
+            self.failures += 1
             logger.error("ACL reload failed, keeping the previous ACL: %s", e)
             return
         reauth = self.file.reload(new)
@@ -150,15 +159,22 @@ def build_auth(config: Config, acl_path: str | None) -> tuple[AuthChain, Callabl
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         reloader = AclReloader(app, file) if file is not None else None
+        metrics = app[STATE].metrics
         if reloader is not None:
-            loop.add_signal_handler(signal.SIGUSR2, reloader.trigger)
-        else:
-            loop.add_signal_handler(signal.SIGUSR2, logger.warning,
-                                    "SIGUSR2: no ACL file in use (start with --acl FILE), nothing to reload")
+            metrics.register(reloader)
+        if ldap is not None:
+            metrics.register(ldap)
+        for sig in RELOAD_SIGNALS:  # SIGHUP: the Unix daemon convention; SIGUSR2: 0.7.4's
+            if reloader is not None:
+                loop.add_signal_handler(sig, reloader.trigger)
+            else:
+                loop.add_signal_handler(sig, logger.warning, "%s: no ACL file in use (start with "
+                                        "--acl FILE), nothing to reload", sig.name)
         try:
             yield
         finally:
-            loop.remove_signal_handler(signal.SIGUSR2)
+            for sig in RELOAD_SIGNALS:
+                loop.remove_signal_handler(sig)
             if reloader is not None:
                 await reloader.close()
             await chain.close()

@@ -64,6 +64,10 @@ class PresenceReporter:
         self.hub.publish_event(event)
         self.published += 1
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {"presence_events_total": self.published}
+
     def start(self) -> None:
         self.hub.topics.add_listener(self)
 
@@ -77,6 +81,7 @@ def install(app: web.Application) -> PresenceReporter:
 
     async def presence(app: web.Application) -> AsyncIterator[None]:
         reporter.start()
+        app[STATE].metrics.register(reporter)
         logger.debug("presence events at %s", PRESENCE_PATH)
         try:
             yield

@@ -237,6 +237,13 @@ class SqsStats:
     failed: int = 0
     outages: int = 0
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol; label ``queue``)."""
+        return {"sqs_received_total": self.received, "sqs_accepted_total": self.accepted,
+                "sqs_malformed_total": self.malformed, "sqs_duplicates_total": self.duplicates,
+                "sqs_deleted_total": self.deleted, "sqs_failed_total": self.failed,
+                "sqs_outages_total": self.outages}
+
 
 class QueueConsumer:
     """Long-polls one queue and publishes each message; runs until cancelled."""
@@ -396,9 +403,13 @@ class SqsPlugin:
         self.consumers = [QueueConsumer(q, state.ingest, session, state.config.server.max_payload_size)
                           for q in self.queues]
         tasks = [loop.create_task(c.run(), name=f"pypubsub-sqs-{c.cfg.name}") for c in self.consumers]
+        for c in self.consumers:
+            state.metrics.register(c.stats, queue=c.cfg.name)
         try:
             yield
         finally:
+            for c in self.consumers:
+                state.metrics.unregister(c.stats)
             for t in tasks:
                 t.cancel()
             for t, c in zip(tasks, self.consumers, strict=True):

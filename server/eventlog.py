@@ -178,6 +178,15 @@ class MemoryLog:
             self._base += self._head
             self._head = 0
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        out: dict[str, float] = {"backlog_events": len(self),
+                                 "log_appends_total": self.last_position if self.size else 0}
+        if len(self):
+            out["backlog_oldest_timestamp_seconds"] = self._events[self._head].timestamp
+            out["backlog_newest_timestamp_seconds"] = self._events[-1].timestamp
+        return out
+
     def take_dropped(self) -> int:
         """Events evicted since the last call."""
         n, self._dropped = self._dropped, 0

@@ -40,6 +40,7 @@ from server.app import (
     wire_format,
 )
 from server.errors import BadRequest
+from server.logs import log_access
 from server.payload import parse_json_object
 from server.stream import Stream
 
@@ -119,6 +120,10 @@ class Lane:
         self.accepted_tail = (b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(body), body))
         self.accepted_len = len(body)
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {"fastlane_served_total": self.served, "fastlane_handed_over_total": self.handed_over}
 
     def close_idle(self) -> None:
         """Shutdown: close keep-alive publisher connections (streams end through their Stream)."""
@@ -276,9 +281,8 @@ class FastLane(asyncio.Protocol):
                     % (SERVER_HEADER.encode(), _Date.now(), lane.accepted_tail))
             lane.served += 1
             if access_logger.isEnabledFor(logging.INFO):
-                access_logger.info('%s "%s %s HTTP/1.1" 202 %d %.6f "%s"', self.peer, method.decode(),
-                                   path, lane.accepted_len, time.monotonic() - t0,
-                                   headers.get(b"user-agent", b"-").decode("latin-1"))
+                log_access(self.peer, f"{method.decode()} {path} HTTP/1.1", 202, lane.accepted_len,
+                           time.monotonic() - t0, headers.get(b"user-agent", b"-").decode("latin-1"))
         return True
 
     def _subscribe(self, target: bytes, headers: dict[bytes, bytes]) -> bool:

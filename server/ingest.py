@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from hub.event import Event, make_event
 from hub.hub import Hub
 from server.eventlog import EventLog
+from server.metrics import Histogram, LatencyHistogram
 
 __all__ = ["Ingest"]
 
@@ -39,6 +41,8 @@ class Ingest:
         self.accepted = 0
         #: events the log refused (storage failure); their publishers got an error
         self.failed = 0
+        #: seconds from submit to acceptance (the publisher's 2xx): a few integers, no labels
+        self.latency = LatencyHistogram()
         #: appended, not yet routed, in cursor order
         self._inflight: collections.deque[tuple[Event, asyncio.Future[None]]] = collections.deque()
 
@@ -49,11 +53,13 @@ class Ingest:
 
     def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http") -> Event:
         """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path)."""
+        t0 = time.perf_counter()
         event = make_event(path, body)
         if self.log.append(event) is not None:
             raise RuntimeError(f"{self.log!r} is not synchronous: use Ingest.submit")
         self.accepted += 1
         self.hub.publish_event(event)
+        self.latency.observe(time.perf_counter() - t0)
         return event
 
     async def submit(self, path: str, body: Mapping[str, Any], *, source: str = "http") -> Event:
@@ -61,18 +67,21 @@ class Ingest:
 
         Raises what the log raises when it cannot keep the event (the event is then not routed).
         """
+        t0 = time.perf_counter()
         event = make_event(path, body)
         # stamping and appending happen with no await in between: appends are in cursor order
         pending = self.log.append(event)
         if pending is None:
             self.accepted += 1
             self.hub.publish_event(event)
+            self.latency.observe(time.perf_counter() - t0)
             return event
         fut = asyncio.ensure_future(pending)
         self._inflight.append((event, fut))
         fut.add_done_callback(self._route_committed)
         # shielded: a publisher that leaves cannot cancel the commit (the FIFO needs its result)
         await asyncio.shield(fut)
+        self.latency.observe(time.perf_counter() - t0)
         logger.debug("accepted %r from %s", event, source)
         return event
 
@@ -86,6 +95,17 @@ class Ingest:
                 continue
             self.accepted += 1
             self.hub.publish_event(event)
+
+    def stats(self) -> dict[str, float | Histogram]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {"events_published_total": self.accepted, "publish_failures_total": self.failed,
+                "publish_pending": len(self._inflight), "publish_latency_seconds": self.latency.snapshot()}
+
+    async def settle(self) -> None:
+        """Wait until every append in flight now is committed or failed (callers bound it)."""
+        futs = [f for _, f in self._inflight]
+        if futs:
+            await asyncio.wait(futs)
 
     @property
     def pending(self) -> int:
