@@ -159,11 +159,16 @@ def build_auth(config: Config, acl_path: str | None) -> tuple[AuthChain, Callabl
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         reloader = AclReloader(app, file) if file is not None else None
-        metrics = app[STATE].metrics
-        if reloader is not None:
-            metrics.register(reloader)
+        state = app[STATE]
+        if reloader is not None and file is not None:
+            state.metrics.register(reloader)
+            state.plugins["acl"] = lambda: {"file": file.path, "users": len(file.acl.users),
+                                            "reloads": reloader.reloads,
+                                            "reload_failures": reloader.failures}
         if ldap is not None:
-            metrics.register(ldap)
+            state.metrics.register(ldap)
+            state.plugins["ldap"] = lambda: {"uri": ldap.cfg.uri, "binds": ldap.binds,
+                                             "failures": ldap.failures}
         for sig in RELOAD_SIGNALS:  # SIGHUP: the Unix daemon convention; SIGUSR2: 0.7.4's
             if reloader is not None:
                 loop.add_signal_handler(sig, reloader.trigger)

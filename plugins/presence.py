@@ -82,6 +82,7 @@ def install(app: web.Application) -> PresenceReporter:
     async def presence(app: web.Application) -> AsyncIterator[None]:
         reporter.start()
         app[STATE].metrics.register(reporter)
+        app[STATE].plugins["presence"] = lambda: {"path": PRESENCE_PATH, "events": reporter.published}
         logger.debug("presence events at %s", PRESENCE_PATH)
         try:
             yield

@@ -264,6 +264,10 @@ class QueueConsumer:
     def __repr__(self) -> str:
         return f"<QueueConsumer {self.cfg.name} queue={self.cfg.queue!r} {self.stats}>"
 
+    def health(self) -> str:
+        """``ok``, or why the queue cannot be read now (``down: missing``...)."""
+        return "ok" if self._down is None else f"down: {self._down}"
+
     def _client(self) -> Any:
         from aiobotocore.config import AioConfig
 
@@ -405,6 +409,9 @@ class SqsPlugin:
         tasks = [loop.create_task(c.run(), name=f"pypubsub-sqs-{c.cfg.name}") for c in self.consumers]
         for c in self.consumers:
             state.metrics.register(c.stats, queue=c.cfg.name)
+        state.plugins["sqs"] = lambda: {c.cfg.name: {"queue": c.cfg.queue, "state": c.health(),
+                                                     "received": c.stats.received}
+                                        for c in self.consumers}
         try:
             yield
         finally:

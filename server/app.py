@@ -76,6 +76,9 @@ class State:
     #: name → what that part reports about itself for /status (state, counts, settings)
     plugins: dict[str, Callable[[], Mapping[str, Any]]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    #: publishes being handled by aiohttp now (the drain lets them finish); set when it drops to 0
+    publishing: int = 0
+    publishes_done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def forget(self, stream: Stream, why: str) -> None:
         """A stream has ended: out of the hub and of the open-stream set (idempotent)."""
@@ -116,6 +119,7 @@ class StateStats:
         return {"subscribers": st.subscribers_by_transport(),
                 "refused_total": {str(k): v for k, v in st.rejected.items()},
                 "auth_failures_total": st.auth_failures,
+                "publishes_in_progress": st.publishing,
                 "uptime_seconds": time.time() - st.started,
                 "draining": 1 if st.closing else 0}
 
@@ -186,6 +190,17 @@ def wire_format(version: tuple[int, int], ua: str | None, oldschoolers: tuple[st
 # -- handlers -----------------------------------------------------------------------------------
 async def handle_publish(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    state.publishing += 1
+    state.publishes_done.clear()
+    try:
+        return await _publish(request, state)
+    finally:
+        state.publishing -= 1
+        if not state.publishing:
+            state.publishes_done.set()
+
+
+async def _publish(request: web.Request, state: State) -> web.StreamResponse:
     cfg = state.config
     peer = _peer(request)
     path = request.raw_path.split("?", 1)[0]
@@ -373,6 +388,9 @@ def build_app(config: Config, *, log: EventLog | None = None, auth: Authenticato
         state.metrics.register(source)
     if isinstance(log, StatsSource):
         state.metrics.register(log)
+    state.plugins["backlog"] = lambda: {"backend": type(log).__name__,
+                                        "size": config.server.backlog.size,
+                                        "storage": str(config.server.backlog.storage or "")}
     unready = getattr(log, "unready", None)
     if unready is not None:
         state.readiness.append(unready)

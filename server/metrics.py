@@ -91,6 +91,8 @@ METRICS: dict[str, MetricSpec] = {
         "its buffer passed server.stream_buffer), shutdown (drain), limit.", "reason"),
     "events_published_total": MetricSpec("counter", "Events accepted (answered 2xx / kept) and routed."),
     "publish_failures_total": MetricSpec("counter", "Events the log failed to keep (publisher got 503)."),
+    "publishes_in_progress": MetricSpec("gauge", "Publishes being received or answered by the "
+                                        "full HTTP stack (uploads, durable commits)."),
     "publish_pending": MetricSpec("gauge", "Events appended to a durable log, not yet committed."),
     "publish_latency_seconds": MetricSpec(
         "histogram", "Time from a publish entering the ingest path to its acceptance (the 2xx)."),

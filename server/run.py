@@ -52,9 +52,11 @@ IGNORED_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGHUP", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF",
                                        "SIGIO", "SIGPWR", "SIGSTKFLT", "SIGXCPU", "SIGXFSZ")
     if hasattr(signal, name)) + tuple(range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+#: share of ``server.shutdown_grace`` publishes under way may take to finish
+DRAIN_PUBLISH_SHARE = 0.3
 #: share of ``server.shutdown_grace`` over which the drain spreads the end of the streams (the
 #: rest is left for the last writes and the plugins)
-DRAIN_SPREAD = 0.6
+DRAIN_SPREAD = 0.5
 #: seconds between two batches of streams ended by the drain
 DRAIN_STEP = 0.05
 #: streams ended per batch at least (a few hundred reconnections at once are no storm)
@@ -132,19 +134,21 @@ def status_line(state: State) -> str:
 async def drain(state: State, sites: list[web.BaseSite], lanes: list[Lane], grace: float) -> None:
     """Stop accepting, answer and deliver what was received, end the streams spread over
     ``grace`` (see the module docstring). The runner's cleanup does the rest."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace
     state.closing = True  # /readyz answers 503 from now; a new stream gets 503
     for site in sites:
         await site.stop()  # closes the listening socket; open connections stay
     for lane in lanes:
         lane.close_idle()
-    # a publish waiting for a durable commit is answered (and routed) once it commits
+    # publishes under way are answered (and routed) first: an upload still arriving, a commit
+    # to a durable log; at most a share of the grace
     try:
-        async with asyncio.timeout(max(0.0, deadline - loop.time())):
+        async with asyncio.timeout(max(0.0, grace * DRAIN_PUBLISH_SHARE)):
+            if state.publishing:
+                await state.publishes_done.wait()
             await state.ingest.settle()
     except TimeoutError:
-        logger.warning("draining: %d publish(es) still waiting for the log", state.ingest.pending)
+        logger.warning("draining: %d publish(es) still under way, %d waiting for the log",
+                       state.publishing, state.ingest.pending)
     await asyncio.sleep(0)  # routed batches are flushed to the streams' buffers (call_soon)
     streams = list(state.streams)
     n = len(streams)

@@ -40,7 +40,8 @@ def install_replay(app: web.Application, config: Config) -> None:
     from server.replay import Replayer
 
     state = app[STATE]
-    state.replay = Replayer(state.log, config.server.backlog.max_replay)
+    state.replay = replayer = Replayer(state.log, config.server.backlog.max_replay)
+    state.metrics.register(replayer.stats)
 
 
 def build_daemon(config: Config, acl_path: str | None) -> web.Application:
