@@ -162,6 +162,7 @@ async def drain(state: State, sites: list[web.BaseSite], lanes: list[Lane], grac
             await asyncio.sleep(DRAIN_STEP)
         for s in streams[i:i + batch]:
             s.end("shutdown")
+        logger.debug("draining: %d of %d stream(s) ended", min(n, i + batch), n)
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, state: State, stop: asyncio.Event,
