@@ -14,7 +14,7 @@ REFRESH_SECONDS = 1
 
 STATUS_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>PyPubSub status</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
 <style>
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.3em;margin:0 0 .5em} h2{font-size:1.05em;margin:1.2em 0 .4em}
