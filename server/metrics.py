@@ -99,8 +99,7 @@ METRICS: dict[str, MetricSpec] = {
     "delivery_batches_total": MetricSpec(
         "counter", "Batches of events written to subscription families (one joined write each)."),
     "deliveries_total": MetricSpec(
-        "counter", "Writes of event batches to subscriber groups (subscribers sharing a spec, "
-        "format and ACL)."),
+        "counter", "Events written to subscribers (one event to 10 subscribers counts 10)."),
     "refused_total": MetricSpec("counter", "Requests refused with a 4xx/5xx, by status code.", "code"),
     "auth_failures_total": MetricSpec("counter", "Requests with credentials that did not authenticate."),
     "replay_requests_total": MetricSpec("counter", "Subscriptions asking for a replay (X-Fetch-Since*)."),

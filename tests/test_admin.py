@@ -207,3 +207,12 @@ async def test_sigusr1_logs_a_status_line_and_no_signal_kills(daemon_factory: Da
     assert d.proc.wait(10) == 0
     assert "SIGQUIT: draining" in d.log()
     assert "stopped" in d.log()
+
+
+def test_operations_page_documents_every_metric() -> None:
+    from server.metrics import METRICS
+    from tests.support import ROOT
+
+    page = (ROOT / "docs" / "operations.md").read_text()
+    missing = [name for name in METRICS if f"`pypubsub_{name}`" not in page]
+    assert missing == []
