@@ -38,7 +38,7 @@ class CountingSink:
         self.writes = 0
         self.bytes = 0
 
-    def send(self, data: bytes, events: Sequence[Event] | None) -> None:
+    def send(self, data: bytes, _events: Sequence[Event] | None) -> None:
         self.writes += 1
         self.bytes += len(data)
 

@@ -86,7 +86,7 @@ def publish_keys(kind: str, n: int, count: int) -> list[Key]:
 def run(kind: str, impl: str, n: int, count: int, repeat: int) -> dict[str, Any]:
     delivered = [0]
 
-    def cb(key: Key, message: Any) -> None:
+    def cb(_key: Key, _message: Any) -> None:
         delivered[0] += 1
 
     best = float("inf")
@@ -117,11 +117,11 @@ def churn(n: int, repeat: int) -> dict[str, Any]:
     best = float("inf")
     for _ in range(repeat):
         hub = Hub()
-        hub.add_subscriber(Key("other", "*"), lambda k, m: None)
+        hub.add_subscriber(Key("other", "*"), lambda _k, _m: None)
         for i in range(CACHE_MAX):
             hub.publish(Key("svc", f"n{i}", "state"), None)
 
-        def cb(key: Key, message: Any) -> None:
+        def cb(_key: Key, _message: Any) -> None:
             return None
 
         t0 = time.perf_counter()

@@ -118,7 +118,7 @@ class Subscriber(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport.write(self.request)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def get_buffer(self, _sizehint: int) -> memoryview:
         return RECV_VIEW
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -286,7 +286,7 @@ class Publisher(asyncio.Protocol):
             self.in_flight -= 1
             self.slots.put_nowait(self)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, _exc: Exception | None) -> None:
         if not self.lost.done():
             self.lost.set_result(None)
 

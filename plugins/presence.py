@@ -79,7 +79,7 @@ def install(app: web.Application) -> PresenceReporter:
     """Report presence for the app's hub from startup until cleanup (``cleanup_ctx``)."""
     reporter = PresenceReporter(app[STATE].hub)
 
-    async def presence(app: web.Application) -> AsyncIterator[None]:
+    async def presence(_app: web.Application) -> AsyncIterator[None]:
         reporter.start()
         app[STATE].metrics.register(reporter)
         app[STATE].plugins["presence"] = lambda: {"path": PRESENCE_PATH, "events": reporter.published}

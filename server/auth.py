@@ -36,7 +36,7 @@ class Authenticator(Protocol):
 class NoAuth:
     """No users configured: every credential is refused."""
 
-    async def authenticate(self, username: str, password: str) -> Principal | None:
+    async def authenticate(self, _username: str, _password: str) -> Principal | None:
         return None
 
 

@@ -159,7 +159,7 @@ class FastLane(asyncio.Protocol):
         self.lane.conns[self] = None
         self._arm(HEAD_TIMEOUT)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, _exc: Exception | None) -> None:
         self.lane.conns.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()

@@ -51,7 +51,7 @@ class Ingest:
         """True when the log keeps events at once: :meth:`submit_now` may be used."""
         return self.log.synchronous
 
-    def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http") -> Event:
+    def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http") -> Event:  # noqa: ARG002
         """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path)."""
         t0 = time.perf_counter()
         event = make_event(path, body)

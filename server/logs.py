@@ -92,7 +92,7 @@ class CachedTimeFormatter(logging.Formatter):
     _sec = -1
     _text = ""
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+    def formatTime(self, record: logging.LogRecord, _datefmt: str | None = None) -> str:
         sec = int(record.created)
         if sec != self._sec:
             self._sec = sec
@@ -236,7 +236,7 @@ def setup_logging(level: str, fmt: str = "text") -> None:
         h.setFormatter(_formatter(fmt))
 
 
-async def access_log_flusher(app: web.Application) -> AsyncIterator[None]:
+async def access_log_flusher(_app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: flush the access log periodically; a final flush on the way out."""
     handlers = [h for h in logging.getLogger(ACCESS_LOGGER).handlers
                 if isinstance(h, BufferedLineHandler)]

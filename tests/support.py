@@ -223,8 +223,8 @@ class Subscription:
 
 
 @contextlib.asynccontextmanager
-async def subscribe(url: str, path: str, headers: dict[str, str] | None = None,
-                    wait_registered: Daemon | None = None) -> AsyncIterator[Subscription]:
+async def subscribe(url: str, path: str,
+                    headers: dict[str, str] | None = None) -> AsyncIterator[Subscription]:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         resp = await s.get(url + path, headers=headers)

@@ -102,7 +102,7 @@ async def test_kill9_loop_loses_no_acknowledged_event(daemon_factory: DaemonFact
                     killed.set()
                     d.kill()  # SIGKILL, at whatever point the other publishers are
 
-        async def watcher(killed: asyncio.Event = killed) -> None:
+        async def watcher() -> None:
             nonlocal last_live_cursor
             try:
                 async with subscribe(d.url, "/k") as sub:

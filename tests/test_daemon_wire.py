@@ -68,7 +68,7 @@ async def test_exactly_one_event_per_chunk(daemon: Daemon, via: str) -> None:
     # published concurrently so the server coalesces them into few socket writes
     results = await asyncio.gather(*[publish(daemon.url, "/c", {"i": i}) for i in range(30)])
     assert all(s == 202 for s, _ in results)
-    seen = []
+    seen: list[int] = []
     while len(seen) < 30:
         chunk = await read_chunk(reader)
         assert chunk.count(b"\n") == 1 and chunk.endswith(b"\n"), chunk
@@ -144,7 +144,7 @@ async def test_tls(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> Non
         assert (await publish(d.url, "/secure/stream", {"tls": True}))[0] == 202
         async with s.put(url + "/secure/stream", json={"tls": "put"}) as r:
             assert r.status == 202
-        lines = []
+        lines: list[object] = []
         while len(lines) < 2:
             obj = json.loads(await asyncio.wait_for(resp.content.readline(), 5))
             if "stillalive" not in obj:

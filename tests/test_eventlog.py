@@ -226,7 +226,7 @@ class Collect:
     def __init__(self) -> None:
         self.events: list[Event] = []
 
-    def send(self, data: bytes, events: Sequence[Event] | None) -> None:
+    def send(self, _data: bytes, events: Sequence[Event] | None) -> None:
         self.events.extend(events or ())
 
 

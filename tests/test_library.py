@@ -155,7 +155,7 @@ def test_hub_agrees_with_a_naive_loop_under_churn() -> None:
     got: list[tuple[int, Key]] = []
 
     def make(n: int) -> Any:
-        return lambda k, m: got.append((n, k))
+        return lambda k, _m: got.append((n, k))
 
     for step in range(3000):
         op = rnd.random()
@@ -194,9 +194,9 @@ def test_publish_multi_and_order() -> None:
     hub = Hub()
     seen: list[str] = []
     k = Key("a", "b")
-    hub.add_subscriber(Key("a", "*"), lambda key, m: seen.append("wild"))
-    hub.add_subscriber(k, lambda key, m: seen.append("exact1"))
-    hub.add_subscriber(k, lambda key, m: seen.append("exact2"))
+    hub.add_subscriber(Key("a", "*"), lambda _key, _m: seen.append("wild"))
+    hub.add_subscriber(k, lambda _key, _m: seen.append("exact1"))
+    hub.add_subscriber(k, lambda _key, _m: seen.append("exact2"))
     hub.publish(k, "m")
     assert seen == ["wild", "exact1", "exact2"]  # subscription order, across keys
 
@@ -277,11 +277,11 @@ def test_repeated_and_unknown_subscriptions_warn(caplog: pytest.LogCaptureFixtur
     assert "nonexistent subscription" in caplog.text
 
 
-def test_failing_callback_does_not_starve_the_others(caplog: pytest.LogCaptureFixture) -> None:
+def test_failing_callback_does_not_starve_the_others() -> None:
     hub = Hub()
     got, cb = collector()
 
-    def boom(k: Key, m: Any) -> None:
+    def boom(_k: Key, _m: Any) -> None:
         raise RuntimeError("boom")
 
     hub.add_subscriber(Key("a"), boom)
@@ -326,7 +326,7 @@ def test_presence_messages_and_escape() -> None:
          {"key": Key("Hub", "removedSubscriber", "*"), "currentSubscriberCount": 1}),
     ]
     added.clear()
-    f1, f2 = (lambda k, m: None), (lambda k, m: None)
+    f1, f2 = (lambda _k, _m: None), (lambda _k, _m: None)
     hub.add_subscriber(Key("x", "*", "y"), f1)
     hub.add_subscriber(Key("x", "*", "y"), f2)
     xy = Key("x", "*", "y")
@@ -350,7 +350,7 @@ def test_queue_sizes() -> None:
     s = Subscriber(hub, "t")
     s.subscribe(Key("a", "*"), "wild")
     s.subscribe(Key("a", "b"), "exact")
-    s.sync_subscribe(Key("a", "b"), lambda k, m: None, "sync")
+    s.sync_subscribe(Key("a", "b"), lambda _k, _m: None, "sync")
     for _ in range(3):
         hub.publish(Key("a", "b"), 0)
     hub.publish(Key("a", "c"), 0)
@@ -413,7 +413,7 @@ async def test_one_queue_per_subscription_id_keeps_order_across_keys() -> None:
 async def test_consume_errors() -> None:
     hub = Hub()
     s = Subscriber(hub, "t")
-    s.sync_subscribe(Key("a"), lambda k, m: None, "sync")
+    s.sync_subscribe(Key("a"), lambda _k, _m: None, "sync")
     with pytest.raises(ConsumeQueueNotFoundError, match="sync subscriptions"):
         await s.consume("sync")
     with pytest.raises(SubscriptionNotFoundError, match="no subscription 'nope'"):
@@ -472,7 +472,7 @@ async def test_async_listener_survives_a_failing_callback(caplog: pytest.LogCapt
     s = Subscriber(hub, "t")
     got: list[Any] = []
 
-    async def cb(k: Key, m: Any) -> None:
+    async def cb(_k: Key, m: Any) -> None:
         if m == "bad":
             raise ValueError("bad message")
         got.append(m)
@@ -523,7 +523,7 @@ async def test_concurrent_remove_all_listeners() -> None:
     assert not s._listeners and hub.subscribed_keys() == {}
 
 
-async def _noop(k: Key, m: Any) -> None:
+async def _noop(_k: Key, _m: Any) -> None:
     return None
 
 
@@ -661,7 +661,7 @@ async def test_unsubscribe_keeps_queued_messages() -> None:
 def test_failing_presence_listener_leaves_no_half_subscription() -> None:
     hub = Hub()
 
-    def boom(k: Key, m: Any) -> None:
+    def boom(_k: Key, m: Any) -> None:
         if m["key"] in (Key("b"), Key("a")):
             raise RuntimeError("presence listener bug")
 

@@ -73,11 +73,11 @@ def test_key_bridge_failures_are_logged_not_raised(caplog: pytest.LogCaptureFixt
     hub = Hub()
     got: list[Any] = []
 
-    def boom(k: Key, m: Any) -> None:
+    def boom(_k: Key, _m: Any) -> None:
         raise RuntimeError("plugin bug")
 
     hub.add_subscriber(Key("a"), boom)
-    hub.add_subscriber(Key("a"), lambda k, m: got.append(m))
+    hub.add_subscriber(Key("a"), lambda _k, m: got.append(m))
     ev = make_event("/a", {})
     hub.publish_event(ev)  # the daemon's routing must not see a plugin's exception
     assert got == [ev]
