@@ -24,7 +24,7 @@ from hub.topics import TopicError, TopicSpec, parse_publish_path, parse_subscrip
 from server import __version__
 from server.auth import AllowList, Authenticator, NoAuth, Principal, parse_basic_auth
 from server.config import Config
-from server.errors import BadRequest, Forbidden, PayloadTooLarge, PubSubError
+from server.errors import BadRequest, Forbidden, PayloadTooLarge, PubSubError, ServiceUnavailable
 from server.eventlog import EventLog, MemoryLog
 from server.ingest import Ingest
 from server.logs import access_log_flusher, log_access
@@ -63,6 +63,8 @@ class State:
     replay: ReplayHook | None = None
     #: True once shutdown began: new streams are refused
     closing: bool = False
+    #: True once the drain has ended every stream: publishing is refused (nobody would get it)
+    streams_ended: bool = False
     #: bumped by every ACL reload (after it re-authorised the open streams)
     auth_generation: int = 0
     #: requests refused, by status code (every PubSubError answered by ``dispatch``)
@@ -201,6 +203,8 @@ async def handle_publish(request: web.Request) -> web.StreamResponse:
 
 
 async def _publish(request: web.Request, state: State) -> web.StreamResponse:
+    if state.streams_ended:
+        raise ServiceUnavailable("server is shutting down")
     cfg = state.config
     peer = _peer(request)
     path = request.raw_path.split("?", 1)[0]

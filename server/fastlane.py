@@ -262,7 +262,7 @@ class FastLane(asyncio.Protocol):
         """Accept one publish inline; False means "let aiohttp handle this request"."""
         state = self.lane.state
         ingest = state.ingest
-        if not ingest.synchronous or not state.allow.allows(self.peer):
+        if not ingest.synchronous or state.closing or not state.allow.allows(self.peer):
             return False
         path = target.split(b"?", 1)[0].decode("latin-1")
         try:

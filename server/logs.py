@@ -127,11 +127,19 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (ISO 8601, UTC), level, logger, message, the request
     fields of access lines (peer, request, status, bytes, seconds, user_agent) and a traceback."""
 
+    _sec = -1
+    _text = ""
+
+    def _time(self, record: logging.LogRecord) -> str:
+        sec = int(record.created)
+        if sec != self._sec:  # the date text is built once per second, not per record
+            self._sec = sec
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._text}.{int(record.msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
-        created = record.created
         obj: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-                    + f".{int(record.msecs):03d}Z",
+            "time": self._time(record),
             "level": record.levelname,
             "logger": record.name,
             "message": escape(record.getMessage()),

@@ -9,6 +9,11 @@ Why this shape: the publish and fan-out paths only increment plain integers the 
 own; nothing here runs per event. prometheus-client is used for the exposition format only
 (a custom collector), never as the counter store.
 
+A new source takes one line where it is set up: ``state.metrics.register(obj)`` (with constant
+labels if there are several of it: ``register(consumer.stats, queue=name)``); a new metric name
+gets its help text in :data:`METRICS` (and a row in docs/operations.md). A part that can make
+publishing impossible adds a check to ``State.readiness`` for ``/readyz``.
+
 Knows nothing of HTTP or of the objects it reads beyond their ``stats()``.
 """
 
@@ -128,6 +133,8 @@ METRICS: dict[str, MetricSpec] = {
     "sqs_failed_total": MetricSpec("counter", "SQS messages whose event was not accepted.", "queue"),
     "sqs_outages_total": MetricSpec("counter", "SQS receive errors (retried with backoff).", "queue"),
     "presence_events_total": MetricSpec("counter", "Presence (join/leave) events published."),
+    "cluster_read_lag_seconds": MetricSpec(
+        "gauge", "Cluster mode: age of the newest event read back from the shared log."),
     "uptime_seconds": MetricSpec("gauge", "Seconds since the daemon started."),
     "draining": MetricSpec("gauge", "1 while the daemon drains for shutdown."),
 }

@@ -14,6 +14,7 @@ starts and WATCHDOG=1 while the event loop runs (``server.notify``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
@@ -116,19 +117,22 @@ def status_line(state: State) -> str:
     """One line saying how the daemon is doing (SIGUSR1)."""
     m = state.metrics.snapshot()
 
+    def num(name: str) -> int:
+        v = m.get(name, 0)
+        return int(v) if not isinstance(v, dict) else int(sum(v.values()))
+
     def labelled(name: str) -> str:
         v = m.get(name)
         if not isinstance(v, dict):
             return "none"
         return ", ".join(f"{k} {int(n)}" for k, n in sorted(v.items()) if n) or "none"
 
+    ready = "draining" if state.closing else "ready" if state.unready() is None else "not ready"
     return (f"status: {state.hub.subscriber_count} subscriber(s) ({labelled('subscribers')}); "
-            f"{int(m.get('events_published_total', 0))} event(s) published, "  # type: ignore[arg-type]
-            f"{int(m.get('deliveries_total', 0))} delivered; "  # type: ignore[arg-type]
-            f"disconnects: {labelled('disconnects_total')}; refused: {labelled('refused_total')}; "
-            f"backlog {int(m.get('backlog_events', 0))} event(s); "  # type: ignore[arg-type]
-            f"{'draining' if state.closing else 'ready' if state.unready() is None else 'not ready'}; "
-            f"up {int(m.get('uptime_seconds', 0))} s")  # type: ignore[arg-type]
+            f"{num('events_published_total')} event(s) published, {num('deliveries_total')} "
+            f"delivered; disconnects: {labelled('disconnects_total')}; "
+            f"refused: {labelled('refused_total')}; backlog {num('backlog_events')} event(s); "
+            f"{ready}; up {num('uptime_seconds')} s")
 
 
 async def drain(state: State, sites: list[web.BaseSite], lanes: list[Lane], grace: float) -> None:
@@ -153,6 +157,7 @@ async def drain(state: State, sites: list[web.BaseSite], lanes: list[Lane], grac
     streams = list(state.streams)
     n = len(streams)
     if not n:
+        state.streams_ended = True
         return
     ticks = max(1, int(grace * DRAIN_SPREAD / DRAIN_STEP))
     batch = max(DRAIN_MIN_BATCH, math.ceil(n / ticks))
@@ -163,6 +168,7 @@ async def drain(state: State, sites: list[web.BaseSite], lanes: list[Lane], grac
         for s in streams[i:i + batch]:
             s.end("shutdown")
         logger.debug("draining: %d of %d stream(s) ended", min(n, i + batch), n)
+    state.streams_ended = True
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, state: State, stop: asyncio.Event,
@@ -279,15 +285,19 @@ async def serve(config: Config, app: web.Application,
         notifier.send("STOPPING=1", "STATUS=draining")
         await drain(state, sites, [ls.lane for ls in lanes if ls.lane is not None], srv.shutdown_grace)
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
         for lane in lanes:
             if lane.lane is not None:
                 lane.lane.close_idle()
-        await runner.cleanup()
+        await runner.cleanup()  # the plugins stop here: their signal handlers go with them
         if admin_runner is not None:
             await admin_runner.cleanup()
         await cancel_and_wait(watchdog)
         notifier.close()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        # from here to the exit, no signal may cut the last log lines short
+        for sig in (*STOP_SIGNALS, signal.SIGUSR1, *IGNORED_SIGNALS):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, signal.SIG_IGN)
     logger.info("stopped")
     return 0

@@ -22,7 +22,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.wait import WebDriverWait
 
-__all__ = ["CHROMEDRIVER", "CHROMIUM", "chromium", "wait_for"]
+__all__ = ["CHROMEDRIVER", "CHROMIUM", "chromium", "console_errors", "wait_for"]
 
 CHROMIUM = os.environ.get("PYPUBSUB_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("PYPUBSUB_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -64,3 +64,9 @@ def wait_for(driver: webdriver.Chrome, cond: Callable[[webdriver.Chrome], Any], 
              what: str = "the page") -> Any:
     """Poll ``cond(driver)`` until truthy (Selenium's wait: a deadline, no fixed sleeps)."""
     return WebDriverWait(driver, timeout, poll_frequency=0.05).until(cond, f"timed out waiting for {what}")
+
+
+def console_errors(driver: webdriver.Chrome) -> list[dict[str, Any]]:
+    """The page's SEVERE console messages (script errors, failed loads) since the last call."""
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [e for e in entries if e.get("level") == "SEVERE"]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 from datetime import datetime
 
+import aiohttp
+
 from server.run import DRAIN_MIN_BATCH, DRAIN_STEP
-from tests.support import HOST, DaemonFactory, base_config, free_port, put, wait_subscribers
+from tests.support import HOST, DaemonFactory, base_config, free_port, put, subscribe, wait_subscribers
 
 #: more streams than one batch: the drain needs three batches for these
 STREAMS = 2 * DRAIN_MIN_BATCH + 50
@@ -53,3 +56,54 @@ async def test_sigterm_delivers_then_ends_streams_spread_over_the_grace(
         str(DRAIN_MIN_BATCH), str(2 * DRAIN_MIN_BATCH), str(STREAMS)]
     stamps = [datetime.strptime(ln[:23], "%Y-%m-%d %H:%M:%S,%f") for ln in batches]
     assert (stamps[-1] - stamps[0]).total_seconds() >= 2 * DRAIN_STEP - 0.002
+
+
+async def test_sigterm_under_load_loses_and_undelivers_nothing_acknowledged(
+        daemon_factory: DaemonFactory) -> None:
+    """Publishers at full speed into the persistent backlog, a stream open, SIGTERM: every event
+    answered 202 reached the open stream before it ended, and is in the backlog after a restart."""
+    port = free_port()
+    cfg = base_config(port, shutdown_grace=3)
+    d = daemon_factory(config=cfg, port=port, start=False)
+    cfg["server"]["backlog"] = {"size": 100_000, "storage": str(d.workdir / "backlog.db")}
+    d.write_files()
+    d.start()
+    acked: set[int] = set()
+    refused: list[int] = []
+    counter = iter(range(1 << 30))
+    stop_after = 300
+
+    async def publisher(s: aiohttp.ClientSession) -> None:
+        while True:
+            n = next(counter)
+            try:
+                async with s.put(d.url + "/load", data=json.dumps({"n": n})) as r:
+                    if r.status == 202:
+                        acked.add(n)
+                    else:
+                        refused.append(r.status)
+                        return
+            except aiohttp.ClientError:
+                return  # the listener is closed: the drain has begun
+            if len(acked) == stop_after:
+                d.signal(signal.SIGTERM)
+
+    seen: list[int] = []
+    async with subscribe(d.url, "/load") as sub:
+        await wait_subscribers(d.url, 1)
+        async with aiohttp.ClientSession() as s:
+            pubs = asyncio.gather(*[publisher(s) for _ in range(8)])
+            with contextlib.suppress(EOFError):
+                while True:
+                    seen.append((await sub.next(timeout=20))["n"])
+            await asyncio.wait_for(pubs, 30)
+    assert d.proc is not None and d.proc.wait(15) == 0
+    assert len(acked) >= stop_after
+    assert set(refused) <= {503}
+    assert not acked - set(seen), f"{len(acked - set(seen))} acknowledged event(s) never delivered"
+    d.start()
+    async with subscribe(d.url, "/load", headers={"X-Fetch-Since": "0"}) as sub:
+        kept: set[int] = set()
+        while len(kept) < len(acked):
+            kept.add((await sub.next(timeout=20))["n"])
+    assert acked <= kept

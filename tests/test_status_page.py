@@ -5,7 +5,7 @@ from __future__ import annotations
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 
-from tests.browser_fixture import chromium, wait_for
+from tests.browser_fixture import chromium, console_errors, wait_for
 from tests.support import HOST, DaemonFactory, base_config, free_port, put, subscribe, wait_subscribers
 
 __all__ = ["chromium"]  # the fixture
@@ -44,8 +44,7 @@ async def test_status_page_updates_live(daemon_factory: DaemonFactory, chromium:
     wait_for(page, lambda p: "client 3" in text(p, "disconnects"), what="3 client disconnects drawn")
     n = updates(page)
     wait_for(page, lambda p: updates(p) > n, what="another refresh")  # it keeps updating
-    errors = [e for e in page.get_log("browser") if e["level"] == "SEVERE"]
-    assert errors == [], errors
+    assert console_errors(page) == []
 
 
 async def test_status_page_says_unreachable_when_the_daemon_is_gone(
