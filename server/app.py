@@ -61,10 +61,9 @@ class State:
     streams: dict[Stream, None] = field(default_factory=dict)
     #: plans a backlog replay from a subscriber's headers (server.replay); None: no replay
     replay: ReplayHook | None = None
-    #: True once shutdown began: new streams are refused
+    #: True once shutdown began: new streams and new publishes are refused (503); publishes
+    #: already under way are finished, and delivered before the streams end
     closing: bool = False
-    #: True once the drain has ended every stream: publishing is refused (nobody would get it)
-    streams_ended: bool = False
     #: bumped by every ACL reload (after it re-authorised the open streams)
     auth_generation: int = 0
     #: requests refused, by status code (every PubSubError answered by ``dispatch``)
@@ -203,7 +202,7 @@ async def handle_publish(request: web.Request) -> web.StreamResponse:
 
 
 async def _publish(request: web.Request, state: State) -> web.StreamResponse:
-    if state.streams_ended:
+    if state.closing:
         raise ServiceUnavailable("server is shutting down")
     cfg = state.config
     peer = _peer(request)
@@ -333,7 +332,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         state.rejected[e.status] = state.rejected.get(e.status, 0) + 1
         logger.info("%s %s %s from %s: %s", e.status, request.method, request.raw_path[:200],
                     _peer(request), e.reason)
-        return _text(e.status, e.reason + "\n")
+        extra = {"Retry-After": "5"} if e.status == 503 else {}
+        return _text(e.status, e.reason + "\n", **extra)
     except asyncio.IncompleteReadError:
         logger.info("400 %s %s from %s: body shorter than Content-Length", request.method,
                     request.raw_path[:200], _peer(request))

@@ -4,7 +4,8 @@ Owns the process lifecycle. Signals: SIGTERM, SIGINT and SIGQUIT drain and exit 
 SIGUSR2 reload the ACL (``plugins.auth``); SIGUSR1 logs a one-line status; every other signal
 whose default would end the process is logged and ignored, so nothing a user may send ends
 the daemon without the clean shutdown. The drain (:func:`drain`): readiness turns 503 at
-once, the listeners stop accepting, publishes already received are answered and delivered,
+once and new publishes and streams get 503, the listeners stop accepting, publishes already
+under way are answered and delivered,
 then the streams end cleanly, a batch at a time over ``server.shutdown_grace`` (thousands of
 clients do not all reconnect in the same instant); plugins close (logs flushed); exit 0.
 systemd ``Type=notify`` hears READY=1 once every listener is up, STOPPING=1 when the drain
@@ -138,7 +139,7 @@ def status_line(state: State) -> str:
 async def drain(state: State, sites: list[web.BaseSite], lanes: list[Lane], grace: float) -> None:
     """Stop accepting, answer and deliver what was received, end the streams spread over
     ``grace`` (see the module docstring). The runner's cleanup does the rest."""
-    state.closing = True  # /readyz answers 503 from now; a new stream gets 503
+    state.closing = True  # /readyz answers 503 from now; a new stream or publish gets 503
     for site in sites:
         await site.stop()  # closes the listening socket; open connections stay
     for lane in lanes:
@@ -157,7 +158,6 @@ async def drain(state: State, sites: list[web.BaseSite], lanes: list[Lane], grac
     streams = list(state.streams)
     n = len(streams)
     if not n:
-        state.streams_ended = True
         return
     ticks = max(1, int(grace * DRAIN_SPREAD / DRAIN_STEP))
     batch = max(DRAIN_MIN_BATCH, math.ceil(n / ticks))
@@ -168,7 +168,6 @@ async def drain(state: State, sites: list[web.BaseSite], lanes: list[Lane], grac
         for s in streams[i:i + batch]:
             s.end("shutdown")
         logger.debug("draining: %d of %d stream(s) ended", min(n, i + batch), n)
-    state.streams_ended = True
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, state: State, stop: asyncio.Event,
