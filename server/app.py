@@ -109,6 +109,7 @@ class State:
                 return why
         return None
 
+
 class StateStats:
     """The daemon-wide counters of a :class:`State` (``server.metrics`` protocol)."""
 
