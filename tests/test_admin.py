@@ -216,3 +216,32 @@ def test_operations_page_documents_every_metric() -> None:
     page = (ROOT / "docs" / "operations.md").read_text()
     missing = [name for name in METRICS if f"`pypubsub_{name}`" not in page]
     assert missing == []
+
+
+async def test_ldap_binds_and_cache_hits_are_exposed(daemon_factory: DaemonFactory) -> None:
+    from tests.ldap_fixture import Slapd, ldap_config
+
+    slapd = Slapd().start()
+    try:
+        port = free_port()
+        cfg = base_config(port, admin={"port": free_port(), "bind": HOST})
+        cfg["clients"]["ldap"] = ldap_config(slapd)
+        d = daemon_factory(config=cfg, acl={}, port=port)
+        for i in (1, 2):  # the second is answered from the cache
+            async with subscribe(d.url, "/t", headers=auth_header("alice", "alice-pw")):
+                await wait_sample(d, "pypubsub_streams_opened_total", i)
+        async with subscribe(d.url, "/t", headers=auth_header("alice", "wrong")):
+            await wait_sample(d, "pypubsub_streams_opened_total", 3)
+        m = await metrics(d)
+        assert m[("pypubsub_ldap_binds_total", ())] == 2
+        assert m[("pypubsub_auth_cache_hits_total", (("cache", "ldap"),))] == 1
+        assert m[("pypubsub_auth_cache_misses_total", (("cache", "ldap"),))] == 2
+        assert m[("pypubsub_auth_failures_total", ())] == 1
+        assert m[("pypubsub_ldap_failures_total", ())] == 0
+        slapd.stop()  # LDAP down: a look-up fails (closed), and is counted
+        async with subscribe(d.url, "/t", headers=auth_header("bob", "bob-pw")):
+            await wait_sample(d, "pypubsub_ldap_failures_total", 1)
+        st = json.loads((await get(admin_url(d) + "/status"))[1])
+        assert st["plugins"]["ldap"]["uri"] == slapd.uri
+    finally:
+        slapd.close()
