@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import signal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -245,3 +246,30 @@ async def test_ldap_binds_and_cache_hits_are_exposed(daemon_factory: DaemonFacto
         assert st["plugins"]["ldap"]["uri"] == slapd.uri
     finally:
         slapd.close()
+
+
+async def test_sqs_counters_are_exposed_per_queue(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    from tests.sqs_fixture import MotoServer, queue_entry, queue_name, send, wait_depth
+
+    moto = MotoServer(tmp_path / "moto.log").start()
+    try:
+        sqs = moto.client()
+        name = queue_name()
+        url = sqs.create_queue(QueueName=name)["QueueUrl"]
+        port = free_port()
+        cfg = base_config(port, admin={"port": free_port(), "bind": HOST})
+        cfg["sqs"] = {"main": queue_entry(moto, name, delete=True)}
+        d = daemon_factory(config=cfg, port=port)
+        send(sqs, url, "not json")
+        send(sqs, url, {"pubsub_path": "/good"})
+        await wait_sample(d, "pypubsub_sqs_accepted_total", 1, queue="main")
+        wait_depth(sqs, url, 0)
+        await wait_sample(d, "pypubsub_sqs_deleted_total", 2, queue="main")
+        m = await metrics(d)
+        assert m[("pypubsub_sqs_received_total", (("queue", "main"),))] == 2
+        assert m[("pypubsub_sqs_malformed_total", (("queue", "main"),))] == 1
+        assert m[("pypubsub_events_published_total", ())] == 1
+        st = json.loads((await get(admin_url(d) + "/status"))[1])
+        assert st["plugins"]["sqs"]["main"]["state"] == "ok"
+    finally:
+        moto.stop()
