@@ -20,6 +20,7 @@ Knows nothing of HTTP or of the objects it reads beyond their ``stats()``.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -43,6 +44,8 @@ __all__ = [
     "StatsSource",
     "Value",
 ]
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "pypubsub_"
 
@@ -177,9 +180,15 @@ class Registry:
         self._sources = [(s, lb) for s, lb in self._sources if s is not source]
 
     def read(self) -> Iterator[tuple[str, tuple[tuple[str, str], ...], Value]]:
-        """(name, constant labels, value) of every stat of every source, now."""
+        """(name, constant labels, value) of every stat of every source, now. A source whose
+        ``stats()`` fails is logged and left out: the others are still read."""
         for source, labels in list(self._sources):
-            for name, value in source.stats().items():
+            try:
+                stats = source.stats()
+            except Exception:  # a reader's bug must not blank every metric
+                logger.exception("metrics: %r.stats() failed", source)
+                continue
+            for name, value in stats.items():
                 yield name, labels, value
 
     def snapshot(self) -> dict[str, float | dict[str, float]]:
