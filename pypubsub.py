@@ -23,7 +23,7 @@ from server.config import load_config
 from server.errors import ConfigError
 from server.logs import LOG_FORMATS, setup_logging
 from server.run import check_binds, serve
-from server.wiring import build_daemon
+from wiring import build_daemon
 
 logger = logging.getLogger("pypubsub")
 

@@ -5,8 +5,13 @@
    so the figure is the routing cost alone, not socket writes, which are the same either way).
 2. LDAP cache: 1 000 concurrent subscriber connects by 50 LDAP users against the real daemon
    and a real slapd; counts the binds slapd logged (target: at most 50).
+3. Login timing by user kind: in an ACL file mixing argon2id, bcrypt and plaintext users (each
+   at its library's default cost, as an operator would store them), the time one wrong-password
+   login takes for a known user of each scheme and for an unknown user (target: all equal, so a
+   name's existence cannot be told from the answer time).
 
     .venv/bin/python bench/auth_bench.py [--subscribers 10000] [--events 200] [--connects 1000]
+                                         [--only fanout|ldap|timing] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -133,18 +139,55 @@ async def _storm(url: str, names: list[str], connects: int) -> tuple[float, int]
     return dt, ok
 
 
+async def login_timing(rounds: int) -> None:
+    from plugins.acl import FileAuthenticator, hash_password, parse_acl
+
+    doc = {
+        "argon": {"password": hash_password("argon-pw", "argon2id")},
+        "bcrypt": {"password": hash_password("bcrypt-pw", "bcrypt")},
+        "plain": {"password": "plain-pw"},
+    }
+    for i in range(20):  # argon2id is the most common scheme in this file
+        doc[f"argon{i}"] = {"password": doc["argon"]["password"]}
+    auth = FileAuthenticator(parse_acl(doc, "bench.yaml"))
+    kinds = {"known argon2id user": "argon", "known bcrypt user": "bcrypt",
+             "known plaintext user": "plain", "unknown user": "nobody"}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(rounds):  # interleaved, so that machine noise hits every kind alike
+        for kind, user in kinds.items():
+            t = time.perf_counter()
+            if await auth.authenticate(user, f"wrong-{r}") is not None:
+                raise RuntimeError("a wrong password was accepted")
+            times[kind].append(time.perf_counter() - t)
+    close = getattr(auth, "close", None)  # (lets the same benchmark time older versions)
+    if close is not None:
+        await close()
+    ref = statistics.median(times["unknown user"])
+    logger.info("wrong-password login, mixed ACL file (argon2id x21, bcrypt x1, plaintext x1), "
+                "median of %d:", rounds)
+    for kind, ts in times.items():
+        med = statistics.median(ts)
+        logger.info("  %-22s %9.2f ms  (min %8.2f, max %8.2f)  %6.2fx the unknown user", kind,
+                    med * 1e3, min(ts) * 1e3, max(ts) * 1e3, med / ref)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--subscribers", type=int, default=10_000)
     p.add_argument("--events", type=int, default=200)
     p.add_argument("--connects", type=int, default=1000)
     p.add_argument("--users", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=7, help="logins per kind for the timing part")
     p.add_argument("--skip-ldap", action="store_true")
+    p.add_argument("--only", choices=["fanout", "ldap", "timing"])
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    asyncio.run(fanout(a.subscribers, a.events))
-    if not a.skip_ldap:
+    if a.only in (None, "fanout"):
+        asyncio.run(fanout(a.subscribers, a.events))
+    if a.only == "ldap" or (a.only is None and not a.skip_ldap):
         asyncio.run(ldap_storm(a.connects, a.users))
+    if a.only in (None, "timing"):
+        asyncio.run(login_timing(a.rounds))
     return 0
 
 

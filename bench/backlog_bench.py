@@ -74,23 +74,30 @@ async def publisher(port: int, n: int, body: bytes) -> None:
     await w.wait_closed()
 
 
-async def _worker(port: int, conns: int, each: int, body: bytes) -> None:
-    await asyncio.gather(*[publisher(port, each, body) for _ in range(conns)])
+async def _worker(port: int, counts: list[int], body: bytes) -> None:
+    await asyncio.gather(*[publisher(port, n, body) for n in counts if n])
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` as ``parts`` counts differing by at most one (they add up to ``total``)."""
+    q, r = divmod(total, parts)
+    return [q + (i < r) for i in range(parts)]
 
 
 async def publish_rate(port: int, total: int, publishers: int, body: bytes) -> float:
-    """Publishes/s from ``publishers`` connections spread over CLIENT_PROCS processes
-    (one Python client process cannot saturate the in-memory daemon)."""
-    each = total // publishers
+    """Publishes/s of exactly ``total`` events from ``publishers`` connections spread over
+    CLIENT_PROCS processes (one Python client process cannot saturate the in-memory daemon)."""
+    per_conn = split(total, publishers)
     procs = min(CLIENT_PROCS, publishers)
+    shares = [per_conn[i::procs] for i in range(procs)]
     t0 = time.perf_counter()
     children = [await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--worker", str(port), str(publishers // procs), str(each),
-        body.decode()) for _ in range(procs)]
+        sys.executable, __file__, "--worker", str(port), ",".join(map(str, share)), body.decode())
+        for share in shares]
     for c in children:
         if await c.wait() != 0:
             raise RuntimeError("a publishing client failed")
-    return each * (publishers // procs) * procs / (time.perf_counter() - t0)
+    return total / (time.perf_counter() - t0)
 
 
 async def replay_rate(port: int, expect: int) -> float:
@@ -102,13 +109,20 @@ async def replay_rate(port: int, expect: int) -> float:
     seen = 0
     marker = b'"pubsub_cursor"'
     carry = b""
+    progress = time.monotonic()
     while seen < expect:
         data = await asyncio.wait_for(r.read(1 << 20), REPLAY_STALL)
         if not data:
             raise RuntimeError(f"stream ended after {seen} events")
         buf = carry + data  # a marker may straddle two reads
-        seen += buf.count(marker)
+        found = buf.count(marker)
+        seen += found
         carry = buf[-(len(marker) - 1):]
+        now = time.monotonic()
+        if found:
+            progress = now
+        elif now - progress > REPLAY_STALL:  # pings keep the stream busy: stalled all the same
+            raise RuntimeError(f"replay stalled after {seen} of {expect} events")
     dt = time.perf_counter() - t0
     w.close()
     return expect / dt
@@ -168,8 +182,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     if sys.argv[1:2] == ["--worker"]:  # a publishing client process
-        port, conns, each, body = sys.argv[2:6]
-        asyncio.run(_worker(int(port), int(conns), int(each), body.encode()))
+        port, counts, body = sys.argv[2:5]
+        asyncio.run(_worker(int(port), [int(n) for n in counts.split(",")], body.encode()))
         return 0
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--events", type=int, default=20_000, help="publishes per throughput run")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 import uuid
 
-__all__ = ["advance_past", "cursor_time", "new_cursor"]
+__all__ = ["advance_past", "cursor_time", "is_uuid7", "new_cursor"]
 
 _lock = threading.Lock()
 _random = random.Random(int.from_bytes(os.urandom(16), "big"))
@@ -22,6 +23,14 @@ _seq = 0
 # rand_a is 12 bits: up to 4096 cursors per millisecond stay strictly ordered; past that we
 # borrow the next millisecond (time runs slightly ahead rather than ordering breaking).
 _SEQ_MAX = 0xFFF
+
+
+_UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z", re.I)
+
+
+def is_uuid7(cursor: str) -> bool:
+    """True for a UUIDv7 string (ours: time-ordered); False for 0.7.4's UUID4s and anything else."""
+    return len(cursor) == 36 and _UUID7.match(cursor) is not None
 
 
 def new_cursor(now: float | None = None) -> str:
@@ -53,12 +62,9 @@ def advance_past(cursor: str) -> None:
     restart, new cursors still sort after the stored ones. Non-UUIDv7 strings are ignored.
     """
     global _last_ms, _seq
-    try:
-        u = uuid.UUID(cursor)
-    except ValueError:
+    if not is_uuid7(cursor):
         return
-    if u.version != 7:
-        return
+    u = uuid.UUID(cursor)
     ms, seq = u.int >> 80, (u.int >> 64) & _SEQ_MAX
     with _lock:
         if (ms, seq) > (_last_ms, _seq):
@@ -67,10 +73,6 @@ def advance_past(cursor: str) -> None:
 
 def cursor_time(cursor: str) -> float | None:
     """The epoch seconds encoded in a UUIDv7 cursor, or None if it is not one."""
-    try:
-        u = uuid.UUID(cursor)
-    except ValueError:
+    if not is_uuid7(cursor):
         return None
-    if u.version != 7:
-        return None
-    return (u.int >> 80) / 1000.0
+    return (uuid.UUID(cursor).int >> 80) / 1000.0

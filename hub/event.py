@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from hub.cursor import new_cursor
-from hub.topics import parse_publish_path
+from hub.topics import parse_publish_path, remove_dot_segments
 
 __all__ = ["Event", "EventError", "WireFormat", "make_event", "ping_bytes", "restore_event"]
 
@@ -102,12 +102,17 @@ def make_event(
     *,
     timestamp: float | None = None,
     cursor: str | None = None,
+    parsed: tuple[tuple[str, ...], bool] | None = None,
 ) -> Event:
     """Stamp ``body`` as published at ``path``; the server's ``pubsub_*`` values win.
 
-    ``body`` is not modified: the stamped payload is a new dict.
+    ``body`` is not modified: the stamped payload is a new dict. ``parsed`` is
+    ``parse_publish_path(path)`` when the caller has it already.
     """
-    topics, private = parse_publish_path(path)
+    if parsed is None:
+        path = remove_dot_segments(path)  # one canonical path: "/x/../private/a" is "/private/a"
+        parsed = parse_publish_path(path)
+    topics, private = parsed
     ts = time.time() if timestamp is None else timestamp
     cur = new_cursor(ts) if cursor is None else cursor
     payload = dict(body)

@@ -5,7 +5,10 @@ Owns the pure rules of 0.7.4's topic model and nothing else (no HTTP, no I/O):
 * a publish path ``/private/a/b`` gives the event topics ``("a", "b")`` and marks it private;
 * a subscription path ``/a/b,/c`` is two OR-ed *batches*; the topics of one batch are AND-ed
   and order-agnostic; ``/`` (an empty batch) matches every event;
-* percent-encoded segments are decoded; empty segments are ignored.
+* dot-segments are removed first, as RFC 3986 section 5.2.4 does (``/a/../private/b`` is
+  ``/private/b``; ``%2E`` counts as ``.``), so a path has one meaning whoever normalises it;
+* segments are then percent-decoded as UTF-8 (strictly: bytes that are not UTF-8 are refused);
+  empty segments are ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = [
     "TopicSpec",
     "parse_publish_path",
     "parse_subscription",
+    "remove_dot_segments",
     "split_segments",
 ]
 
@@ -33,10 +37,59 @@ class TopicError(ValueError):
     """A path that cannot be turned into topics."""
 
 
+def _dot(seg: str) -> str:
+    """``seg`` with percent-encoded dots decoded (RFC 3986 6.2.2.2: ``%2E`` *is* ``.``)."""
+    return seg.replace("%2e", ".").replace("%2E", ".") if "%" in seg else seg
+
+
+def remove_dot_segments(path: str) -> str:
+    """``path`` with its ``.`` and ``..`` segments resolved (RFC 3986 section 5.2.4).
+
+    ``..`` above the root stays at the root; empty segments are kept (``/a//../b`` is
+    ``/a/b``, as the RFC says). The query string is not special here: strip it first.
+    """
+    if "/." not in path and "/%2" not in path:  # the common case: nothing to resolve
+        return path
+    segs = path.split("/")
+    last = len(segs) - 1
+    out: list[str] = []
+    for i, seg in enumerate(segs[1:], 1) if path.startswith("/") else enumerate(segs):
+        d = _dot(seg)
+        if d == "." or d == "..":
+            if d == ".." and out:
+                out.pop()
+            if i == last:
+                out.append("")  # "/a/b/.." is "/a/": the path still ends in a directory
+            continue
+        out.append(seg)
+    return "/" + "/".join(out)
+
+
+def _decode(seg: str) -> str:
+    """One percent-decoded segment; raw non-ASCII characters are taken as they are."""
+    if "%" in seg:
+        try:
+            seg = unquote(seg, errors="strict")
+        except UnicodeDecodeError:
+            raise TopicError(f"percent-encoded bytes in {seg[:80]!r} are not UTF-8") from None
+    if not seg.isascii():
+        try:
+            seg.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: raw bytes that were not UTF-8
+            raise TopicError(f"topic {seg[:80]!r} is not valid UTF-8") from None
+    return seg
+
+
 def split_segments(path: str) -> tuple[str, ...]:
-    """Non-empty, percent-decoded segments of a URL path (query string excluded)."""
-    path = path.split("?", 1)[0]
-    segs = tuple(unquote(s) for s in path.split("/") if s)
+    """Non-empty, percent-decoded segments of a URL path, dot-segments resolved (query string
+    excluded)."""
+    if "?" in path:
+        path = path.split("?", 1)[0]
+    path = remove_dot_segments(path)
+    if "%" not in path and path.isascii():  # the common case: nothing to decode
+        segs = tuple(filter(None, path.split("/")))
+    else:
+        segs = tuple(_decode(s) for s in path.split("/") if s)
     if len(segs) > MAX_SEGMENTS:
         raise TopicError(f"too many topic segments ({len(segs)} > {MAX_SEGMENTS})")
     return segs

@@ -32,6 +32,7 @@ from typing import IO
 import yaml
 
 from hub.router import Acl
+from plugins.credcache import CredentialCache, Lookup
 from server.auth import Principal
 from server.config import Section
 from server.errors import ConfigError
@@ -59,8 +60,10 @@ BCRYPT_PREFIXES = ("$2b$", "$2a$", "$2y$")
 MAX_CONCURRENT_VERIFY = max(2, os.cpu_count() or 2)
 #: seconds a verified (user, password) is remembered: reconnect storms cost one hash each
 VERIFIED_TTL = 300.0
-#: verified pairs remembered at most (then forgotten all at once): bounded memory
+#: verified pairs remembered at most (the oldest forgotten first): bounded memory
 VERIFIED_MAX = 10_000
+#: more hashed cost shapes than this in one file (each login verifies one hash of each): warned
+MANY_SHAPES = 1
 
 
 def _scheme(stored: str) -> str:
@@ -120,32 +123,40 @@ def verify_password(stored: str, given: str) -> bool:
     return _plain_equal(stored, given)
 
 
-def _decoy_hash(stored: list[str]) -> str:
-    """A hash of a random password made like most of ``stored``: the cost of a wrong password.
+def _shape(stored: str) -> str:
+    """What a verification of ``stored`` costs: its scheme and cost parameters."""
+    scheme = _scheme(stored)
+    if scheme == "argon2id":
+        return stored.rsplit("$", 2)[0]  # "$argon2id$v=19$m=...,t=...,p=..."
+    if scheme == "bcrypt":
+        return "bcrypt$" + stored[4:6]  # $2a$/$2b$/$2y$ at one cost take the same time
+    return "plaintext"
 
-    Verifying an unknown user against it takes as long as a known user with a wrong password.
+
+def _decoys(stored: list[str]) -> dict[str, str]:
+    """One hash of a random password per cost shape in ``stored`` (scheme and parameters).
+
+    Every authentication verifies one hash of each shape (the user's own for its shape, these
+    decoys for the others; only decoys for an unknown user), so that a known user and an
+    unknown one cost exactly the same whatever the mix of schemes in the file.
     """
-    shapes: Counter[str] = Counter()
+    out: dict[str, str] = {}
     for h in stored:
-        scheme = _scheme(h)
-        if scheme == "argon2id":
-            shapes[h.rsplit("$", 2)[0]] += 1  # "$argon2id$v=19$m=...,t=...,p=..."
-        elif scheme == "bcrypt":
-            shapes[h[:7]] += 1  # "$2b$12$"
-        else:
-            shapes["plaintext"] += 1
-    if not shapes:
-        return secrets.token_urlsafe(16)
-    shape = shapes.most_common(1)[0][0]
-    decoy = secrets.token_urlsafe(24)
-    if shape.startswith(ARGON2_PREFIX):
-        import argon2
+        shape = _shape(h)
+        if shape in out:
+            continue
+        decoy = secrets.token_urlsafe(24)
+        if shape.startswith(ARGON2_PREFIX):
+            import argon2
 
-        params = argon2.extract_parameters(next(h for h in stored if h.startswith(shape + "$")))
-        return argon2.PasswordHasher.from_parameters(params).hash(decoy)
-    if shape.startswith(BCRYPT_PREFIXES):
-        return hash_password(decoy, "bcrypt", cost=int(shape[4:6]))
-    return decoy
+            out[shape] = argon2.PasswordHasher.from_parameters(argon2.extract_parameters(h)).hash(decoy)
+        elif shape.startswith("bcrypt$"):
+            out[shape] = hash_password(decoy, "bcrypt", cost=int(shape[7:]))
+        else:
+            out[shape] = decoy
+    if not out:  # no users: an unknown user still pays a (plaintext) comparison
+        out["plaintext"] = secrets.token_urlsafe(24)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,15 +181,30 @@ class FileUser:
 
 @dataclass(frozen=True, slots=True)
 class AclFile:
-    """A parsed ACL file: its users and the decoy hash an unknown user is checked against."""
+    """A parsed ACL file: its users and one decoy hash per cost shape present in it."""
 
     path: str
     users: Mapping[str, FileUser]
-    decoy: str
+    #: cost shape (scheme and parameters) → a hash of a random password of that shape
+    decoys: Mapping[str, str]
 
     @property
     def plaintext_users(self) -> list[str]:
         return sorted(u.name for u in self.users.values() if u.scheme == "plaintext")
+
+    def work(self, username: str) -> tuple[int, tuple[str, ...]]:
+        """``(index of the user's own hash or -1, every hash to verify)`` for one authentication.
+
+        One hash per cost shape of the file, in a fixed order: the user's own stands in for
+        its shape. A known user and an unknown one verify the same shapes, so they cost the same.
+        """
+        user = self.users.get(username)
+        hashes = [decoy for _, decoy in sorted(self.decoys.items())]
+        if user is None:
+            return -1, tuple(hashes)
+        i = sorted(self.decoys).index(_shape(user.password))
+        hashes[i] = user.password
+        return i, tuple(hashes)
 
 
 def _segments(sec: Section, name: str) -> Acl:
@@ -235,14 +261,30 @@ def parse_acl(data: object, path: str) -> AclFile:
             topics=frozenset(u.strings("topics")),
         )
         u.warn_unknown()
-    return AclFile(path=path, users=users, decoy=_decoy_hash([u.password for u in users.values()]))
+    acl = AclFile(path=path, users=users, decoys=_decoys([u.password for u in users.values()]))
+    hashed = sorted(s for s in acl.decoys if s != "plaintext")
+    if len(hashed) > MANY_SHAPES:
+        logger.warning("%s: passwords are hashed %d different ways (%s); every login verifies one "
+                       "hash of each, so that unknown users cost the same as known ones: re-hash "
+                       "them alike (python3 pypubsub.py --hash-password)", path, len(hashed),
+                       ", ".join(hashed))
+    return acl
 
 
-def load_acl_file(path: str) -> AclFile:
-    """Read and validate the ACL file; a missing file means no users (0.7.4 did the same)."""
+def load_acl_file(path: str, *, reload: bool = False) -> AclFile:
+    """Read and validate the ACL file.
+
+    At start-up a missing file means no users (0.7.4 did the same). At ``reload``, a missing or
+    empty file is refused (ConfigError) like any broken one: it is what a half-finished edit or
+    a deploy gone wrong looks like, and taking it would revoke every user at once. An explicit
+    empty mapping (``{}``) is how to remove every user.
+    """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
+        if reload:
+            raise ConfigError(path, "(file)", "not found (refusing to revoke every user; write "
+                                              "{} to the file to remove them all)") from None
         logger.warning("ACL file %s not found: no users, private events go to nobody", path)
         return parse_acl(None, path)
     except OSError as e:
@@ -253,7 +295,19 @@ def load_acl_file(path: str) -> AclFile:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(path, "(file)", f"invalid YAML: {e}") from None
+    if data is None and reload:
+        raise ConfigError(path, "(file)", "is empty (refusing to revoke every user; write {} to "
+                                          "the file to remove them all)")
     return parse_acl(data, path)
+
+
+def _verify_all(own: int, hashes: tuple[str, ...], given: str) -> bool:
+    """Verify ``given`` against every hash (CPU-bound); True when ``hashes[own]`` matches."""
+    ok = False
+    for i, h in enumerate(hashes):
+        matched = verify_password(h, given)  # always run: the decoys cost what a real one does
+        ok = ok or (matched and i == own)
+    return ok
 
 
 class FileAuthenticator:
@@ -262,9 +316,11 @@ class FileAuthenticator:
     def __init__(self, acl: AclFile) -> None:
         self.acl = acl
         self._verify_slots = asyncio.Semaphore(MAX_CONCURRENT_VERIFY)
-        # positive answers only: a hit needs the right password, so it reveals nothing
-        self._verified: dict[bytes, tuple[float, str]] = {}
-        self._secret = os.urandom(32)
+        # positive answers only (negative_ttl 0): a hit needs the right password, so it
+        # reveals nothing, and every refusal pays the full verification
+        self.cache = CredentialCache(VERIFIED_TTL, 0.0, VERIFIED_MAX, name="acl")
+        #: hashes verified so far, per cost shape (what the decoy path exercised)
+        self.verified_shapes: Counter[str] = Counter()
 
     @property
     def path(self) -> str:
@@ -279,39 +335,31 @@ class FileAuthenticator:
             logger.warning("%s: plaintext password(s) for user(s) %s; store hashes instead "
                            "(python3 pypubsub.py --hash-password)", self.acl.path, ", ".join(plain))
 
-    def _key(self, username: str, password: str) -> bytes:
-        u = username.encode("utf-8", "surrogatepass")
-        return hmac.new(self._secret, len(u).to_bytes(4, "big") + u
-                        + password.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
-
     async def authenticate(self, username: str, password: str) -> FilePrincipal | None:
-        acl = self.acl
-        user = acl.users.get(username)
-        key = self._key(username, password)
-        loop = asyncio.get_running_loop()
-        if user is not None:
-            seen = self._verified.get(key)
-            if seen is not None and seen[0] > loop.time() and seen[1] == user.password:
-                return user.principal()
-        # an unknown user is checked against the decoy: same work, same time as a wrong password
-        stored = user.password if user is not None else acl.decoy
-        async with self._verify_slots:
-            if _scheme(stored) == "plaintext":
-                ok = _plain_equal(stored, password)
-            else:
-                ok = await asyncio.to_thread(verify_password, stored, password)
-        if self.acl is not acl:
+        p = await self.cache.get(username, password, lambda: self._lookup(username, password))
+        return p if isinstance(p, FilePrincipal) else None
+
+    async def _lookup(self, username: str, password: str) -> Lookup:
+        while True:
+            acl = self.acl
+            own, hashes = acl.work(username)
+            # an unknown user verifies only decoys: the same shapes, the same time
+            async with self._verify_slots:
+                if all(_scheme(h) == "plaintext" for h in hashes):
+                    ok = _verify_all(own, hashes, password)
+                else:
+                    ok = await asyncio.to_thread(_verify_all, own, hashes, password)
+            self.verified_shapes.update(_shape(h) for h in hashes)
+            if self.acl is acl:
+                break
             # the file was reloaded while the hash was checked: answer from the new one, so a
             # stream being set up now cannot slip past the reload with the old rights
-            return await self.authenticate(username, password)
+        user = acl.users.get(username)
         if user is None or not ok:
-            return None
-        if len(self._verified) >= VERIFIED_MAX:
-            self._verified.clear()
-        self._verified[key] = (loop.time() + VERIFIED_TTL, user.password)
-        return user.principal()
+            return None, True
+        return user.principal(), True
 
-    def reload(self, new: AclFile) -> Callable[[FilePrincipal], FilePrincipal | None]:
+    def reload(self, new: AclFile) -> Callable[[Principal], Principal | None]:
         """Use ``new`` from now on; returns how to re-authorise a principal of the old file.
 
         A stream keeps the user's new rights only while the user exists and the password entry
@@ -319,15 +367,21 @@ class FileAuthenticator:
         reconnects with valid credentials.
         """
         old, self.acl = self.acl, new
-        self._verified.clear()
+        self.cache.clear()
 
-        def reauthorise(p: FilePrincipal) -> FilePrincipal | None:
+        def reauthorise(p: Principal) -> Principal | None:
+            if not isinstance(p, FilePrincipal):
+                return p  # not one of this file's users: not ours to change
             before, now = old.users.get(p.user), new.users.get(p.user)
             if before is None or now is None or before.password != now.password:
                 return None
             return now.principal()
 
         return reauthorise
+
+    async def close(self) -> None:
+        """End verifications still running (shutdown)."""
+        await self.cache.close()
 
 
 def hash_password_cli(scheme: str, stdin: IO[str], stdout: IO[str], tty: bool) -> int:

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
-from hub.router import NO_ACL
 from plugins.acl import FileAuthenticator, FilePrincipal, load_acl_file
-from server.app import STATE
 from server.auth import Principal
 from server.config import Config
+from server.context import PluginContext
 from server.errors import ConfigError
+from server.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from plugins.ldap import LdapAuthenticator
@@ -52,43 +51,17 @@ class AuthChain:
         return None
 
     async def close(self) -> None:
+        if self.file is not None:
+            await self.file.close()
         if self.ldap is not None:
             await self.ldap.close()
-
-
-def reauthorise_streams(app: web.Application,
-                        reauth: Callable[[FilePrincipal], FilePrincipal | None]) -> tuple[int, int]:
-    """Apply a reloaded ACL to every open stream of a file user; returns (checked, changed).
-
-    A stream is moved to its new hub group in place: it is never dropped, and from the next
-    event on it sees exactly what its new rights allow.
-    """
-    state = app[STATE]
-    router = state.hub.topics
-    checked = changed = 0
-    for stream in list(state.streams):
-        old = stream.principal
-        if not isinstance(old, FilePrincipal):
-            continue  # anonymous, or vouched for by LDAP (not reloaded)
-        checked += 1
-        new = reauth(old)
-        stream.principal = new
-        acl = new.acl if new is not None else NO_ACL
-        if new is None:
-            logger.info("stream %r: user %r revoked or password changed: private events stop",
-                        stream, old.user)
-        if stream.group is not None and stream.group.acl != acl:
-            stream.group = router.move(stream, stream.group, acl)
-            changed += 1
-    state.auth_generation += 1  # streams still being set up re-authenticate
-    return checked, changed
 
 
 class AclReloader:
     """Owns the SIGUSR2 handler and the reload task; one reload at a time, none lost."""
 
-    def __init__(self, app: web.Application, file: FileAuthenticator) -> None:
-        self.app = app
+    def __init__(self, ctx: PluginContext, file: FileAuthenticator) -> None:
+        self.ctx = ctx
         self.file = file
         self.task: asyncio.Task[None] | None = None
         self.again = False
@@ -115,29 +88,26 @@ class AclReloader:
     async def reload(self) -> None:
         path = self.file.path
         try:
-            # reading the file and making the decoy hash are blocking: off the event loop
-            new = await asyncio.to_thread(load_acl_file, path)
+            # reading the file and making the decoy hashes are blocking: off the event loop;
+            # a missing or empty file is refused too (it would revoke every user)
+            new = await asyncio.to_thread(functools.partial(load_acl_file, path, reload=True))
         except ConfigError as e:
             self.failures += 1
             logger.error("ACL reload failed, keeping the previous ACL: %s", e)
             return
         reauth = self.file.reload(new)
         self.file.warn_plaintext()
-        checked, changed = reauthorise_streams(self.app, reauth)
+        checked, changed = self.ctx.reauthorise(FilePrincipal, reauth)
         self.reloads += 1
         logger.info("ACL reloaded from %s: %d user(s); %d open stream(s) re-authorised, %d changed",
                     path, len(new.users), checked, changed)
 
     async def close(self) -> None:
-        t = self.task
-        if t is not None and not t.done():
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self.task)
 
 
 def build_auth(config: Config, acl_path: str | None) -> tuple[AuthChain, Callable[
-        [web.Application], contextlib.AbstractAsyncContextManager[None]]]:
+        [PluginContext], contextlib.AbstractAsyncContextManager[None]]]:
     """The authenticator and its cleanup context (SIGUSR2 reload, LDAP cache shutdown).
 
     Loads the ACL file now: a broken file at start-up is a ConfigError.
@@ -156,19 +126,19 @@ def build_auth(config: Config, acl_path: str | None) -> tuple[AuthChain, Callabl
     chain = AuthChain(file, ldap)
 
     @contextlib.asynccontextmanager
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+    async def lifecycle(ctx: PluginContext) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        reloader = AclReloader(app, file) if file is not None else None
-        state = app[STATE]
+        reloader = AclReloader(ctx, file) if file is not None else None
         if reloader is not None and file is not None:
-            state.metrics.register(reloader)
-            state.plugins["acl"] = lambda: {"file": file.path, "users": len(file.acl.users),
-                                            "reloads": reloader.reloads,
-                                            "reload_failures": reloader.failures}
+            ctx.metrics.register(reloader)
+            ctx.metrics.register(file.cache)  # auth_cache_*{cache="acl"}
+            ctx.report("acl", lambda: {"file": file.path, "users": len(file.acl.users),
+                                       "reloads": reloader.reloads,
+                                       "reload_failures": reloader.failures})
         if ldap is not None:
-            state.metrics.register(ldap)
-            state.plugins["ldap"] = lambda: {"uri": ldap.cfg.uri, "binds": ldap.binds,
-                                             "failures": ldap.failures}
+            ctx.metrics.register(ldap)
+            ctx.report("ldap", lambda: {"uri": ldap.cfg.uri, "binds": ldap.binds,
+                                        "failures": ldap.failures})
         for sig in RELOAD_SIGNALS:  # SIGHUP: the Unix daemon convention; SIGUSR2: 0.7.4's
             if reloader is not None:
                 loop.add_signal_handler(sig, reloader.trigger)

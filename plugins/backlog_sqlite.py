@@ -24,14 +24,16 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-from hub.cursor import advance_past, new_cursor
+from hub.cursor import advance_past, is_uuid7, new_cursor
 from hub.event import Event, EventError, restore_event
 from hub.topics import TopicError, parse_publish_path
 from server.errors import ConfigError, ServiceUnavailable
 from server.eventlog import Located, MemoryLog
+from server.tasks import cancel_and_wait
 
 __all__ = ["SCHEMA_VERSION", "SqliteLog", "import_074"]
 
@@ -100,8 +102,49 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _unwrap_074(obj: dict[str, Any]) -> dict[str, Any]:
+    """The stamped event of one line as 0.7.4's ``write_backlog_storage`` writes it.
+
+    0.7.4 writes ``{"timestamp": ..., "topics": [...], "json": {the event as sent}, "private":
+    bool}``; the event keeps the cursor 0.7.4 handed out (``json.pubsub_cursor``). Its stored
+    ``pubsub_path`` is used when it agrees with the line's topics and privacy (0.7.4's own
+    restores dropped its leading '/'); otherwise the path is rebuilt from them. When anything
+    says the event was private, it stays private.
+    """
+    payload, topics, private = obj["json"], obj["topics"], obj.get("private")
+    if not isinstance(payload, dict) or not isinstance(topics, list) \
+            or not all(isinstance(t, str) for t in topics):
+        raise EventError("a 0.7.4 backlog line needs a 'json' object and a 'topics' list")
+    event = dict(payload)
+    if not isinstance(private, bool):
+        logger.warning("0.7.4 backlog: a line without a true/false 'private': kept as private")
+        private = True
+    ts = obj.get("timestamp")
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        event["pubsub_timestamp"] = ts
+    stored = event.get("pubsub_path")
+    path: str | None = None
+    if isinstance(stored, str):
+        stored = stored if stored.startswith("/") else "/" + stored
+        try:
+            stored_topics, stored_private = parse_publish_path(stored)
+        except TopicError:  # rebuilt from the line's topics below
+            stored_topics, stored_private = (), False
+        if list(stored_topics) == topics and stored_private == private:
+            path = stored
+        private = private or stored_private
+    if path is None:
+        path = ("/private/" if private else "/") + "/".join(topics)
+    event["pubsub_path"] = path
+    return event
+
+
 def _parse_074_lines(lines: Iterable[bytes], fallback_ts: float) -> tuple[list[Event], int]:
-    """Events from 0.7.4 backlog lines; returns (events, lines skipped)."""
+    """Events from 0.7.4 backlog lines; returns (events, lines skipped).
+
+    Each line is 0.7.4's wrapper (see :func:`_unwrap_074`); a line that is a bare stamped event
+    is read as one too.
+    """
     out: list[Event] = []
     skipped = 0
     seen: set[str] = set()
@@ -113,6 +156,8 @@ def _parse_074_lines(lines: Iterable[bytes], fallback_ts: float) -> tuple[list[E
             obj = orjson.loads(line)
             if not isinstance(obj, dict):
                 raise EventError("not a JSON object")
+            if "json" in obj and "topics" in obj:
+                obj = _unwrap_074(obj)
             if not isinstance(obj.get("pubsub_timestamp"), (int, float)):
                 obj["pubsub_timestamp"] = fallback_ts
             if not isinstance(obj.get("pubsub_cursor"), str) or obj["pubsub_cursor"] in seen:
@@ -214,7 +259,7 @@ class SqliteLog:
             self.mirror.keep(ev)
         newest = self.mirror.newest()
         for ev in reversed(events):  # the newest UUIDv7 stored: new cursors must sort after it
-            if ev.cursor[14:15] == "7":
+            if is_uuid7(ev.cursor):
                 advance_past(ev.cursor)
                 break
         trim = self.mirror.take_dropped()
@@ -257,10 +302,7 @@ class SqliteLog:
     async def close(self) -> None:
         """Commit what is queued, stop the tasks, close the database."""
         self._closing = True
-        if self._evictor is not None:
-            self._evictor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._evictor
+        await cancel_and_wait(self._evictor)
         if self._writer is not None and self._wake is not None:
             self._wake.set()
             # ends once the queue is empty; a writer that failed was logged when it ended

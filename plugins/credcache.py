@@ -11,7 +11,6 @@ Knows nothing of files, LDAP or HTTP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -21,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from server.auth import Principal
+from server.tasks import cancel_and_wait
 
 __all__ = ["CredentialCache", "Lookup"]
 
@@ -104,9 +104,5 @@ class CredentialCache:
         tasks = list(self._inflight.values())
         if tasks and grace > 0:
             await asyncio.wait(tasks, timeout=grace)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(*tasks)
         self._entries.clear()

@@ -6,14 +6,22 @@ groups to ACL segments and secure topics, and the per-credential cache. Every LD
 bounded by a timeout; an unreachable directory makes authentication fail closed (logged) while
 the daemon keeps serving. bonsai is imported only when this module is used.
 
-``acl`` accepts both shapes seen in 0.7.4: ``group: [topics]`` (its sample config; the segment is
-named after the group) and ``group: {segment: [topics]}`` (what its code expected).
+``acl`` (and ``publish_topics``) keys name the entries the membership searches find, two ways:
+
+* a DN (``"cn=syadmins,ou=teams,dc=example,dc=org"``, 0.7.4's keys): matched against the DN of
+  each entry found, compared as DNs (the case of attribute names and values, and the spaces
+  around ``,``, ``=`` and ``+``, do not matter);
+* a plain name (``committers``): matched against the entries' ``group_attribute`` (``cn``).
+
+Values take both shapes seen in 0.7.4: ``group: [topics]`` (its sample config; one segment) and
+``group: {segment: [topics]}`` (what its code expected).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +32,7 @@ from server.auth import Principal
 from server.config import Section
 from server.errors import ConfigError
 
-__all__ = ["LdapAuthenticator", "LdapConfig", "LdapPrincipal", "parse_ldap"]
+__all__ = ["LdapAuthenticator", "LdapConfig", "LdapPrincipal", "dn_key", "parse_ldap"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +64,7 @@ class LdapConfig:
     base_scope: str
     #: filter templates, ``%s`` = the username (escaped for a filter)
     membership_patterns: tuple[str, ...]
-    #: group → the segments it grants
+    #: group (a DN, or a ``group_attribute`` value) → the segments it grants
     acl: Mapping[str, Acl]
     #: group → the secure topics it may publish (0.7.4 could never grant these over LDAP)
     publish_topics: Mapping[str, frozenset[str]] = field(default_factory=dict)
@@ -90,6 +98,27 @@ def _group_acl(sec: Section, group: str) -> Acl:
     raise sec.error(group, "expected a list of topics or a mapping of segment to topics")
 
 
+def _patterns(sec: Section) -> tuple[str, ...]:
+    """``membership_patterns``: filter templates.
+
+    0.7.4's sample config writes its first pattern with a stray trailing ``:``, which YAML reads
+    as a one-key mapping with no value; that is read as the pattern it was meant to be (warned).
+    """
+    raw = sec.raw("membership_patterns")
+    if isinstance(raw, list):
+        fixed: list[object] = []
+        for i, v in enumerate(raw):
+            if isinstance(v, Mapping) and len(v) == 1 and next(iter(v.values())) is None:
+                key = str(next(iter(v)))
+                logger.warning("%s: %s[%d]: read as %r (a trailing ':' made it a mapping)",
+                               sec.file, sec.key("membership_patterns"), i, key)
+                v = key
+            fixed.append(v)
+        return Section({"membership_patterns": fixed}, sec.file, sec.prefix).strings(
+            "membership_patterns")
+    return sec.strings("membership_patterns")
+
+
 def parse_ldap(sec: Section) -> LdapConfig:
     """Validate ``clients.ldap``. Raises ConfigError naming the file and key."""
     uri = sec.string("uri")
@@ -98,7 +127,7 @@ def parse_ldap(sec: Section) -> LdapConfig:
     base = sec.string("base_scope")
     if not base:
         raise sec.error("base_scope", "is required (the search base for groups)")
-    patterns = sec.strings("membership_patterns")
+    patterns = _patterns(sec)
     for i, p in enumerate(patterns):
         _template(sec, f"membership_patterns[{i}]", p)
     acl_sec = sec.section("acl")
@@ -127,6 +156,32 @@ def parse_ldap(sec: Section) -> LdapConfig:
     return cfg
 
 
+#: A DN compared as a DN: per RDN, its sorted (attribute type, value) pairs, case-folded.
+DnKey = tuple[tuple[tuple[str, str], ...], ...]
+
+
+#: spaces around an unescaped separator (``,`` ``=`` ``+``) of a DN, which carry no meaning
+_SPACE_BEFORE = re.compile(r"(?<![\\\s])\s+(?=[,=+])")
+_SPACE_AFTER = re.compile(r"(?<=[,=+])(?<!\\[,=+])\s+")
+
+
+def dn_key(bonsai: Any, text: str) -> DnKey | None:
+    """``text`` as a comparable DN, or None when it is not a DN (a plain group name).
+
+    Attribute types and values are compared without case (the matching rule of the attributes
+    DNs are made of: cn, ou, dc, uid, o) and without the spaces around separators.
+    """
+    if "=" not in text:
+        return None
+    tight = _SPACE_AFTER.sub("", _SPACE_BEFORE.sub("", text.strip()))
+    try:
+        rdns = bonsai.LDAPDN(tight).rdns
+    except (bonsai.InvalidDN, ValueError):
+        return None
+    return tuple(tuple(sorted((t.strip().lower(), v.strip().lower()) for t, v in rdn))
+                 for rdn in rdns)
+
+
 class LdapAuthenticator:
     """Bind as the user, read its groups, map them to rights; cached per (user, password)."""
 
@@ -135,6 +190,17 @@ class LdapAuthenticator:
 
         self.cfg = cfg
         self._bonsai: Any = bonsai
+        # acl/publish_topics keys that are DNs, by their normalised form; the rest by name
+        self._dn_acl: dict[DnKey, Acl] = {}
+        self._dn_topics: dict[DnKey, frozenset[str]] = {}
+        for name, acl in cfg.acl.items():
+            key = dn_key(bonsai, name)
+            if key is not None:  # two spellings of one DN: their rights add up
+                self._dn_acl[key] = self._dn_acl.get(key, frozenset()) | acl
+        for name, topics in cfg.publish_topics.items():
+            key = dn_key(bonsai, name)
+            if key is not None:
+                self._dn_topics[key] = self._dn_topics.get(key, frozenset()) | topics
         self.cache = CredentialCache(cfg.cache_ttl, cfg.negative_ttl, name="ldap")
         self._slots = asyncio.Semaphore(cfg.max_connections)
         #: bind attempts made (the cache's effect is measured with this)
@@ -180,6 +246,7 @@ class LdapAuthenticator:
         return self.principal(username, groups), True
 
     async def _groups(self, username: str, password: str) -> frozenset[str]:
+        """The DNs and ``group_attribute`` values of the entries the membership searches find."""
         bonsai = self._bonsai
         cfg = self.cfg
         client = bonsai.LDAPClient(cfg.uri)
@@ -193,18 +260,24 @@ class LdapAuthenticator:
                 res = await conn.search(cfg.base_scope, bonsai.LDAPSearchScope.SUBTREE, flt,
                                         attrlist=[cfg.group_attribute], timeout=cfg.timeout)
                 for entry in res:
+                    found.add(str(entry.dn))  # what 0.7.4 mapped by
                     found.update(str(v) for v in entry.get(cfg.group_attribute) or ())
         finally:
             conn.close()
         return frozenset(found)
 
     def principal(self, username: str, groups: frozenset[str]) -> LdapPrincipal:
+        """The rights of ``groups`` (entry DNs and names, as :meth:`_groups` found them)."""
         cfg = self.cfg
         acl: set[frozenset[str]] = set()
         topics: set[str] = set()
         for g in groups:
             acl.update(cfg.acl.get(g, ()))
             topics.update(cfg.publish_topics.get(g, ()))
+            key = dn_key(self._bonsai, g)
+            if key is not None:
+                acl.update(self._dn_acl.get(key, ()))
+                topics.update(self._dn_topics.get(key, ()))
         return LdapPrincipal(user=username, acl=frozenset(acl), publish_topics=frozenset(topics),
                              groups=groups)
 

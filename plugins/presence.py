@@ -12,24 +12,23 @@ streams now hold that spec, and how many streams there are in all. Never a user 
 credential, a peer address, a wire format or an ACL: the router's listener is given none of these,
 so this module cannot leak them.
 
-Knows nothing of HTTP requests or configuration; :func:`install` is called by ``server.wiring``
+Knows nothing of HTTP requests or configuration; :func:`lifecycle` is installed by ``wiring``
 (always: a join costs one small event, delivered to nobody unless an admin follows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiohttp import web
-
 from hub.event import Event, make_event
 from hub.hub import Hub
 from hub.topics import TopicSpec
-from server.app import STATE
+from server.context import PluginContext
 
-__all__ = ["PRESENCE_PATH", "PresenceReporter", "install", "presence_event"]
+__all__ = ["PRESENCE_PATH", "PresenceReporter", "lifecycle", "presence_event"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +74,15 @@ class PresenceReporter:
         self.hub.topics.remove_listener(self)
 
 
-def install(app: web.Application) -> PresenceReporter:
-    """Report presence for the app's hub from startup until cleanup (``cleanup_ctx``)."""
-    reporter = PresenceReporter(app[STATE].hub)
-
-    async def presence(_app: web.Application) -> AsyncIterator[None]:
-        reporter.start()
-        app[STATE].metrics.register(reporter)
-        app[STATE].plugins["presence"] = lambda: {"path": PRESENCE_PATH, "events": reporter.published}
-        logger.debug("presence events at %s", PRESENCE_PATH)
-        try:
-            yield
-        finally:
-            reporter.stop()
-
-    app.cleanup_ctx.append(presence)
-    return reporter
+@contextlib.asynccontextmanager
+async def lifecycle(ctx: PluginContext) -> AsyncIterator[None]:
+    """Report presence for the daemon's hub while the context is open (startup to cleanup)."""
+    reporter = PresenceReporter(ctx.hub)
+    reporter.start()
+    ctx.metrics.register(reporter)
+    ctx.report("presence", lambda: {"path": PRESENCE_PATH, "events": reporter.published})
+    logger.debug("presence events at %s", PRESENCE_PATH)
+    try:
+        yield
+    finally:
+        reporter.stop()

@@ -6,7 +6,7 @@ Owns the ``sqs:`` section (0.7.4's named entries plus ``endpoint_url``, ``wait_s
 exactly those of an HTTP PUT), the at-least-once rule (a message is deleted only after its event
 was accepted), the bounded MessageId dedup, and retrying with backoff through outages.
 
-It must not know server internals beyond ``State.ingest`` and the configured payload limit.
+It knows of the daemon only its plugin context (the publish path and the payload limit).
 aiobotocore is imported only when this plugin is installed (``sqs:`` configured).
 """
 
@@ -22,17 +22,15 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
 from hub.topics import TopicError, parse_publish_path
-from server.app import STATE
 from server.config import Config, Section
+from server.context import PluginContext
 from server.errors import BadRequest, ConfigError, PubSubError
 from server.ingest import Ingest
 from server.payload import parse_json_object
+from server.tasks import cancel_and_wait
 
 __all__ = [
-    "SQS",
     "Backoff",
     "BadMessage",
     "QueueConfig",
@@ -40,8 +38,8 @@ __all__ = [
     "SeenIds",
     "SqsPlugin",
     "SqsStats",
+    "build",
     "decode_message",
-    "install",
     "parse_sqs_config",
 ]
 
@@ -398,38 +396,35 @@ class SqsPlugin:
         self.queues = tuple(queues)
         self.consumers: list[QueueConsumer] = []
 
-    async def ctx(self, app: web.Application) -> AsyncIterator[None]:
+    @contextlib.asynccontextmanager
+    async def lifecycle(self, ctx: PluginContext) -> AsyncIterator[None]:
         from aiobotocore.session import get_session
 
-        state = app[STATE]
         session = get_session()
         loop = asyncio.get_running_loop()
-        self.consumers = [QueueConsumer(q, state.ingest, session, state.config.server.max_payload_size)
+        self.consumers = [QueueConsumer(q, ctx.ingest, session, ctx.max_payload_size)
                           for q in self.queues]
         tasks = [loop.create_task(c.run(), name=f"pypubsub-sqs-{c.cfg.name}") for c in self.consumers]
         for c in self.consumers:
-            state.metrics.register(c.stats, queue=c.cfg.name)
-        state.plugins["sqs"] = lambda: {c.cfg.name: {"queue": c.cfg.queue, "state": c.health(),
-                                                     "received": c.stats.received}
-                                        for c in self.consumers}
+            ctx.metrics.register(c.stats, queue=c.cfg.name)
+        ctx.report("sqs", lambda: {c.cfg.name: {"queue": c.cfg.queue, "state": c.health(),
+                                                "received": c.stats.received}
+                                   for c in self.consumers})
         try:
             yield
         finally:
             for c in self.consumers:
-                state.metrics.unregister(c.stats)
-            for t in tasks:
-                t.cancel()
-            for t, c in zip(tasks, self.consumers, strict=True):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+                ctx.metrics.unregister(c.stats)
+            await cancel_and_wait(*tasks)
+            for c in self.consumers:
                 logger.info("sqs %s: stopped (%s)", c.cfg.name, c.stats)
 
 
-SQS: web.AppKey[SqsPlugin] = web.AppKey("pypubsub_sqs", SqsPlugin)
+def build(config: Config) -> SqsPlugin:
+    """SQS ingestion for ``config.sqs``; raises ConfigError on bad config.
 
-
-def install(app: web.Application, config: Config) -> SqsPlugin:
-    """Add SQS ingestion for ``config.sqs`` to ``app``; raises ConfigError on bad config."""
+    Start it with :meth:`SqsPlugin.lifecycle` (the composition root adds it to the app).
+    """
     if config.sqs is None:
         raise ConfigError(config.file, "sqs", "not configured")
     queues = parse_sqs_config(config.sqs)
@@ -445,7 +440,4 @@ def install(app: web.Application, config: Config) -> SqsPlugin:
         quiet = logging.getLogger(name)
         if quiet.level == logging.NOTSET:  # left alone when the operator set a level
             quiet.setLevel(logging.INFO)
-    plugin = SqsPlugin(queues)
-    app[SQS] = plugin
-    app.cleanup_ctx.append(plugin.ctx)
-    return plugin
+    return SqsPlugin(queues)

@@ -20,7 +20,7 @@ from aiohttp import web
 from hub.event import WireFormat, ping_bytes
 from hub.hub import Hub
 from hub.router import NO_ACL, Acl
-from hub.topics import TopicError, TopicSpec, parse_publish_path, parse_subscription
+from hub.topics import TopicError, TopicSpec
 from server import __version__
 from server.auth import AllowList, Authenticator, NoAuth, Principal, parse_basic_auth
 from server.config import Config
@@ -29,9 +29,11 @@ from server.eventlog import EventLog, MemoryLog
 from server.ingest import Ingest
 from server.logs import access_log_flusher, log_access
 from server.metrics import Registry, StatsSource
+from server.negotiate import Outcome, negotiate
 from server.payload import parse_json_object
 from server.replay import ReplayHook
 from server.stream import Stream, StreamStats
+from server.target import publish_target, subscription_target
 from server.tasks import cancel_and_wait
 
 __all__ = ["ACCEPTED_TEXT", "SERVER_HEADER", "STATE", "State", "build_app"]
@@ -207,14 +209,13 @@ async def _publish(request: web.Request, state: State) -> web.StreamResponse:
         raise ServiceUnavailable("server is shutting down")
     cfg = state.config
     peer = _peer(request)
-    path = request.raw_path.split("?", 1)[0]
     try:
-        topics, _private = parse_publish_path(path)
+        target = publish_target(request.raw_path, cfg.clients.secure_topics)
     except TopicError as e:
         raise BadRequest(str(e)) from None
     if not state.allow.allows(peer):
         raise Forbidden(f"publishing is not allowed from {peer}")
-    secure = cfg.clients.secure_topics.intersection(topics)
+    secure = target.secure
     if secure:
         who = await _principal(state, request)
         missing = secure - who.publish_topics if who else secure
@@ -223,7 +224,7 @@ async def _publish(request: web.Request, state: State) -> web.StreamResponse:
             raise Forbidden(f"publishing to secure topic(s) {names} needs credentials that grant them")
     body = await _read_body(request, cfg.server.max_payload_size)
     obj = parse_json_object(body)
-    await state.ingest.submit(path, obj, source=peer)
+    await state.ingest.submit(target.path, obj, source=peer)
     return _text(202, ACCEPTED_TEXT)
 
 
@@ -232,7 +233,7 @@ async def handle_subscribe(request: web.Request) -> web.StreamResponse:
     if state.closing:
         return _text(503, "server is shutting down\n", **{"Retry-After": "5"})
     try:
-        spec = parse_subscription(request.raw_path)
+        spec = subscription_target(request.raw_path)
     except TopicError as e:
         raise BadRequest(str(e)) from None
     generation = state.auth_generation
@@ -313,20 +314,24 @@ async def handle_head(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204, headers=headers)
 
 
-HANDLERS: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
-    "GET": handle_subscribe,
-    "PUT": handle_publish,
-    "POST": handle_publish,
-    "HEAD": handle_head,
+HANDLERS: dict[Outcome, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+    Outcome.STREAM: handle_subscribe,
+    Outcome.PUBLISH: handle_publish,
+    Outcome.HEAD: handle_head,
 }
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """One entry for every request: pick the handler, map refusals to one-line answers."""
-    handler = HANDLERS.get(request.method)
-    if handler is None:
-        return _text(405, f"method {request.method} not allowed\n", Allow=ALLOW)
+    v = request.version
+    decision = negotiate(request.method.encode(), f"{v.major}.{v.minor}",
+                         {k.lower(): val for k, val in request.raw_headers})
     try:
+        if decision.outcome is Outcome.BAD:
+            raise BadRequest(decision.reason)
+        handler = HANDLERS.get(decision.outcome)
+        if handler is None:
+            return _text(405, f"method {request.method} not allowed\n", Allow=ALLOW)
         return await handler(request)
     except PubSubError as e:
         state = request.app[STATE]

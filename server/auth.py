@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,12 +73,12 @@ class AllowList:
         if hit is not None:
             return hit
         try:
-            ip = ipaddress.ip_address(addr.split("%", 1)[0])
-        except ValueError:
+            ip = netaddr.IPAddress(addr.split("%", 1)[0])  # without an IPv6 zone (fe80::1%eth0)
+        except (netaddr.AddrFormatError, ValueError, TypeError):
             return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        ok = netaddr.IPAddress(str(ip)) in self.nets
+        if ip.is_ipv4_mapped():  # ::ffff:127.0.0.1 from a dual-stack socket
+            ip = ip.ipv4()
+        ok = ip in self.nets
         if len(self._cache) >= self.CACHE_MAX:
             self._cache.clear()
         self._cache[addr] = ok

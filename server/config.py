@@ -8,7 +8,6 @@ key the same way. No I/O beyond reading the file; nothing here starts anything.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 from collections.abc import Mapping
@@ -280,6 +279,8 @@ class ServerConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     #: send ``X-Subscribers`` on HEAD (it reveals how many clients are connected)
     subscriber_header: bool = True
+    #: serve plain publishes and subscriptions through the fast lane (false: aiohttp only)
+    fast_lane: bool = True
     admin: AdminConfig = field(default_factory=AdminConfig)
     #: ``text`` or ``json`` (one JSON object per line); ``--log-format`` overrides it
     log_format: str = "text"
@@ -322,11 +323,11 @@ def _parse_cidrs(sec: Section, name: str) -> netaddr.IPSet:
     out = netaddr.IPSet()
     for i, entry in enumerate(sec.strings(name)):
         try:
-            net = ipaddress.ip_network(entry.strip(), strict=False)
-        except ValueError:
+            net = netaddr.IPNetwork(entry.strip()).cidr  # host bits allowed: 10.0.0.1/24
+        except (netaddr.AddrFormatError, ValueError, TypeError):
             sec.report(f"{name}[{i}]", f"{entry!r} is not an IP address or CIDR")
             continue
-        out.add(netaddr.IPNetwork(str(net)))
+        out.add(net)
     return out
 
 
@@ -337,8 +338,8 @@ def _parse_bind(sec: Section, default: tuple[str, ...] = DEFAULT_BIND) -> tuple[
         if b in ("", "*"):
             continue
         try:
-            ipaddress.ip_address(b)
-        except ValueError:
+            netaddr.IPAddress(b)
+        except (netaddr.AddrFormatError, ValueError, TypeError):
             if not re.match(r"^[A-Za-z0-9.-]+$", b):
                 sec.report(f"bind[{i}]", f"{b!r} is not an address")
     return binds
@@ -394,6 +395,7 @@ def parse_config(data: object, file: str) -> Config:
         ping_interval=srv.duration("ping_interval", DEFAULT_PING_INTERVAL),
         shutdown_grace=srv.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         subscriber_header=srv.typed("subscriber_header", bool, True),
+        fast_lane=srv.typed("fast_lane", bool, True),
         admin=_parse_admin(srv),
         log_format=log_format,
     )

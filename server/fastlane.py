@@ -1,16 +1,22 @@
 """The fast lane: the two hot request shapes served without aiohttp's per-request machinery.
 
-Owns a small asyncio Protocol in front of aiohttp. It reads a connection's first bytes and
+Owns a small asyncio Protocol in front of aiohttp. Each connection has one ``httptools``
+parser (llhttp, strict: the parser family aiohttp itself uses) fed every byte it receives;
+for each request head, :func:`server.negotiate.negotiate` decides. The fast lane
 
-* serves a plain subscription (``GET``, HTTP/1.1, no credentials, no replay headers) as a
+* serves a plain subscription (``GET``, HTTP/1.1, allow-listed headers only, NDJSON) as a
   stream with no task and no request objects: a subscriber costs a few KB, not ~14 KB;
-* serves a plain publish (``PUT``/``POST``, HTTP/1.1, ``Content-Length`` within the limit, no
-  credentials, allow-listed peer, valid JSON object, a log that accepts synchronously) inline,
-  with keep-alive and pipelining;
-* hands **every other** connection, byte for byte, to aiohttp's own ``RequestHandler`` — which
-  then owns it for the rest of its life. All refusals (400/403/405/413...), auth, replay,
-  chunked uploads, ``Expect``, HTTP/1.0 and TLS are aiohttp's: the fast lane only ever answers
-  success, using the same pure functions (topics, payload validation, Ingest) as the handlers.
+* serves a plain publish (``PUT``/``POST``, HTTP/1.1, ``Content-Length`` within the limit,
+  allow-listed headers and peer, no secure topic, valid JSON object, a log that accepts
+  synchronously) inline, with keep-alive and pipelining: every request of a read is answered
+  (a read is at most the transport's read size, 256 KiB: that bounds the work of one call). A
+  read is parsed whole before any of it is answered, as aiohttp does, so that a read aiohttp
+  would refuse whole is handed to it whole;
+* hands **every other** connection, byte for byte from the first request it did not answer,
+  to aiohttp's own ``RequestHandler`` — which then owns it for the rest of its life. Requests
+  the parser refuses, auth, replay, other stream formats, chunked uploads, ``Expect``,
+  HTTP/1.0 and TLS are aiohttp's: the fast lane only ever answers success, using the same pure
+  functions (target, payload validation, Ingest) as the handlers.
 
 Why: aiohttp alone measured 0.48x the benchmark floor on a bare publish handler, below the 0.5x
 target before any routing work; idle subscribers cost ~14 KB each.
@@ -20,17 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import socket
 import time
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import TYPE_CHECKING, cast
 
+import httptools
 from aiohttp import web
 
 from hub.event import WireFormat
 from hub.router import NO_ACL
-from hub.topics import TopicError, parse_publish_path, parse_subscription
+from hub.topics import TopicError
 from server.app import (
     ACCEPTED_TEXT,
     SERVER_HEADER,
@@ -41,8 +48,11 @@ from server.app import (
 )
 from server.errors import BadRequest
 from server.logs import log_access
+from server.negotiate import Lane as Via
+from server.negotiate import Outcome, negotiate
 from server.payload import parse_json_object
 from server.stream import Stream
+from server.target import PublishTarget, publish_target, subscription_target
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
@@ -58,13 +68,7 @@ MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 30.0
 #: seconds an idle keep-alive publisher connection is kept (aiohttp's default too)
 KEEPALIVE_TIMEOUT = 75.0
-#: requests parsed from one read before yielding (bounds work per data_received)
-MAX_PIPELINE = 256
 
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-#: request headers that need aiohttp's full handling
-_SLOW_HEADERS = frozenset({b"authorization", b"x-fetch-since", b"x-fetch-since-cursor",
-                           b"transfer-encoding", b"expect", b"upgrade", b"connection"})
 _CHUNKED = (WireFormat.CHUNKED, WireFormat.CHUNKED_NUL)
 
 
@@ -81,25 +85,6 @@ class _Date:
             cls.sec = s
             cls.value = formatdate(s, usegmt=True).encode()
         return cls.value
-
-
-def parse_head(head: bytes) -> tuple[bytes, bytes, dict[bytes, bytes]] | None:
-    """``(method, target, headers)`` of a plain HTTP/1.1 request head, or None for anything
-    unusual (aiohttp then parses it and answers properly)."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not parts[1].startswith(b"/"):
-        return None
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
-            return None
-        key = name.lower()
-        if key in headers:
-            return None
-        headers[key] = value.strip(b" \t")
-    return parts[0], parts[1], headers
 
 
 class Lane:
@@ -134,15 +119,20 @@ class Lane:
 
 
 class FastLane(asyncio.Protocol):
-    """One connection until it is a stream, a closed keep-alive, or handed to aiohttp."""
+    """One connection until it is a stream, a closed keep-alive, or handed to aiohttp.
 
-    __slots__ = ("buf", "deadline", "lane", "peer", "started", "stream", "target", "timer", "transport",
-                 "ua")
+    Holds what a connection needs for its whole life; the parsing state lives in its
+    :class:`_Reader`, dropped once the connection is a stream (idle streams are many).
+    """
+
+    __slots__ = ("deadline", "lane", "peer", "reader", "started", "stream", "target", "timer",
+                 "transport", "ua")
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
-        self.buf = b""
+        #: None once the connection is a stream or aiohttp's
+        self.reader: _Reader | None = _Reader(self)
         self.peer = "?"
         self.stream: Stream | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -167,6 +157,9 @@ class FastLane(asyncio.Protocol):
         if self.stream is not None:
             self.stream.end("gone")
         self.transport = None
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
     def _arm(self, delay: float) -> None:
         """Move the idle deadline; the timer is re-armed lazily when it fires (not per request)."""
@@ -192,63 +185,31 @@ class FastLane(asyncio.Protocol):
         if self.transport is not None and self.stream is None:
             self.transport.resume_reading()
 
-    # -- requests ----------------------------------------------------------------------------
+    # -- bytes in ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self.stream is not None:
+        reader = self.reader
+        if reader is None:
             return  # a subscriber has nothing more to say
-        buf = self.buf + data if self.buf else data
-        for _ in range(MAX_PIPELINE):
-            he = buf.find(b"\r\n\r\n")
-            if he < 0:
-                if len(buf) > MAX_HEAD:
-                    self._hand_over(buf)
-                    return
-                break
-            parsed = parse_head(buf[:he]) if he <= MAX_HEAD else None
-            if parsed is None:
-                self._hand_over(buf)
-                return
-            method, target, headers = parsed
-            if _SLOW_HEADERS.intersection(headers):
-                self._hand_over(buf)
-                return
-            if method == b"GET":
-                if b"content-length" in headers or self.lane.state.closing or buf[he + 4:]:
-                    self._hand_over(buf)
-                    return
-                self.buf = b""
-                if not self._subscribe(target, headers):
-                    self._hand_over(buf)
-                return
-            if method != b"PUT" and method != b"POST":
-                self._hand_over(buf)
-                return
-            cl = headers.get(b"content-length")
-            if cl is None or not cl.isdigit() or int(cl) > self.lane.max_payload:
-                self._hand_over(buf)
-                return
-            end = he + 4 + int(cl)
-            if len(buf) < end:
-                break
-            if not self._publish(method, target, buf[he + 4:end], headers):
-                self._hand_over(buf)
-                return
-            buf = buf[end:]
-            if not buf:
-                break
-        self.buf = buf
-        if self.transport is not None and self.stream is None:
-            self._arm(KEEPALIVE_TIMEOUT if not buf else HEAD_TIMEOUT)
+        pending = reader.feed(data)
+        if pending is None:
+            self._hand_over(reader.unanswered())
+        elif self.stream is not None:
+            reader.close()  # a stream parses nothing more
+            self.reader = None
+        elif self.transport is not None:
+            self._arm(KEEPALIVE_TIMEOUT if not pending else HEAD_TIMEOUT)
 
     def _hand_over(self, buf: bytes) -> None:
         """Give this connection, and every byte not yet answered, to aiohttp."""
         t = self.transport
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
         self.lane.conns.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.transport = None
-        self.buf = b""
         if t is None or t.is_closing():
             return
         self.lane.handed_over += 1
@@ -258,42 +219,35 @@ class FastLane(asyncio.Protocol):
         if buf:
             handler.data_received(buf)
 
-    def _publish(self, method: bytes, target: bytes, body: bytes, headers: dict[bytes, bytes]) -> bool:
+    # -- requests ----------------------------------------------------------------------------
+    def publish(self, method: bytes, url: bytes, pub: PublishTarget, body: bytes,
+                ua: bytes | None) -> bool:
         """Accept one publish inline; False means "let aiohttp handle this request"."""
-        state = self.lane.state
-        ingest = state.ingest
-        if not ingest.synchronous or state.closing or not state.allow.allows(self.peer):
-            return False
-        path = target.split(b"?", 1)[0].decode("latin-1")
         try:
-            topics, _private = parse_publish_path(path)
             obj = parse_json_object(body)
-        except (TopicError, BadRequest):
-            return False
-        if state.config.clients.secure_topics.intersection(topics):
+        except BadRequest:
             return False
         t0 = time.monotonic()
-        ingest.submit_now(path, obj, source=self.peer)
+        lane = self.lane
+        lane.state.ingest.submit_now(pub.path, obj, source=self.peer, parsed=(pub.topics, pub.private))
         t = self.transport
         if t is not None:
-            lane = self.lane
             t.write(b"HTTP/1.1 202 Accepted\r\nServer: %s\r\nDate: %s\r\n%s"
                     % (SERVER_HEADER.encode(), _Date.now(), lane.accepted_tail))
             lane.served += 1
             if access_logger.isEnabledFor(logging.INFO):
-                log_access(self.peer, f"{method.decode()} {path} HTTP/1.1", 202, lane.accepted_len,
-                           time.monotonic() - t0, headers.get(b"user-agent", b"-").decode("latin-1"))
+                log_access(self.peer, f"{method.decode()} {url.decode('latin-1')} HTTP/1.1", 202,
+                           lane.accepted_len, time.monotonic() - t0, (ua or b"-").decode("latin-1"))
         return True
 
-    def _subscribe(self, target: bytes, headers: dict[bytes, bytes]) -> bool:
+    def subscribe(self, target: bytes, ua: bytes | None) -> bool:
         """Turn this connection into a stream; False means "let aiohttp handle it"."""
         lane = self.lane
         state = lane.state
         try:
-            spec = parse_subscription(target.decode("latin-1"))
+            spec = subscription_target(target.decode("latin-1"))
         except TopicError:
             return False
-        ua = headers.get(b"user-agent")
         fmt = wire_format((1, 1), ua.decode("latin-1") if ua is not None else None, lane.oldschoolers)
         t = self.transport
         if t is None:
@@ -330,22 +284,217 @@ class FastLane(asyncio.Protocol):
                        self.ua.decode("latin-1"))
 
 
-class FastLaneSite(web.TCPSite):
-    """A TCP site whose connections enter through the fast lane (plain TCP only, not TLS)."""
+class _Reader:
+    """A connection's parser and the request it is parsing (one per connection, reused for each
+    request: no per-request objects but a small tuple per complete request).
 
-    def __init__(self, runner: web.BaseRunner, host: str | None, port: int, lane_state: State,
-                 **kw: object) -> None:
-        super().__init__(runner, host, port, **kw)  # type: ignore[arg-type]
+    A read is parsed whole before anything in it is answered, as aiohttp does: a read that holds
+    bytes llhttp refuses is handed over whole (aiohttp answers it with one 400, even the valid
+    requests before the bad bytes), and a request the fast lane does not serve is handed over
+    with everything after it, once the requests before it are answered.
+    """
+
+    __slots__ = ("body", "buf", "cl", "conn", "dup", "head_end", "headers", "in_head", "method",
+                 "mstart", "parser", "pos", "pub", "ready", "stop", "url")
+
+    def __init__(self, conn: FastLane) -> None:
+        self.conn = conn
+        #: refers back to this object's callbacks: :meth:`close` breaks the cycle
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        #: bytes received and not yet answered start at ``buf[pos]``
+        self.buf = b""
+        self.pos = 0
+        #: complete requests of this read, to answer once it parsed whole:
+        #: (publish target or None for a stream, method, target, body, user agent, end offset)
+        self.ready: list[tuple[PublishTarget | None, bytes, bytes, bytes, bytes | None, int]] = []
+        #: offset of the first request aiohttp must answer (-1: none so far)
+        self.stop = -1
+        # the request being parsed
+        self.mstart = 0
+        self.url = b""
+        self.method = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.dup = False
+        self.in_head = True
+        self.head_end = 0
+        self.cl = 0
+        self.body = b""
+        self.pub: PublishTarget | None = None
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse ``data``, then serve what the fast lane serves. Returns the bytes kept for the
+        request not yet complete, or None: hand the connection (:meth:`unanswered`) to aiohttp."""
+        parser = self.parser
+        if parser is None:
+            return None
+        self.buf = self.buf + data if self.buf else data
+        ready = self.ready
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # llhttp stops at an Upgrade/CONNECT request (negotiate() gave it to aiohttp)
+            if self.stop < 0:
+                ready.clear()
+                return None
+        except httptools.HttpParserCallbackError as e:
+            raise (e.__context__ or e) from None  # a bug of ours: asyncio logs it
+        except httptools.HttpParserError:
+            ready.clear()  # bytes llhttp refuses: aiohttp answers this whole read
+            return None
+        conn = self.conn
+        for pub, method, url, body, ua, end in ready:
+            ok = conn.publish(method, url, pub, body, ua) if pub is not None else conn.subscribe(url, ua)
+            if not ok:
+                ready.clear()
+                return None  # aiohttp answers it (and what follows) from self.pos
+            self.pos = end
+        ready.clear()
+        if self.stop >= 0 or conn.stream is not None:
+            return None if conn.stream is None else b""
+        buf = self.buf
+        pos = self.pos
+        if pos:  # keep only what is not answered yet
+            buf = self.buf = buf[pos:] if pos < len(buf) else b""
+            self.mstart -= pos
+            if self.head_end:
+                self.head_end -= pos
+            self.pos = 0
+        if self.in_head and len(buf) > MAX_HEAD:
+            return None
+        return buf
+
+    def unanswered(self) -> bytes:
+        return self.buf[self.pos:]
+
+    def close(self) -> None:
+        """Free the parser now (not at the next garbage collection). Never from a callback."""
+        self.parser = None
+        self.buf = self.url = self.body = b""
+
+    # -- parser callbacks: they record, feed() acts -------------------------------------------
+    def on_url(self, url: bytes) -> None:
+        self.url = self.url + url if self.url else url  # a target split across reads
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.lower()
+        if key in self.headers:
+            self.dup = True  # a repeated header: aiohttp decides what it means
+        self.headers[key] = value
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        if self.stop >= 0:
+            return  # aiohttp answers from an earlier request on: only check the syntax
+        buf = self.buf
+        start = self.mstart
+        if self.dup or buf[start:start + 1] in (b"\r", b"\n"):  # repeats, or blank lines first
+            self.stop = start
+            return
+        # llhttp accepted this head strictly (CRLF only): it ends at the first blank line
+        self.head_end = buf.find(b"\r\n\r\n", start) + 4
+        parser = self.parser
+        if parser is None:
+            self.stop = start
+            return
+        self.method = method = parser.get_method()
+        decision = negotiate(method, parser.get_http_version(), self.headers)
+        if decision.outcome is Outcome.BAD:  # aiohttp's parser refuses it: the whole read, then
+            self.ready.clear()
+            self.stop = self.pos
+        elif decision.lane is not Via.FAST:
+            self.stop = start
+        elif decision.outcome is Outcome.PUBLISH:
+            self.pub = self._publish_target()
+            if self.pub is None:
+                self.stop = start
+        elif self.conn.lane.state.closing:
+            self.stop = start  # aiohttp answers 503
+
+    def on_body(self, body: bytes) -> None:
+        if self.stop < 0:
+            self.body = self.body + body if self.body else body
+
+    def on_message_complete(self) -> None:
+        if self.stop < 0:
+            pub = self.pub
+            ua = self.headers.get(b"user-agent")
+            if pub is not None:
+                end = self.head_end + self.cl
+                self.ready.append((pub, self.method, self.url, self.body, ua, end))
+            elif self.head_end != len(self.buf):
+                self.stop = self.mstart  # bytes after a subscription: unusual, aiohttp's
+                end = self.head_end
+            else:
+                end = self.head_end
+                self.ready.append((None, self.method, self.url, b"", ua, end))
+            self.mstart = end
+        self.url = b""
+        self.headers.clear()
+        self.dup = False
+        self.in_head = True
+        self.head_end = 0
+        self.body = b""
+        self.pub = None
+
+    def _publish_target(self) -> PublishTarget | None:
+        """A publish's target before its body arrives; None unless the fast lane serves it."""
+        conn = self.conn
+        lane = conn.lane
+        state = lane.state
+        cl = int(self.headers[b"content-length"])  # llhttp checked: digits, no overflow
+        if (cl > lane.max_payload or state.closing or not state.ingest.synchronous
+                or not state.allow.allows(conn.peer)):
+            return None  # (draining: aiohttp answers 503)
+        try:
+            pub = publish_target(self.url.decode("latin-1"), state.config.clients.secure_topics)
+        except TopicError:
+            return None
+        if pub.secure:
+            return None  # credentials needed: aiohttp's
+        self.cl = cl
+        return pub
+
+
+class FastLaneSite(web.BaseSite):
+    """A TCP site whose connections enter through the fast lane (plain TCP only, not TLS).
+
+    Built on aiohttp's public ``BaseSite`` (register with the runner, ``_server`` closed by
+    ``stop()``), not on a copy of ``TCPSite.start``.
+    """
+
+    def __init__(self, runner: web.BaseRunner, host: str | None, port: int, lane_state: State, *,
+                 backlog: int = 128, reuse_address: bool = True) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._reuse_address = reuse_address
         self._lane_state = lane_state
+        self._listener: asyncio.Server | None = None
         self.lane: Lane | None = None
 
+    @property
+    def port(self) -> int:
+        """The bound port once started (``port: 0`` picks a free one), else the one asked for."""
+        if self._listener is not None:
+            for sock in self._listener.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    return int(sock.getsockname()[1])
+        return self._port
+
+    @property
+    def name(self) -> str:
+        host = self._host or "0.0.0.0"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
     async def start(self) -> None:
-        await web.BaseSite.start(self)
+        await super().start()
         server = self._runner.server
         if server is None:
             raise RuntimeError("runner not set up")
         lane = self.lane = Lane(self._lane_state, server)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
+        self._server = self._listener = await loop.create_server(
             lambda: FastLane(lane), self._host, self._port, backlog=self._backlog,
             reuse_address=self._reuse_address)

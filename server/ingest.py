@@ -51,10 +51,13 @@ class Ingest:
         """True when the log keeps events at once: :meth:`submit_now` may be used."""
         return self.log.synchronous
 
-    def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http") -> Event:  # noqa: ARG002
-        """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path)."""
+    def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http",  # noqa: ARG002
+                   parsed: tuple[tuple[str, ...], bool] | None = None) -> Event:
+        """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path).
+
+        ``parsed``: the path's ``(topics, private)`` when the caller has them already."""
         t0 = time.perf_counter()
-        event = make_event(path, body)
+        event = make_event(path, body, parsed=parsed)
         if self.log.append(event) is not None:
             raise RuntimeError(f"{self.log!r} is not synchronous: use Ingest.submit")
         self.accepted += 1

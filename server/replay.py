@@ -20,6 +20,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+from hub.cursor import is_uuid7
 from hub.event import Event
 from hub.router import NO_ACL, acl_allows
 from server.errors import BadRequest
@@ -58,10 +59,6 @@ MAX_CURSOR_LENGTH = 128
 #: When the plan found no truncation, events published between the plan and the snapshot
 #: are still replayed, up to this multiple of max_replay (a hard bound on any replay).
 SNAPSHOT_SLACK = 2
-
-
-def _is_uuid7(cursor: str) -> bool:
-    return len(cursor) == 36 and cursor[14] == "7"
 
 
 @dataclass(slots=True)
@@ -124,13 +121,13 @@ class PreparedReplay:
             i = j
             await stream.drain()
         for e in reversed(out):
-            if _is_uuid7(e.cursor):
+            if is_uuid7(e.cursor):
                 newest_ours = e.cursor
                 break
         # Held live events are de-duplicated by cursor order against the last replayed one;
         # events imported from 0.7.4 carry random UUID4 cursors that do not sort by time, so
         # compare against the newest time-ordered cursor replayed instead.
-        if stream.last_cursor is not None and not _is_uuid7(stream.last_cursor):
+        if stream.last_cursor is not None and not is_uuid7(stream.last_cursor):
             stream.last_cursor = newest_ours
         self.stats.events += len(out)
         logger.debug("replayed %d of %d event(s) to %r; %d live event(s) held meanwhile",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ import ssl
 import tempfile
 from collections.abc import Callable
 
+import netaddr
 from aiohttp import web
 
 from server.admin import build_admin_app
@@ -101,9 +101,9 @@ def check_binds(config: Config) -> list[ConfigError]:
             if host in ("", "*"):
                 continue
             try:
-                ipaddress.ip_address(host)
+                netaddr.IPAddress(host)
                 continue
-            except ValueError:
+            except (netaddr.AddrFormatError, ValueError, TypeError):
                 pass
             try:
                 socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -239,10 +239,14 @@ async def serve(config: Config, app: web.Application,
     lanes: list[FastLaneSite] = []
     try:
         for h in _bind_hosts(srv.bind):
-            lane = FastLaneSite(runner, h, srv.port, state, backlog=LISTEN_BACKLOG,
-                                reuse_address=True)
-            lanes.append(lane)
-            sites.append(lane)
+            if srv.fast_lane:
+                lane = FastLaneSite(runner, h, srv.port, state, backlog=LISTEN_BACKLOG,
+                                    reuse_address=True)
+                lanes.append(lane)
+                sites.append(lane)
+            else:
+                sites.append(web.TCPSite(runner, h, srv.port, backlog=LISTEN_BACKLOG,
+                                         reuse_address=True))
             if srv.tls is not None and ssl_ctx is not None:
                 sites.append(web.TCPSite(runner, h, srv.tls.port, ssl_context=ssl_ctx,
                                          backlog=LISTEN_BACKLOG, reuse_address=True))

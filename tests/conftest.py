@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +12,11 @@ from typing import Any
 import pytest
 
 from tests.support import Daemon
+
+# PYPUBSUB_TEST_TRACEMALLOC=20: a leaked socket's warning says where it was made (frames kept).
+# Unlike PYTHONTRACEMALLOC, it is not inherited by the daemons the tests start (which it slows).
+if os.environ.get("PYPUBSUB_TEST_TRACEMALLOC"):
+    tracemalloc.start(int(os.environ["PYPUBSUB_TEST_TRACEMALLOC"]))
 
 
 @pytest.fixture
@@ -46,3 +54,11 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     """A daemon on the test defaults (loopback payloaders, no backlog)."""
     return daemon_factory()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_here() -> Iterator[None]:
+    """Collect garbage after each test, so a socket or transport a test leaked warns (and fails)
+    in that test, not in whichever later test the garbage collector happens to run."""
+    yield
+    gc.collect()

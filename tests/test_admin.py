@@ -124,6 +124,10 @@ async def test_sighup_reloads_the_acl_and_is_counted(daemon_factory: DaemonFacto
     d.signal(signal.SIGUSR2)
     d.wait_log("ACL reload failed")
     await wait_sample(d, "pypubsub_acl_reload_failures_total", 1)
+    for i in (1, 2):  # a verified password is remembered: the second is a cache hit
+        async with subscribe(d.url, "/t", headers=auth_header("alice", "wonderland")):
+            await wait_sample(d, "pypubsub_streams_opened_total", i)
+    await wait_sample(d, "pypubsub_auth_cache_hits_total", 1, cache="acl")
     status = json.loads((await get(admin_url(d) + "/status"))[1])
     assert status["plugins"]["acl"]["users"] == 1
     assert status["plugins"]["acl"]["reloads"] == 1

@@ -18,6 +18,7 @@ from server.replay import CURSOR_FOUND_HEADER
 from tests.support import (
     Daemon,
     DaemonFactory,
+    Subscription,
     auth_header,
     await_until,
     base_config,
@@ -199,6 +200,89 @@ async def test_imports_074_backlog_on_first_start(daemon_factory: DaemonFactory)
     assert [e["n"] for e in await read_all(d) if "n" in e] == [0, 1, 2, 4]
     assert d.log().count("imported 3 event(s)") == 1
     assert Path(str(storage) + ".0.7.4-backup").exists()  # noqa: ASYNC240
+
+
+class Payload074:
+    """0.7.4's ``Payload`` (pypubsub.py), reproduced: how it stamps an event it accepted."""
+
+    def __init__(self, path: str, data: dict[str, Any], timestamp: float | None = None) -> None:
+        self.json = data
+        self.timestamp = timestamp or time.time()
+        self.topics = [x for x in path.split("/") if x]
+        self.private = False
+        self.cursor = str(uuid.uuid4())
+        if self.topics and self.topics[0] == "private":
+            self.private = True
+            del self.topics[0]
+        self.json["pubsub_timestamp"] = self.timestamp
+        self.json["pubsub_topics"] = self.topics
+        self.json["pubsub_path"] = path
+        self.json["pubsub_cursor"] = self.cursor
+
+
+def write_backlog_storage_074(path: Path, backlog: list[Payload074]) -> None:
+    """0.7.4's ``write_backlog_storage``: one ``json.dumps`` of its four-key wrapper per line."""
+    with open(path, "w+") as f:
+        for item in backlog:
+            f.write(json.dumps({
+                "timestamp": item.timestamp,
+                "topics": item.topics,
+                "json": item.json,
+                "private": item.private,
+            }) + "\n")
+
+
+async def test_imports_074_wrapper_lines_with_paths_privacy_and_cursors(
+        daemon_factory: DaemonFactory) -> None:
+    d = durable_daemon(daemon_factory, storage="placeholder", start=False)
+    storage = d.workdir / "backlog.json"
+    d.config["server"]["backlog"]["storage"] = str(storage)
+    d.write_files()
+    now = time.time()
+    backlog = [
+        Payload074("/foo/a", {"n": 0}, now - 50),
+        Payload074("/private/foo/secret", {"n": 1, "s": "é"}, now - 40),
+        Payload074("/bar", {"n": 2}, now - 30),
+        Payload074("/private/foo", {"n": 3}, now - 20),
+        # an event 0.7.4 itself had read back from its file: its path lost the leading '/'
+        Payload074("foo/restored", {"n": 4}, now - 10),
+    ]
+    write_backlog_storage_074(storage, backlog)
+    d.start()
+    assert "imported 5 event(s)" in d.log()
+
+    got = [e for e in await read_all(d) if "n" in e]  # alice may read the foo segment
+    assert [e["n"] for e in got] == [0, 1, 2, 3, 4]
+    for e, p in zip(got, backlog, strict=True):
+        assert e["pubsub_cursor"] == p.cursor  # the cursor 0.7.4 handed out
+        assert e["pubsub_timestamp"] == p.timestamp
+        assert e["pubsub_topics"] == p.topics
+        assert not {"json", "timestamp", "topics", "private"} & set(e)  # no wrapper fields inside
+    assert [e["pubsub_path"] for e in got] == ["/foo/a", "/private/foo/secret", "/bar", "/private/foo",
+                                               "/foo/restored"]
+    assert got[1]["s"] == "é"
+
+    # anonymous: never the private events, from the start or resuming by a 0.7.4 cursor
+    anon = await read_all(d, headers={"Authorization": ""})
+    assert [e["n"] for e in anon if "n" in e] == [0, 2, 4]
+
+    async def numbered(sub: Subscription, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            e = await sub.next()
+            if "n" in e:  # read_all's markers are in the backlog too
+                out.append(e["n"])
+        return out
+
+    async with subscribe(d.url, "/", headers={"X-Fetch-Since-Cursor": backlog[0].cursor}) as sub:
+        assert sub.resp.headers[CURSOR_FOUND_HEADER] == "true"
+        assert await numbered(sub, 2) == [2, 4]
+        await publish(d.url, "/private/foo", {"n": 5})
+        await publish(d.url, "/live", {"n": 6})
+        assert await numbered(sub, 1) == [6]  # then live, still without private events
+    async with subscribe(d.url, "/foo", headers={"X-Fetch-Since-Cursor": backlog[1].cursor,
+                                                 **auth_header("alice", "alice-pw")}) as sub:
+        assert await numbered(sub, 3) == [3, 4, 5]
 
 
 async def test_max_age_deletes_from_disk_without_new_publishes(daemon_factory: DaemonFactory) -> None:

@@ -286,6 +286,33 @@ async def test_auth_private_events(daemon_factory: Callable[..., Daemon], tmp_pa
 
 
 @pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("cmd", ["listen", "publish"])
+@pytest.mark.parametrize("password", [None, ""])
+async def test_user_without_password_stops_with_an_error(daemon_factory: Callable[..., Daemon],
+                                                         lang: str, cmd: str,
+                                                         password: str | None) -> None:
+    """No $PUBSUB_PASSWORD and no terminal: refuse, never fall back to anonymous."""
+    d = start(daemon_factory, acl=ACL)
+    env = {k: v for k, v in os.environ.items() if k != "PUBSUB_PASSWORD"}
+    if password is not None:
+        env["PUBSUB_PASSWORD"] = password
+    extra = ['{"n": 1}'] if cmd == "publish" else []
+    proc = await asyncio.create_subprocess_exec(
+        *command(lang), cmd, d.url + "/secret", *extra, "--user", "janedoe",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL, env=env)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"the {lang} client ran on without a password") from None
+    assert proc.returncode == 2, (out, err)
+    assert b"--user janedoe needs a password" in err and b"PUBSUB_PASSWORD" in err
+    assert out == b""
+
+
+@pytest.mark.parametrize("lang", LANGS)
 async def test_unknown_cursor_warns_and_continues_live(daemon_factory: Callable[..., Daemon],
                                                        tmp_path: Path, lang: str) -> None:
     """A restart on a memory backlog forgets every cursor: the client says so and goes on live."""

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
 import pytest
 import trustme
 
@@ -134,22 +133,37 @@ async def test_tls(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> Non
     d = daemon_factory(config=cfg, port=port)
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
-    url = f"https://127.0.0.1:{tls_port}"
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-    connector = aiohttp.TCPConnector(ssl=ctx)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as s, \
-            s.get(url + "/secure/stream") as resp:
-        assert resp.status == 200
+    # raw TLS streams, each closed with wait_closed(): that waits for the TLS shutdown, so no
+    # transport outlives the test (a pooled aiohttp TLS connection could, and warn later)
+    reader, writer = await asyncio.open_connection(HOST, tls_port, ssl=ctx, server_hostname="127.0.0.1")
+    try:
+        writer.write(b"GET /secure/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
         await wait_subscribers(d.url, 1)
         assert (await publish(d.url, "/secure/stream", {"tls": True}))[0] == 202
-        async with s.put(url + "/secure/stream", json={"tls": "put"}) as r:
-            assert r.status == 202
+        r2, w2 = await asyncio.open_connection(HOST, tls_port, ssl=ctx, server_hostname="127.0.0.1")
+        try:
+            body = b'{"tls": "put"}'
+            w2.write(b"PUT /secure/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+            assert (await asyncio.wait_for(r2.readuntil(b"\r\n"), 5)).startswith(b"HTTP/1.1 202")
+        finally:
+            w2.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await w2.wait_closed()
         lines: list[object] = []
-        while len(lines) < 2:
-            obj = json.loads(await asyncio.wait_for(resp.content.readline(), 5))
-            if "stillalive" not in obj:
-                lines.append(obj["tls"])
+        while len(lines) < 2:  # chunked: a size line, then one JSON record per chunk
+            line = await asyncio.wait_for(reader.readline(), 5)
+            if line.startswith(b"{"):
+                obj = json.loads(line)
+                if "stillalive" not in obj:
+                    lines.append(obj["tls"])
         assert lines == [True, "put"]
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
 
 
 def test_missing_tls_files_are_a_config_error(tmp_path: Path) -> None:

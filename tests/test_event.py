@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 from hub.cursor import cursor_time, new_cursor
 from hub.event import WireFormat, frame, make_event, ping_bytes, restore_event
@@ -57,3 +58,20 @@ def test_cursors_are_unique_ordered_and_timed() -> None:
     t = cursor_time(cs[0])
     assert t is not None and t > 1.7e9
     assert cursor_time("not-a-uuid") is None
+
+
+def test_make_event_path_is_canonical() -> None:
+    ev = make_event("/x/../private/a", {})
+    assert (ev.path, ev.topics, ev.private, ev.payload["pubsub_path"]) == ("/private/a", ("a",), True,
+                                                                           "/private/a")
+
+
+def test_is_uuid7_one_definition() -> None:
+    from hub.cursor import is_uuid7
+
+    assert is_uuid7(new_cursor())
+    assert not is_uuid7(str(uuid.uuid4()))  # 0.7.4's cursors
+    assert not is_uuid7("x" * 14 + "7" + "x" * 21)  # 36 characters with a 7 in place: not a UUID
+    assert not is_uuid7(new_cursor()[:35])
+    v7 = new_cursor()
+    assert not is_uuid7(v7[:19] + "c" + v7[20:])  # not the RFC 9562 variant

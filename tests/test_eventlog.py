@@ -192,6 +192,32 @@ async def test_sqlite_imports_074_backlog(tmp_path: Path) -> None:
     assert path.read_bytes().startswith(b"SQLite format 3\0")
 
 
+async def test_sqlite_074_import_keeps_anything_private_private(tmp_path: Path) -> None:
+    path = tmp_path / "backlog.json"
+    cur = "8e2c0d5e-0b1a-4c55-9c1e-1f0a7b2f3c4d"
+    lines = [
+        # the wrapper says private, the stored path does not: private wins, path rebuilt
+        {"timestamp": 1.5e9, "topics": ["s"], "private": True,
+         "json": {"x": 1, "pubsub_path": "/s", "pubsub_cursor": cur}},
+        # no true/false private at all: kept private
+        {"timestamp": 1.5e9 + 1, "topics": ["t"], "json": {"x": 2, "pubsub_path": "/t"}},
+        # no stored path: rebuilt from topics and privacy
+        {"timestamp": 1.5e9 + 2, "topics": ["u", "v"], "private": False, "json": {"x": 3}},
+        # the stored path says private, the wrapper not: private wins
+        {"timestamp": 1.5e9 + 3, "topics": ["w"], "private": False,
+         "json": {"x": 4, "pubsub_path": "/private/w"}},
+    ]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    log = SqliteLog(path, 100)
+    await log.start()
+    got = await log.read(-1, 0)
+    await log.close()
+    assert [(e.payload["x"], e.path, e.private, e.timestamp) for e in got] == [
+        (1, "/private/s", True, 1.5e9), (2, "/private/t", True, 1.5e9 + 1),
+        (3, "/u/v", False, 1.5e9 + 2), (4, "/private/w", True, 1.5e9 + 3)]
+    assert got[0].cursor == cur
+
+
 async def test_sqlite_new_cursors_sort_after_stored_ones(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
     log = SqliteLog(path, 100)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 
-from tests.support import HOST, Daemon, publish, subscribe, wait_subscribers
+from tests.support import HOST, Daemon, DaemonFactory, base_config, publish, subscribe, wait_subscribers
 
 
 async def exchange(port: int, data: bytes, until: bytes, timeout: float = 5.0) -> bytes:
@@ -83,3 +84,13 @@ async def test_body_split_across_reads(daemon: Daemon) -> None:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def test_port_zero_logs_the_bound_port(daemon_factory: DaemonFactory) -> None:
+    d = daemon_factory(config=base_config(0))
+    m = re.search(r"PyPubSub listening on http://127\.0\.0\.1:(\d+)", d.log())
+    assert m is not None, d.log()[-2000:]
+    port = int(m.group(1))
+    assert port != 0
+    d.port = port
+    assert (await publish(d.url, "/t", {"bound": port}))[0] == 202

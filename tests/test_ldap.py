@@ -69,6 +69,80 @@ async def test_groups_map_to_segments_both_shapes(daemon_factory: DaemonFactory,
             await s.expect_none(0.1)
 
 
+#: ``clients.ldap`` exactly as 0.7.4's sample pypubsub.yaml writes it (its stray ':' after the
+#: first pattern included): groups found by DN, the user's own entry found by ``uid=%s``, and
+#: acl keyed by DN. Key spellings vary in case and spacing; both value shapes are used.
+LDAP_074 = """\
+server:
+  port: {port}
+  bind: 127.0.0.1
+  backlog:
+    size: 0
+clients:
+  payloaders:
+    - 127.0.0.1/32
+  oldschoolers:
+    - svnwcsub
+  secure_topics: ~
+  ldap:
+    uri: {uri}
+    user_dn: uid=%s,ou=people,dc=example,dc=org
+    base_scope: dc=example,dc=org
+    membership_patterns:
+      - member=uid=%s,ou=people,dc=example,dc=org:
+      - uid=%s
+    acl:
+      "CN=Admins, OU=groups,DC=example,DC=org":
+          - admin
+      "cn=committers,ou=groups,dc=example,dc=org":
+          commits: [commits]
+      uid=bob,ou=people,dc=example,dc=org:
+        - bobs
+        - own
+      committers:
+        - by-cn
+"""
+
+
+async def test_074_config_maps_groups_by_dn(daemon_factory: DaemonFactory, slapd: Slapd) -> None:
+    port = free_port()
+    d = daemon_factory(port=port, acl={}, start=False)
+    d.config_path.write_text(LDAP_074.format(port=port, uri=slapd.uri))
+    d.start()
+    assert "membership_patterns[0]: read as 'member=uid=%s,ou=people,dc=example,dc=org'" in d.log()
+    async with (subscribe(d.url, "/", auth_header("alice", "alice-pw")) as alice,
+                subscribe(d.url, "/", auth_header("bob", "bob-pw")) as bob,
+                subscribe(d.url, "/", auth_header("carol", "carol-pw")) as carol):
+        await wait_subscribers(d.url, 3)
+        for path in ("/private/admin", "/private/commits/x", "/private/bobs/own", "/private/by-cn",
+                     "/public"):
+            status, _ = await publish(d.url, path, {})
+            assert status == 202
+        # alice: admins (a DN key spelt in another case and spacing) and committers (DN, and cn)
+        assert await _seen(alice, 4) == ["/private/admin", "/private/commits/x", "/private/by-cn",
+                                         "/public"]
+        # bob: committers, and his own entry (found by uid=%s, keyed by its DN, list shape)
+        assert await _seen(bob, 4) == ["/private/commits/x", "/private/bobs/own", "/private/by-cn",
+                                       "/public"]
+        assert await _seen(carol, 1) == ["/public"]
+        for s in (alice, bob, carol):
+            await s.expect_none(0.1)
+
+
+def test_dn_keys_compare_as_dns() -> None:
+    import bonsai
+
+    from plugins.ldap import dn_key
+
+    same = ["cn=syadmins,ou=teams,dc=example,dc=org", "CN=Syadmins, OU=teams ,DC=example,dc=org",
+            " cn = syadmins , ou = teams , dc = example , dc = org "]
+    keys = {dn_key(bonsai, k) for k in same}
+    assert len(keys) == 1 and None not in keys
+    assert dn_key(bonsai, "cn=a+uid=b,dc=x") == dn_key(bonsai, "UID=b + cn=A,dc=x")
+    assert dn_key(bonsai, "cn=syadmins,ou=other,dc=example,dc=org") not in keys
+    assert dn_key(bonsai, "committers") is None  # a plain group name (matched against cn)
+
+
 async def test_wrong_empty_and_unknown_credentials(daemon_factory: DaemonFactory, slapd: Slapd) -> None:
     d = ldap_daemon(daemon_factory, slapd)
     before = len(slapd.binds())

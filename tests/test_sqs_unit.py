@@ -8,18 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from plugins.sqs import (
     DEFAULT_DEDUP_SIZE,
     DEFAULT_WAIT_SECONDS,
-    SQS,
     Backoff,
     BadMessage,
     QueueConfig,
     SeenIds,
+    build,
     decode_message,
-    install,
     parse_sqs_config,
 )
 from server.config import Section, parse_config
@@ -146,15 +144,14 @@ def test_entry_names_need_not_be_strings() -> None:
     assert ei.value.key == "sqs.1.queue"
 
 
-def test_install_needs_a_region(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_build_needs_a_region(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
     monkeypatch.delenv("AWS_REGION", raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     config = parse_config({"sqs": {"main": {"queue": "q"}}}, "test.yaml")
     with pytest.raises(ConfigError) as ei:
-        install(web.Application(), config)
+        build(config)
     assert ei.value.key == "sqs.main.region"
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")  # the AWS chain gives one: fine
-    app = web.Application()
-    plugin = install(app, config)
-    assert app[SQS] is plugin and plugin.ctx in app.cleanup_ctx
+    plugin = build(config)
+    assert [q.name for q in plugin.queues] == ["main"]

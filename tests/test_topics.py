@@ -46,3 +46,12 @@ def test_hostile_paths_are_refused() -> None:
         parse_subscription("/" + "/".join(["a"] * 100))
     with pytest.raises(TopicError):
         parse_subscription(",".join(["/a"] * 100))
+
+
+def test_dot_segments_and_strict_decoding() -> None:
+    assert parse_publish_path("/x/../private/a") == (("a",), True)
+    assert parse_publish_path("/./private/a") == (("a",), True)
+    assert parse_publish_path("/%2e%2e/private/a") == (("a",), True)
+    assert parse_publish_path("/d%C3%A9") == parse_publish_path("/dé") == (("dé",), False)
+    with pytest.raises(TopicError):
+        parse_publish_path("/%ff")  # not UTF-8: refused, not replaced by U+FFFD

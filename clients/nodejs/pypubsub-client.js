@@ -306,7 +306,14 @@ function main(argv) {
     process.exitCode = 2;
     return;
   }
-  const auth = args.user !== undefined ? { user: args.user, password: process.env.PUBSUB_PASSWORD || '' } : {};
+  const password = process.env.PUBSUB_PASSWORD;
+  if (args.user !== undefined && !password) {
+    // running anonymous instead would silently show only public events
+    console.error(`pypubsub-client: --user ${args.user} needs a password: set $PUBSUB_PASSWORD`);
+    process.exitCode = 2;
+    return;
+  }
+  const auth = args.user !== undefined ? { user: args.user, password } : {};
   if (cmd === 'publish') {
     let obj;
     try {

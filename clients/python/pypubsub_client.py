@@ -553,12 +553,24 @@ async def apublish(url: str, event: Mapping[str, Any], **kw: Any) -> tuple[int, 
 
 
 # -- command line -------------------------------------------------------------------------------
+class NoPassword(Exception):
+    """``--user`` was given but no password can be had: refuse rather than run anonymous."""
+
+
 def _password(user: str | None) -> tuple[str, str] | None:
+    """``(user, password)`` for ``--user``: from $PUBSUB_PASSWORD, else asked on a terminal.
+
+    Raises :class:`NoPassword` when there is neither (or the password is empty): running
+    anonymous instead would silently show only public events.
+    """
     if user is None:
         return None
     pw = os.environ.get("PUBSUB_PASSWORD")
-    if pw is None:
-        pw = getpass.getpass(f"password for {user}: ") if sys.stdin.isatty() else ""
+    if not pw and sys.stdin.isatty():
+        pw = getpass.getpass(f"password for {user}: ")
+    if not pw:
+        raise NoPassword(f"--user {user} needs a password: set $PUBSUB_PASSWORD "
+                         "(or run on a terminal to be asked)")
     return user, pw
 
 
@@ -590,7 +602,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    auth = _password(args.user)
+    try:
+        auth = _password(args.user)
+    except NoPassword as e:
+        print(f"pypubsub_client: {e}", file=sys.stderr)
+        return 2
     if args.cmd == "publish":
         try:
             obj = json.loads(args.json)

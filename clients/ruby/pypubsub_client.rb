@@ -324,6 +324,11 @@ module PyPubSub
       return 2
     end
     password = opts[:user] ? ENV.fetch('PUBSUB_PASSWORD', '') : nil
+    if opts[:user] && password.empty?
+      # running anonymous instead would silently show only public events
+      warn "pypubsub_client: --user #{opts[:user]} needs a password: set $PUBSUB_PASSWORD"
+      return 2
+    end
     if cmd == 'publish'
       begin
         obj = JSON.parse(json)

@@ -1,19 +1,26 @@
-"""Assembling the daemon from its configuration: which log, which auth, which plugins.
+"""The composition root: assembling the daemon from its configuration (which log, which auth,
+which plugins).
 
-Owns the choice and order of the optional parts; each part is imported only when configured.
-One function per part keeps each plugin's wiring in one place.
+Sits above both ``server`` and ``plugins`` (neither imports this module), so every import runs
+downward. Owns the choice and order of the optional parts; each part is imported only when
+configured. Plugins get a :class:`~server.context.PluginContext` (what they may use of the
+daemon), never the application's state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 
 from plugins import presence
-from server.app import build_app
+from server.app import STATE, build_app
 from server.config import Config
+from server.context import PluginContext, plugin_context
 from server.eventlog import EventLog, MemoryLog
+from server.replay import Replayer
 
 __all__ = ["build_daemon"]
 
@@ -36,12 +43,15 @@ def make_log(config: Config) -> EventLog:
 
 def install_replay(app: web.Application, config: Config) -> None:
     """X-Fetch-Since / X-Fetch-Since-Cursor replay from the log (answers "not found" when off)."""
-    from server.app import STATE
-    from server.replay import Replayer
-
     state = app[STATE]
     state.replay = replayer = Replayer(state.log, config.server.backlog.max_replay)
     state.metrics.register(replayer.stats)
+
+
+def start_with(app: web.Application, ctx: PluginContext,
+               lifecycle: Callable[[PluginContext], contextlib.AbstractAsyncContextManager[None]]) -> None:
+    """Run a plugin's ``lifecycle(ctx)`` from the app's startup to its cleanup."""
+    app.cleanup_ctx.append(lambda _app: lifecycle(ctx))
 
 
 def build_daemon(config: Config, acl_path: str | None) -> web.Application:
@@ -51,10 +61,11 @@ def build_daemon(config: Config, acl_path: str | None) -> web.Application:
     auth, auth_lifecycle = build_auth(config, acl_path)
     app = build_app(config, log=make_log(config), auth=auth)
     install_replay(app, config)
-    app.cleanup_ctx.append(auth_lifecycle)  # SIGUSR2 ACL reload; LDAP look-ups ended at shutdown
-    presence.install(app)  # join/leave events at /private/pubsub/presence (admins' private stream)
+    ctx = plugin_context(app)
+    start_with(app, ctx, auth_lifecycle)  # SIGUSR2 ACL reload; LDAP look-ups ended at shutdown
+    start_with(app, ctx, presence.lifecycle)  # join/leave events at /private/pubsub/presence
     if config.sqs is not None:  # SQS ingestion (imports aiobotocore only when configured)
         from plugins import sqs
 
-        sqs.install(app, config)
+        start_with(app, ctx, sqs.build(config).lifecycle)
     return app

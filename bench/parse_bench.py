@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""The fast lane's cost per request, in-process: µs per publish through ``FastLane.data_received``.
+
+    .venv/bin/python bench/parse_bench.py                 # this tree
+    .venv/bin/python bench/parse_bench.py --root OTHER    # another checkout (e.g. an older one)
+    .venv/bin/python bench/parse_bench.py --json
+
+Two figures, best of ``--repeat`` runs:
+
+* ``publish``: the whole fast-lane path of one plain publish (parse, decide, validate the JSON,
+  stamp and route it through the hub with no subscriber, write the 202), for requests arriving
+  ``--pipeline`` per read, as the harness's ingest load sends them;
+* ``head``: the same requests through the parser alone (``--root`` trees with ``parse_head``
+  use it; trees with httptools use an ``httptools.HttpRequestParser`` with the fast lane's
+  callbacks and ``negotiate()``), i.e. the HTTP parsing cost per request.
+
+The transport is a sink that drops what is written (no socket, no event loop I/O): pure CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("bench.parse")
+
+#: requests per timed run: long enough to dwarf timer noise
+DEFAULT_REQUESTS = 200_000
+#: the harness's ingest request (loadgen.py), with a 256-byte body
+BODY = b'{"_bk": 1700000000000000, "seq": 0, "pad": "' + b"x" * 200 + b'"}'
+REQUEST = (b"PUT /bench/ingest HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
+
+
+class SinkTransport(asyncio.Transport):
+    """Accepts writes and drops them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:  # noqa: ARG002 - dropped
+        self.written += 1
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _timed(fn: Any, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+async def run(requests: int, pipeline: int, repeat: int) -> dict[str, Any]:
+    from server import fastlane
+    from server.app import STATE, build_app
+    from server.config import parse_config
+
+    cfg = parse_config({"server": {"port": 1, "backlog": {"size": 0}},
+                        "clients": {"payloaders": ["127.0.0.0/8"]}}, "bench.yaml")
+    app = build_app(cfg)
+    state = app[STATE]
+    lane = fastlane.Lane(state, lambda: None)  # type: ignore[arg-type,return-value]
+    chunk = REQUEST * pipeline
+    reads = requests // pipeline
+
+    def publish() -> None:
+        proto = fastlane.FastLane(lane)
+        t = SinkTransport()
+        proto.connection_made(t)
+        for _ in range(reads):
+            proto.data_received(chunk)
+        if t.written != reads * pipeline:
+            raise RuntimeError(f"{t.written} answers for {reads * pipeline} requests")
+        proto.connection_lost(None)
+
+    res: dict[str, Any] = {"requests": reads * pipeline, "pipeline": pipeline}
+    logging.getLogger("pypubsub.access").setLevel(logging.WARNING)  # as in production: buffered
+    res["publish_us"] = _timed(publish, repeat) / (reads * pipeline) * 1e6
+
+    if hasattr(fastlane, "parse_head"):
+        parse_head = fastlane.parse_head
+
+        def head() -> None:
+            for _ in range(reads):
+                buf = chunk
+                while buf:
+                    he = buf.find(b"\r\n\r\n")
+                    parsed = parse_head(buf[:he])
+                    if parsed is None:
+                        raise RuntimeError("refused")
+                    cl = int(parsed[2][b"content-length"])
+                    buf = buf[he + 4 + cl:]
+        res["parser"] = "parse_head"
+    else:
+        import httptools
+
+        from server.negotiate import negotiate
+
+        class Callbacks:
+            def __init__(self) -> None:
+                self.url = b""
+                self.headers: dict[bytes, bytes] = {}
+                self.body = b""
+                self.parser = httptools.HttpRequestParser(self)
+
+            def on_url(self, url: bytes) -> None:
+                self.url = url
+
+            def on_header(self, name: bytes, value: bytes) -> None:
+                self.headers[name.lower()] = value
+
+            def on_headers_complete(self) -> None:
+                negotiate(self.parser.get_method(), self.parser.get_http_version(), self.headers)
+
+            def on_body(self, body: bytes) -> None:
+                self.body = body
+
+            def on_message_complete(self) -> None:
+                self.headers.clear()
+
+        def head() -> None:
+            cb = Callbacks()
+            for _ in range(reads):
+                cb.parser.feed_data(chunk)
+        res["parser"] = "httptools"
+    res["head_us"] = _timed(head, repeat) / (reads * pipeline) * 1e6
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
+                    help="the checkout whose server/ is measured (default: this one)")
+    ap.add_argument("-n", "--requests", type=int, default=DEFAULT_REQUESTS)
+    ap.add_argument("--pipeline", type=int, default=16, help="requests per read")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    sys.path.insert(0, str(a.root.resolve()))
+    res = asyncio.run(run(a.requests, a.pipeline, a.repeat))
+    res["root"] = str(a.root)
+    if a.json:
+        sys.stdout.write(json.dumps(res) + "\n")
+    else:
+        sys.stdout.write(f"{res['root']}: publish {res['publish_us']:.2f} µs/request, "
+                         f"head ({res['parser']}) {res['head_us']:.2f} µs/request, "
+                         f"{res['pipeline']} per read\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""One HTTP truth: each unusual or malformed request head, sent as raw bytes to the same daemon
+configuration with the fast lane on and off (aiohttp only), must get the same status from both,
+and the status we expect.
+
+The two daemons run for the whole module (module-scoped fixture); each is stopped at the end
+and must exit 0 with no traceback in its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import HOST, Daemon, auth_header, base_config, subscribe, wait_subscribers
+
+SECURE = ["secret", "dé"]
+#: a user who sees every private event
+ACL = {"reader": {"password": "reader-pw", "acl": {"all": []}}}
+
+
+def _cfg(port: int, fast: bool) -> dict[str, object]:
+    cfg = base_config(port, fast_lane=fast)
+    cfg["clients"]["secure_topics"] = SECURE
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def lanes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
+    """``{"fast": daemon with the fast lane, "aiohttp": the same config without it}``."""
+    root: Path = tmp_path_factory.mktemp("lanes")
+    made: dict[str, Daemon] = {}
+    try:
+        for name, fast in (("fast", True), ("aiohttp", False)):
+            d = Daemon(root / name, acl=ACL)
+            d.config = _cfg(d.port, fast)
+            d.write_files()
+            made[name] = d.start()
+        yield made
+    finally:
+        problems = []
+        for name, d in made.items():
+            rc = d.stop()
+            if rc != 0:
+                problems.append(f"{name} daemon exited {rc}:\n{d.log()[-3000:]}")
+            if "Traceback" in d.log():
+                problems.append(f"traceback in the {name} daemon's log:\n{d.log()[-3000:]}")
+        if problems:
+            pytest.fail("\n".join(problems))
+
+
+async def status_of(port: int, data: bytes, timeout: float = 5.0) -> int | None:
+    """The status of the first response to ``data`` on a fresh connection; None: no answer
+    (closed, or nothing within ``timeout``)."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+        except (TimeoutError, ConnectionError):
+            return None
+        parts = line.split(b" ", 2)
+        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def put(target: bytes, body: bytes = b'{"k": 1}', extra: bytes = b"Host: x\r\n",
+        method: bytes = b"PUT", version: bytes = b"HTTP/1.1") -> bytes:
+    return (method + b" " + target + b" " + version + b"\r\n" + extra
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+DEEP = b'{"a": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+
+# (name, request bytes, the status both lanes must answer)
+CASES: list[tuple[str, bytes, int]] = [
+    ("plain publish", put(b"/t"), 202),
+    ("absolute-form publish", put(b"http://h:2069/t?q=1"), 202),
+    ("leading blank line", b"\r\n" + put(b"/t"), 202),
+    ("Connection: close", put(b"/t", extra=b"Host: x\r\nConnection: close\r\n"), 202),
+    ("POST", put(b"/t", method=b"POST"), 202),
+    ("HTTP/2.0 in the request line", put(b"/t", version=b"HTTP/2.0"), 202),
+    ("chunked publish", b"PUT /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"8\r\n{\"k\": 1}\r\n0\r\n\r\n", 202),
+    # framing: what llhttp (both lanes' parser) refuses
+    ("bare LF in a header value hiding Transfer-Encoding",
+     put(b"/t", extra=b"Host: x\nTransfer-Encoding: chunked\r\n"), 400),
+    ("bare CR in a header value", put(b"/t", extra=b"Host: x\ry\r\n"), 400),
+    ("NUL in a header value", put(b"/t", extra=b"Host: x\x00y\r\n"), 400),
+    ("TAB in the path", put(b"/a\tb"), 400),
+    ("NUL in the path", put(b"/a\x00b"), 400),
+    ("LF in the path", put(b"/a\nb"), 400),
+    ("DEL in the path", put(b"/a\x7f"), 400),
+    ("space in the path", put(b"/a b"), 400),
+    ("bare-LF line endings", b"PUT /t HTTP/1.1\nHost: x\nContent-Length: 2\n\n{}", 400),
+    ("bare-LF line endings, GET", b"GET /t HTTP/1.1\nHost: x\n\n", 400),
+    ("5000-digit Content-Length", b"PUT /t HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000
+                                  + b"\r\n\r\n{}", 400),
+    ("obs-fold", put(b"/t", extra=b"Host: x\r\n y\r\n"), 400),
+    ("Transfer-Encoding and Content-Length", put(b"/t", extra=b"Host: x\r\nTransfer-Encoding: chunked\r\n"),
+     400),
+    ("two Content-Lengths", put(b"/t", extra=b"Host: x\r\nContent-Length: 8\r\n"), 400),
+    ("space before the colon", put(b"/t", extra=b"Host : x\r\n"), 400),
+    ("lower-case method", put(b"/t", method=b"put"), 400),
+    ("no Host", put(b"/t", extra=b""), 400),
+    ("no Host, GET", b"GET /t HTTP/1.1\r\n\r\n", 400),
+    ("raw UTF-8 in the target", put(b"/d\xc3\xa9"), 400),
+    ("raw latin-1 in the target", put(b"/d\xe9"), 400),
+    ("raw UTF-8 in a subscription", b"GET /d\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    # aiohttp answers a read holding refused bytes with one 400, valid requests before included
+    ("valid publish then garbage, one read", put(b"/t") + b"GARBAGE\r\n\r\n", 400),
+    ("valid publish then no Host, one read", put(b"/t") + put(b"/u", extra=b""), 400),
+    ("valid publish then bare LF, one read", put(b"/t") + b"PUT /u HTTP/1.1\nHost: x\n\n", 400),
+    ("valid publish then chunked, one read", put(b"/t") + b"PUT /t HTTP/1.1\r\nHost: x\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n8\r\n{\"k\": 1}\r\n0\r\n\r\n", 202),
+    # targets: one canonical topic list, the secure-topic rule read from it
+    ("secure topic", put(b"/secret"), 403),
+    ("secure topic, percent-encoded UTF-8", put(b"/d%C3%A9"), 403),
+    ("secure topic behind a dot-segment", put(b"/x/../secret"), 403),
+    ("secure topic behind an encoded dot-segment", put(b"/x/%2e%2E/secret"), 403),
+    ("secure topic in absolute-form", put(b"http://h:2069/private/secret"), 403),
+    ("secure topic, query does not change topics", put(b"/x?/secret"), 202),
+    ("percent-encoded bytes that are not UTF-8", put(b"/%ff"), 400),
+    ("asterisk-form", put(b"*"), 400),
+    # bodies
+    ("lone surrogate", put(b"/t", b'{"a": "\\ud800"}'), 400),
+    ("nested 1000 deep", put(b"/t", DEEP), 400),
+    ("invalid JSON", put(b"/t", b"{nope"), 400),
+    ("array body", put(b"/t", b"[1]"), 400),
+    ("too large", put(b"/t", b'{"a": "' + b"x" * 200_000 + b'"}'), 413),
+    # methods and other shapes
+    ("OPTIONS", b"OPTIONS /t HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    ("DELETE", b"DELETE /t HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    ("HEAD", b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", 204),
+    ("HTTP/1.0 subscription without Host", b"GET /t HTTP/1.0\r\n\r\n", 200),
+    ("subscription", b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+    ("subscription in absolute-form", b"GET http://h/t?x HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+    ("subscription with credentials", b"GET /t HTTP/1.1\r\nHost: x\r\nAuthorization: Basic eDp5\r\n\r\n",
+     200),
+    ("subscription asking for SSE", b"GET /t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n", 200),
+    ("subscription with a body length", b"GET /t HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 200),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "expected"), CASES, ids=[c[0] for c in CASES])
+async def test_both_lanes_answer_alike(lanes: dict[str, Daemon], name: str, data: bytes,
+                                       expected: int) -> None:
+    got = {lane: await status_of(d.port, data) for lane, d in lanes.items()}
+    assert got == {"fast": expected, "aiohttp": expected}, name
+
+
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+@pytest.mark.parametrize("target", [
+    b"http://h:2069/private/foo", b"HTTP://h/private/foo", b"/./private/foo", b"/x/../private/foo",
+    b"/%2E/private/foo", b"/private//../foo", b"/private/foo?/public",
+])
+async def test_private_publish_is_private_in_every_form(lanes: dict[str, Daemon], lane: str,
+                                                         target: bytes) -> None:
+    """An anonymous subscriber to everything never sees a private event, however spelt; a
+    subscriber allowed to see it gets it with its canonical path."""
+    d = lanes[lane]
+    async with subscribe(d.url, "/") as anon, \
+            subscribe(d.url, "/", headers=auth_header("reader", "reader-pw")) as reader:
+        await wait_subscribers(d.url, 2)
+        assert await status_of(d.port, put(target, b'{"leak": 1}')) == 202
+        assert await status_of(d.port, put(b"/public", b'{"marker": 1}')) == 202
+        ev = await anon.next()
+        assert ev.get("marker") == 1, ev  # the private event was not delivered before it
+        got: list[dict[str, Any]] = []
+        while not got or "marker" not in got[-1]:
+            ev = await reader.next()
+            if "leak" in ev or "marker" in ev:  # (the reader also sees private presence events)
+                got.append(ev)
+        assert [(ev.get("leak"), ev["pubsub_path"], ev["pubsub_topics"]) for ev in got] == [
+            (1, "/private/foo", ["foo"]), (None, "/public", ["public"])]
+    await wait_subscribers(d.url, 0)
+
+
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_many_pipelined_publishes_in_one_read(lanes: dict[str, Daemon], lane: str) -> None:
+    """More requests in one write than any per-read bound: every one answered and delivered."""
+    d = lanes[lane]
+    n = 600
+    async with subscribe(d.url, "/pipe") as sub:
+        await wait_subscribers(d.url, 1)
+        reader, writer = await asyncio.open_connection(HOST, d.port)
+        try:
+            writer.write(b"".join(put(b"/pipe", json.dumps({"i": i}).encode()) for i in range(n)))
+            await writer.drain()
+            answered = 0
+            buf = b""
+            while answered < n:
+                chunk = await asyncio.wait_for(reader.read(65536), 10)
+                assert chunk, f"connection closed after {answered} answers"
+                buf += chunk
+                answered = buf.count(b"202 Accepted")
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        got = [(await sub.next())["i"] for _ in range(n)]
+        assert got == list(range(n))
+    await wait_subscribers(d.url, 0)
+
+
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_bad_body_answer_is_one_line(lanes: dict[str, Daemon], lane: str) -> None:
+    d = lanes[lane]
+    for body, reason in ((b'{"a": "\\ud800"}', b"lone surrogate"), (DEEP, b"deeper than")):
+        reader, writer = await asyncio.open_connection(HOST, d.port)
+        try:
+            writer.write(put(b"/t", body))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                          if h.lower().startswith(b"content-length:"))
+            text = await asyncio.wait_for(reader.readexactly(length), 5)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert head.startswith(b"HTTP/1.1 400 "), head
+        assert reason in text and text.count(b"\n") == 1, text
+
+
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_mixed_pipeline_is_handed_over_from_the_first_unusual_request(
+        lanes: dict[str, Daemon], lane: str) -> None:
+    """Plain, chunked, then plain again on one connection in one write: the fast lane answers
+    the first and hands the rest, byte for byte, to aiohttp; nothing is lost or reordered."""
+    d = lanes[lane]
+    chunked = (b"PUT /mix HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"8\r\n{\"i\": 1}\r\n0\r\n\r\n")
+    async with subscribe(d.url, "/mix") as sub:
+        await wait_subscribers(d.url, 1)
+        reader, writer = await asyncio.open_connection(HOST, d.port)
+        try:
+            writer.write(put(b"/mix", b'{"i": 0}') + chunked + put(b"/mix", b'{"i": 2}'))
+            await writer.drain()
+            buf = b""
+            while buf.count(b"202 Accepted") < 3:
+                chunk = await asyncio.wait_for(reader.read(65536), 5)
+                assert chunk, buf
+                buf += chunk
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert [(await sub.next())["i"] for _ in range(3)] == [0, 1, 2]
+    await wait_subscribers(d.url, 0)
+
+
+async def response_head(port: int, data: bytes) -> tuple[bytes, dict[bytes, bytes]]:
+    """Status line and headers (lower-case names, Date left out) of the first response."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    status, *lines = head[:-4].split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(b":") for h in lines)}
+    headers.pop(b"date", None)
+    return status, headers
+
+
+@pytest.mark.parametrize("data", [
+    put(b"/t"),
+    put(b"/t", extra=b"Host: x\r\nConnection: keep-alive\r\nUser-Agent: python-requests/2\r\n"
+                     b"Accept: */*\r\nAccept-Encoding: gzip, deflate\r\n"),
+    b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /t HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nAccept: */*\r\nUser-Agent: asfpy\r\n\r\n",
+    b"GET /t HTTP/1.1\r\nHost: x\r\nUser-Agent: svnwcsub/1.14\r\n\r\n",
+], ids=["publish", "publish like requests", "stream", "stream like asfpy", "stream, oldschooler"])
+async def test_what_the_fast_lane_serves_aiohttp_would_serve_alike(lanes: dict[str, Daemon],
+                                                                   data: bytes) -> None:
+    assert await response_head(lanes["fast"].port, data) == await response_head(lanes["aiohttp"].port, data)
