@@ -68,15 +68,6 @@ def test_bench_stalled_subscriber_is_cut_off_and_others_lose_nothing() -> None:
     assert problems(r) == [], r
 
 
-def test_parse_bench_runs() -> None:
-    """bench/parse_bench.py at a tiny scale: every request answered (it checks), JSON out."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "parse_bench.py"), "-n", "2000",
-                           "--repeat", "1", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout)
-    assert res["parser"] == "httptools" and res["requests"] == 2000 and res["publish_us"] > 0
-
-
 def test_backlog_bench_with_any_replay_count() -> None:
     """--replay need not be a multiple of the publishers (the replay waited forever before)."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backlog_bench.py"), "--events", "40",
@@ -85,3 +76,12 @@ def test_backlog_bench_with_any_replay_count() -> None:
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["replay_per_s_memory"] > 0 and summary["replay_per_s_sqlite"] > 0
+
+
+def test_parse_bench_runs() -> None:
+    """bench/parse_bench.py at a tiny scale: every request answered (it checks), JSON out."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "parse_bench.py"), "-n", "2000",
+                           "--repeat", "1", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["parser"] == "httptools" and res["requests"] == 2000 and res["publish_us"] > 0
