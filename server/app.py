@@ -206,7 +206,7 @@ async def handle_publish(request: web.Request) -> web.StreamResponse:
 
 async def _publish(request: web.Request, state: State) -> web.StreamResponse:
     if state.closing:
-        raise ServiceUnavailable("server is shutting down")
+        raise ServiceUnavailable("server is shutting down", retry_after=5)
     cfg = state.config
     peer = _peer(request)
     try:
@@ -338,8 +338,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         state.rejected[e.status] = state.rejected.get(e.status, 0) + 1
         logger.info("%s %s %s from %s: %s", e.status, request.method, request.raw_path[:200],
                     _peer(request), e.reason)
-        extra = {"Retry-After": "5"} if e.status == 503 else {}
-        return _text(e.status, e.reason + "\n", **extra)
+        if isinstance(e, ServiceUnavailable) and e.retry_after is not None:
+            return _text(e.status, e.reason + "\n", **{"Retry-After": str(e.retry_after)})
+        return _text(e.status, e.reason + "\n")
     except asyncio.IncompleteReadError:
         logger.info("400 %s %s from %s: body shorter than Content-Length", request.method,
                     request.raw_path[:200], _peer(request))

@@ -99,6 +99,10 @@ METRICS: dict[str, MetricSpec] = {
         "its buffer passed server.stream_buffer), shutdown (drain), limit.", "reason"),
     "events_published_total": MetricSpec("counter", "Events accepted (answered 2xx / kept) and routed."),
     "publish_failures_total": MetricSpec("counter", "Events the log failed to keep (publisher got 503)."),
+    "publish_duplicates_total": MetricSpec(
+        "counter", "Events not kept because the log had them already (SQS redelivery)."),
+    "events_routed_total": MetricSpec(
+        "counter", "Events the log handed to the hub (in a cluster: from every node)."),
     "publishes_in_progress": MetricSpec("gauge", "Publishes being received or answered by the "
                                         "full HTTP stack (uploads, durable commits)."),
     "publish_pending": MetricSpec("gauge", "Events appended to a durable log, not yet committed."),
@@ -136,8 +140,13 @@ METRICS: dict[str, MetricSpec] = {
     "sqs_failed_total": MetricSpec("counter", "SQS messages whose event was not accepted.", "queue"),
     "sqs_outages_total": MetricSpec("counter", "SQS receive errors (retried with backoff).", "queue"),
     "presence_events_total": MetricSpec("counter", "Presence (join/leave) events published."),
-    "cluster_read_lag_seconds": MetricSpec(
-        "gauge", "Cluster mode: age of the newest event read back from the shared log."),
+    "cluster_entries_read_total": MetricSpec("counter", "Cluster: entries read back from the Redis stream."),
+    "cluster_unreadable_entries_total": MetricSpec(
+        "counter", "Cluster: stream entries that were not events (skipped)."),
+    "cluster_resets_total": MetricSpec(
+        "counter", "Cluster: the Redis stream was found deleted or reset (FLUSHALL, failover)."),
+    "cluster_outages_total": MetricSpec("counter", "Cluster: times Redis became unreachable."),
+    "cluster_redis_up": MetricSpec("gauge", "Cluster: 1 while Redis answers, 0 during an outage."),
     "uptime_seconds": MetricSpec("gauge", "Seconds since the daemon started."),
     "draining": MetricSpec("gauge", "1 while the daemon drains for shutdown."),
 }

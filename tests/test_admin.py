@@ -277,3 +277,28 @@ async def test_sqs_counters_are_exposed_per_queue(daemon_factory: DaemonFactory,
         assert st["plugins"]["sqs"]["main"]["state"] == "ok"
     finally:
         moto.stop()
+
+
+async def test_cluster_node_is_not_ready_while_redis_is_down(daemon_factory: DaemonFactory,
+                                                             tmp_path: Path) -> None:
+    from tests.redis_fixture import RedisServer
+
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        port = free_port()
+        cfg = base_config(port, admin={"port": free_port(), "bind": HOST},
+                          backlog={"size": 100, "storage": redis.url, "stream": "ops-test"})
+        d = daemon_factory(config=cfg, port=port)
+        url = admin_url(d)
+        await put(d, "/t", {"n": 1})
+        await wait_sample(d, "pypubsub_cluster_entries_read_total", 1)
+        assert (await get(url + "/readyz"))[0] == 200
+        assert await sample(d, "pypubsub_cluster_redis_up") == 1
+        redis.kill()
+        assert (await publish(d.url, "/t", {"n": 2}))[0] == 503  # the outage is noticed
+        await wait_sample(d, "pypubsub_cluster_redis_up", 0)
+        status, text, _ = await get(url + "/readyz")
+        assert status == 503 and "Redis unreachable" in text
+        assert await sample(d, "pypubsub_cluster_outages_total") == 1
+    finally:
+        redis.stop()

@@ -85,3 +85,11 @@ def test_parse_bench_runs() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)
     assert res["parser"] == "httptools" and res["requests"] == 2000 and res["publish_us"] > 0
+
+
+def test_bench_cluster_delivers_everything() -> None:
+    """``--nodes 3``: three daemons on one redis-server; subscribers on every node get it all."""
+    (r,) = run_bench("broadcast", "-n", "21", "--events", "50", "--nodes", "3")
+    assert (r["nodes"], r["log"], r["published"], r["expected"]) == (3, "redis", 50, 21 * 50)
+    assert r["lost"] == 0 and r["duplicates"] == 0 and r["delivered"] == 21 * 50
+    assert not problems(r), r["notes"]
