@@ -33,6 +33,9 @@ class Framing(Protocol):
     which calls :meth:`frame` once per (event, framing); it never looks inside.
     """
 
+    #: a short name for logs and metrics (``chunked``, ``sse``, ``websocket``...)
+    name: str
+
     def frame(self, event: Event) -> bytes:
         """The framed record for ``event`` (its ``json``, ``cursor``... as the format needs)."""
 

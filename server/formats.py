@@ -171,12 +171,12 @@ def _ws_notice(kind: str, data: Mapping[str, Any]) -> bytes:
 
 #: HTTP/1.1 chunked, one ``JSON\n`` record per chunk (0.7.4's default).
 NDJSON = StreamFormat(
-    "ndjson", Transfer.CHUNKED, STREAM_CONTENT_TYPE,
+    "chunked", Transfer.CHUNKED, STREAM_CONTENT_TYPE,
     lambda e: b"%x\r\n%s\n\r\n" % (len(e.json) + 1, e.json),
     lambda now: chunk(_stillalive(now) + b"\n"))
 #: HTTP/1.1 chunked, one ``JSON\n\0`` record per chunk (``oldschoolers`` User-Agents).
 NDJSON_NUL = StreamFormat(
-    "ndjson-nul", Transfer.CHUNKED, STREAM_CONTENT_TYPE,
+    "chunked-nul", Transfer.CHUNKED, STREAM_CONTENT_TYPE,
     lambda e: b"%x\r\n%s\n\0\r\n" % (len(e.json) + 2, e.json),
     lambda now: chunk(_stillalive(now) + b"\n\0"))
 #: HTTP/1.0 close-delimited body of ``JSON\n`` records (an HTTP/1.0 client with a User-Agent).
@@ -209,7 +209,7 @@ WEBSOCKET = StreamFormat(
     notice=_ws_notice,
     overflow=ws_close_frame(WS_POLICY_VIOLATION, "too slow: resume by cursor"))
 
-#: Every format by name.
+#: Every format by name (the names are the ``transport`` label of the subscriber metrics).
 FORMATS: dict[str, StreamFormat] = {
     f.name: f for f in (NDJSON, NDJSON_NUL, RAW, RAW_NUL, SSE, SSE_RAW, WEBSOCKET)}
 

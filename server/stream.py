@@ -17,7 +17,7 @@ import logging
 import socket
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hub.event import Event
@@ -35,10 +35,22 @@ logger = logging.getLogger(__name__)
 _ids = itertools.count(1)
 
 
+#: why a stream ended (``Stream.end``) → the ``reason`` label of ``pypubsub_disconnects_total``
+END_REASONS = {"gone": "client", "overflow": "overflow", "shutdown": "shutdown", "limit": "limit"}
+
+
 @dataclass(slots=True)
 class StreamStats:
     opened: int = 0
-    overflowed: int = 0
+    #: streams ended, by ``Stream.end`` reason (counted once per stream by ``State.forget``)
+    ended: dict[str, int] = field(default_factory=dict)
+
+    def stats(self) -> dict[str, float | dict[str, float]]:
+        ended: dict[str, float] = dict.fromkeys(END_REASONS.values(), 0)
+        for why, n in self.ended.items():
+            label = END_REASONS.get(why, why)
+            ended[label] = ended.get(label, 0) + n
+        return {"streams_opened_total": self.opened, "disconnects_total": ended}
 
 
 #: Seconds a slow subscriber's connection may take to take its close frame before it is reset.
@@ -178,7 +190,6 @@ class Stream:
 
     # -- ending --------------------------------------------------------------------------
     def _overflow(self, size: int) -> None:
-        self.stats.overflowed += 1
         logger.warning("disconnecting slow subscriber %r: %d bytes unsent (limit %d)",
                        self, size, self.limit)
         t = self.transport

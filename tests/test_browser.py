@@ -13,7 +13,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from server.page import CLIENT_PATH, ROOT, SCRIPT_PATH
-from tests.chromium import chromium
+from tests.browser_fixture import chromium
 from tests.support import Daemon, DaemonFactory, base_config, free_port
 
 __all__ = ["chromium"]  # the fixture, imported for pytest

@@ -110,7 +110,7 @@ def test_websocket_event_and_control_records() -> None:
 
 
 def test_registry_names() -> None:
-    assert set(FORMATS) == {"ndjson", "ndjson-nul", "raw", "raw-nul", "sse", "sse-raw", "websocket"}
+    assert set(FORMATS) == {"chunked", "chunked-nul", "raw", "raw-nul", "sse", "sse-raw", "websocket"}
     assert chunk(b"") == b"0\r\n\r\n"
 
 
