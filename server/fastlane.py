@@ -30,7 +30,7 @@ import socket
 import time
 from collections.abc import Callable
 from email.utils import formatdate
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import httptools
 from aiohttp import web
@@ -65,6 +65,10 @@ MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 30.0
 #: seconds an idle keep-alive publisher connection is kept (aiohttp's default too)
 KEEPALIVE_TIMEOUT = 75.0
+#: distinct values :meth:`Lane.share` keeps
+SHARED_SIZE = 4096
+
+_T = TypeVar("_T", bytes, str)
 
 
 
@@ -101,6 +105,19 @@ class Lane:
         self.accepted_tail = (b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(body), body))
         self.accepted_len = len(body)
+        #: request targets, user agents and peers kept by streams, one object per distinct value
+        #: (idle subscribers are many and mostly alike; bounded: cleared when full)
+        self.shared: dict[object, object] = {}
+
+    def share(self, value: _T) -> _T:
+        """``value``, or the equal object an earlier stream already keeps."""
+        shared = self.shared
+        kept = shared.get(value)
+        if kept is None:
+            if len(shared) >= SHARED_SIZE:
+                shared.clear()
+            shared[value] = kept = value
+        return cast(_T, kept)
 
     def stats(self) -> dict[str, float]:
         """Counters for the metrics collector (``server.metrics`` protocol)."""
@@ -255,19 +272,22 @@ class FastLane(asyncio.Protocol):
             self.timer = None
         head = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in stream_head(fmt, SERVER_HEADER))
         t.write(b"HTTP/1.1 200 OK\r\n%sTransfer-Encoding: chunked\r\nDate: %s\r\n\r\n" % (head, _Date.now()))
+        self.peer = lane.share(self.peer)
         stream = self.stream = open_stream(state, t, fmt, spec, self.peer, None)
         self.started = time.monotonic()
-        self.ua = ua or b"-"
-        self.target = target
-        stream.done.add_done_callback(self._stream_done)
+        self.deadline = 0.0
+        self.ua = lane.share(ua) if ua is not None else b"-"
+        self.target = lane.share(target)
+        stream.on_end = self._stream_done
+        lane.conns.pop(self, None)  # a stream is in state.streams (ended from there at shutdown)
         lane.served += 1
         return True
 
-    def _stream_done(self, fut: asyncio.Future[str]) -> None:
+    def _stream_done(self, why: str) -> None:
         stream = self.stream
         if stream is None:
             return
-        close_stream(self.lane.state, stream, fut.result())  # the terminating chunk at shutdown
+        close_stream(self.lane.state, stream, why)  # the terminating chunk at shutdown
         t = stream.transport
         if t is not None and not t.is_closing():
             t.close()

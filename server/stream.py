@@ -16,7 +16,7 @@ import itertools
 import logging
 import socket
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -78,11 +78,14 @@ def _reset(t: asyncio.Transport) -> None:
 
 
 class Stream:
-    """One subscriber connection. ``done`` resolves when the stream must end."""
+    """One subscriber connection. When the stream must end, :meth:`end` calls ``on_end`` (soon,
+    not from inside the hub's write) and resolves ``done``, a Future made only for a handler
+    that awaits it: an idle fast-lane stream carries no Future and no callback entry."""
 
     __slots__ = (
         "__weakref__",
-        "done",
+        "_done",
+        "ended",
         "fmt",
         "group",
         "held",
@@ -90,6 +93,7 @@ class Stream:
         "id",
         "last_position",
         "limit",
+        "on_end",
         "peer",
         "principal",
         "spec",
@@ -110,13 +114,27 @@ class Stream:
         self.principal = principal
         #: the hub group the stream is in (the router moves it on ACL reload)
         self.group: Group | None = None
-        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        #: why the stream ended (None: still open)
+        self.ended: str | None = None
+        #: called once (through ``loop.call_soon``) with the reason when the stream ends
+        self.on_end: Callable[[str], object] | None = None
+        self._done: asyncio.Future[str] | None = None
         #: live events held back while a replay is written (None: not holding)
         self.held: list[Event] | None = None
         self.held_bytes = 0
         #: log position the replay covered (held live events up to it are not written again)
         self.last_position: int | None = None
         stats.opened += 1
+
+    @property
+    def done(self) -> asyncio.Future[str]:
+        """A Future resolved with the reason when the stream ends (made on first use)."""
+        fut = self._done
+        if fut is None:
+            fut = self._done = asyncio.get_running_loop().create_future()
+            if self.ended is not None:
+                fut.set_result(self.ended)
+        return fut
 
     def __repr__(self) -> str:
         return f"<Stream #{self.id} {self.peer} {self.spec} {self.fmt.name}>"
@@ -206,8 +224,14 @@ class Stream:
 
     def end(self, why: str) -> None:
         """Ask the stream's handler to finish (``shutdown``, ``overflow``, ``gone``...)."""
-        if not self.done.done():
-            self.done.set_result(why)
+        if self.ended is not None:
+            return
+        self.ended = why
+        fut = self._done
+        if fut is not None and not fut.done():
+            fut.set_result(why)
+        if self.on_end is not None:
+            asyncio.get_running_loop().call_soon(self.on_end, why)
 
 
 # -- opening and closing a stream (both lanes) ------------------------------------------------

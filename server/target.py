@@ -71,6 +71,19 @@ def publish_target(target: str, secure_topics: frozenset[str]) -> PublishTarget:
     return PublishTarget(path, topics, private, secure)
 
 
+#: canonical subscription path -> its (immutable) spec: subscribers of one path share one
+#: TopicSpec instead of ~400 B of frozensets and tuples each (bounded: cleared when full)
+_SPECS: dict[str, TopicSpec] = {}
+SPEC_CACHE_SIZE = 4096
+
+
 def subscription_target(target: str) -> TopicSpec:
     """The subscription a request target asks for (each ``,`` batch resolved on its own)."""
-    return parse_subscription(origin_path(target))
+    path = origin_path(target)
+    spec = _SPECS.get(path)
+    if spec is None:
+        spec = parse_subscription(path)  # raises TopicError: nothing cached
+        if len(_SPECS) >= SPEC_CACHE_SIZE:
+            _SPECS.clear()
+        _SPECS[path] = spec
+    return spec
