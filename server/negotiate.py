@@ -15,7 +15,8 @@ handler, so both lanes read a request the same way. It knows nothing of sockets 
 Adding a stream format: add a member to :class:`StreamFormat`, a rule to :func:`_stream_format`
 (the first rule that claims the request wins; NDJSON is the default), its :class:`Decision`
 constant, and its framing in the registry (:func:`server.formats.stream_format`). The fast lane
-serves only ``NDJSON``; any other format is answered by aiohttp.
+serves ``NDJSON`` and plain ``SSE`` (``Accept: text/event-stream`` exactly, no replay, no
+credentials, no Origin); any other format is answered by aiohttp.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Decision:
 # Every decision is one of these constants: negotiating allocates nothing.
 FAST_PUBLISH = Decision(Lane.FAST, Outcome.PUBLISH)
 FAST_STREAM = Decision(Lane.FAST, Outcome.STREAM, StreamFormat.NDJSON)
+FAST_SSE = Decision(Lane.FAST, Outcome.STREAM, StreamFormat.SSE)
 PUBLISH = Decision(Lane.AIOHTTP, Outcome.PUBLISH)
 HEAD = Decision(Lane.AIOHTTP, Outcome.HEAD)
 OTHER = Decision(Lane.AIOHTTP, Outcome.OTHER)
@@ -83,6 +85,8 @@ FAST_HEADERS = frozenset({
 })
 #: ``Accept`` values a fast-lane stream may carry: they ask for nothing in particular
 _ANY_ACCEPT = frozenset({b"*/*", b"*/*; q=1", b"*/*;q=1"})
+#: the one ``Accept`` value of an SSE stream the fast lane serves
+_SSE_ACCEPT = b"text/event-stream"
 _METHODS = {b"GET": Outcome.STREAM, b"PUT": Outcome.PUBLISH, b"POST": Outcome.PUBLISH,
             b"HEAD": Outcome.HEAD}
 
@@ -122,6 +126,10 @@ def negotiate(method: bytes, version: str, headers: Mapping[bytes, bytes]) -> De
     if outcome is Outcome.HEAD:
         return HEAD
     fmt = _stream_format(headers)
+    if fmt is StreamFormat.SSE:  # what an EventSource sends: exactly this Accept
+        if fast and b"content-length" not in headers and headers[b"accept"].strip() == _SSE_ACCEPT:
+            return FAST_SSE
+        return STREAMS[fmt]
     if fmt is not StreamFormat.NDJSON:
         return STREAMS[fmt]
     if fast and b"content-length" not in headers:

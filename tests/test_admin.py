@@ -302,3 +302,22 @@ async def test_cluster_node_is_not_ready_while_redis_is_down(daemon_factory: Dae
         assert await sample(d, "pypubsub_cluster_outages_total") == 1
     finally:
         redis.stop()
+
+
+async def test_a_plain_sse_stream_is_served_by_the_fast_lane(daemon_factory: DaemonFactory) -> None:
+    """What an EventSource sends is served by the fast lane, events and all; with a
+    Last-Event-ID (a replay) it is aiohttp's."""
+    d = admin_daemon(daemon_factory)
+    served = await sample(d, "pypubsub_fastlane_served_total")
+    async with subscribe(d.url, "/t", headers={"Accept": "text/event-stream"}) as sub:
+        assert sub.resp.headers["Content-Type"] == "text/event-stream"
+        assert await sub.resp.content.readuntil(b"\n\n") == b"retry: 2000\n\n"
+        await wait_sample(d, "pypubsub_fastlane_served_total", served + 1)  # the stream
+        assert (await publish(d.url, "/t", {"k": 1}))[0] == 202  # (served + 2)
+        record = await asyncio.wait_for(sub.resp.content.readuntil(b"\n\n"), 5)
+        assert record.startswith(b"id: ") and b'data: {"k":1,' in record, record
+    await wait_subscribers(d.url, 0)
+    async with subscribe(d.url, "/t", headers={"Accept": "text/event-stream", "Last-Event-ID": "x"}) as sub:
+        assert await sub.resp.content.readuntil(b"\n\n") == b"retry: 2000\n\n"
+        await wait_subscribers(d.url, 1)
+    assert await sample(d, "pypubsub_fastlane_served_total") == served + 2

@@ -147,6 +147,18 @@ CASES: list[tuple[str, bytes, int]] = [
     ("subscription with credentials", b"GET /t HTTP/1.1\r\nHost: x\r\nAuthorization: Basic eDp5\r\n\r\n",
      200),
     ("subscription asking for SSE", b"GET /t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n", 200),
+    ("SSE like an EventSource", b"GET /t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+     b"Cache-Control: no-cache\r\nConnection: keep-alive\r\nUser-Agent: Mozilla/5.0\r\n\r\n", 200),
+    ("SSE with Last-Event-ID", b"GET /t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+     b"Last-Event-ID: nope\r\n\r\n", 200),
+    ("SSE asking for a replay in the query", b"GET /t?since=0 HTTP/1.1\r\nHost: x\r\n"
+     b"Accept: text/event-stream\r\n\r\n", 200),
+    ("SSE with an Origin", b"GET /t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+     b"Origin: http://elsewhere\r\n\r\n", 200),
+    ("SSE on a bad path", b"GET /a/%ff HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n", 400),
+    ("SSE with a repeated Accept", b"GET /t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+     b"Accept: text/event-stream\r\n\r\n", 200),
+    ("SSE over HTTP/1.0", b"GET /t HTTP/1.0\r\nAccept: text/event-stream\r\n\r\n", 200),
     ("subscription with a body length", b"GET /t HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 200),
 ]
 
@@ -275,6 +287,34 @@ async def response_head(port: int, data: bytes) -> tuple[bytes, dict[bytes, byte
     return status, headers
 
 
+SSE_LIKE_EVENTSOURCE = (b"GET /a/b HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+                        b"Cache-Control: no-cache\r\nConnection: keep-alive\r\nUser-Agent: Mozilla/5.0\r\n"
+                        b"Accept-Language: en\r\n\r\n")
+
+
+async def opening_bytes(port: int, data: bytes) -> bytes:
+    """What a stream's response starts with, up to its opening record, Date left out."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        got = await asyncio.wait_for(reader.readuntil(b"\n\n\r\n"), 5)  # the retry: chunk
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return b"\r\n".join(line for line in got.split(b"\r\n") if not line.lower().startswith(b"date:"))
+
+
+@pytest.mark.parametrize("data", [b"GET /t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+                                  SSE_LIKE_EVENTSOURCE], ids=["sse", "sse like EventSource"])
+async def test_an_sse_stream_opens_alike_in_both_lanes(lanes: dict[str, Daemon], data: bytes) -> None:
+    """Status line, headers in order, and the opening ``retry:`` record, byte for byte."""
+    fast = await opening_bytes(lanes["fast"].port, data)
+    assert fast == await opening_bytes(lanes["aiohttp"].port, data)
+    assert fast.startswith(b"HTTP/1.1 200 OK\r\n") and b"retry: 2000" in fast, fast
+
+
 @pytest.mark.parametrize("data", [
     put(b"/t"),
     put(b"/t", extra=b"Host: x\r\nConnection: keep-alive\r\nUser-Agent: python-requests/2\r\n"
@@ -282,7 +322,10 @@ async def response_head(port: int, data: bytes) -> tuple[bytes, dict[bytes, byte
     b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n",
     b"GET /t HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nAccept: */*\r\nUser-Agent: asfpy\r\n\r\n",
     b"GET /t HTTP/1.1\r\nHost: x\r\nUser-Agent: svnwcsub/1.14\r\n\r\n",
-], ids=["publish", "publish like requests", "stream", "stream like asfpy", "stream, oldschooler"])
+    b"GET /t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+    SSE_LIKE_EVENTSOURCE,
+], ids=["publish", "publish like requests", "stream", "stream like asfpy", "stream, oldschooler", "sse",
+        "sse like EventSource"])
 async def test_what_the_fast_lane_serves_aiohttp_would_serve_alike(lanes: dict[str, Daemon],
                                                                    data: bytes) -> None:
     assert await response_head(lanes["fast"].port, data) == await response_head(lanes["aiohttp"].port, data)

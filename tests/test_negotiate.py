@@ -16,10 +16,18 @@ def test_plain_requests_take_the_fast_lane() -> None:
     assert (d.lane, d.outcome) == (Lane.FAST, Outcome.PUBLISH)
     d = negotiate(b"GET", "1.1", {**H, b"connection": b"Keep-Alive", b"accept-encoding": b"gzip"})
     assert d.lane is Lane.FAST  # what python-requests (asfpy) sends
+    d = negotiate(b"GET", "1.1", {**H, b"accept": b"text/event-stream", b"cache-control": b"no-cache",
+                                  b"connection": b"keep-alive", b"user-agent": b"Mozilla/5.0"})
+    assert (d.lane, d.outcome, d.format) == (Lane.FAST, Outcome.STREAM, StreamFormat.SSE)  # EventSource
+    assert negotiate(b"GET", "1.0", {b"accept": b"text/event-stream"}).lane is Lane.AIOHTTP
 
 
 @pytest.mark.parametrize(("headers", "fmt"), [
-    ({b"accept": b"text/event-stream"}, StreamFormat.SSE),
+    ({b"accept": b"text/event-stream", b"last-event-id": b"c"}, StreamFormat.SSE),
+    ({b"accept": b"text/event-stream", b"origin": b"http://a"}, StreamFormat.SSE),
+    ({b"accept": b"text/event-stream, */*"}, StreamFormat.SSE),
+    ({b"accept": b"text/event-stream", b"connection": b"close"}, StreamFormat.SSE),
+    ({b"accept": b"text/event-stream", b"content-length": b"0"}, StreamFormat.SSE),
     ({b"accept": b"text/html,application/xhtml+xml,*/*;q=0.8"}, StreamFormat.PAGE),
     ({b"upgrade": b"websocket", b"connection": b"Upgrade"}, StreamFormat.WEBSOCKET),
     ({b"authorization": b"Basic eDp5"}, StreamFormat.NDJSON),
