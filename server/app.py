@@ -26,6 +26,7 @@ from server.config import Config
 from server.errors import BadRequest, Forbidden, PayloadTooLarge, PubSubError
 from server.eventlog import EventLog, MemoryLog
 from server.ingest import Ingest
+from server.limits import Limits
 from server.logs import access_log_flusher
 from server.negotiate import Outcome, negotiate
 from server.payload import parse_json_object
@@ -66,6 +67,8 @@ class State:
     #: bumped by every ACL reload (after it re-authorised the open streams)
     auth_generation: int = 0
     rejected: dict[int, int] = field(default_factory=dict)
+    #: open connections and refusals, kept by both lanes (server.limits)
+    limits: Limits = field(default_factory=Limits)
 
 
     def forget(self, stream: Stream, why: str) -> None:
@@ -325,7 +328,9 @@ def build_app(config: Config, *, log: EventLog | None = None, auth: Authenticato
     hub = hub or Hub()
     log = log or MemoryLog(config.server.backlog.size, config.server.backlog.max_age)
     state = State(config=config, hub=hub, log=log, ingest=Ingest(hub, log),
-                  allow=AllowList(config.clients.payloaders), auth=auth or NoAuth())
+                  allow=AllowList(config.clients.payloaders), auth=auth or NoAuth(),
+                  limits=Limits(config.server.max_connections, config.server.max_connections_per_ip,
+                                config.server.header_timeout))
     app = web.Application(client_max_size=config.server.max_payload_size + 1, handler_args={
         "max_field_size": 16384, "max_line_size": 16384})
     app[STATE] = state

@@ -20,6 +20,8 @@ from server.app import STATE
 from server.config import Config, TlsConfig
 from server.errors import ConfigError
 from server.fastlane import FastLaneSite
+from server.gate import GateSite
+from server.limits import AcceptErrorLog
 
 __all__ = ["ACCESS_LOG_FORMAT", "make_ssl_context", "serve"]
 
@@ -62,6 +64,8 @@ async def serve(config: Config, app: web.Application,
                            access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=srv.shutdown_grace)
     ssl_ctx = make_ssl_context(srv.tls, config.file) if srv.tls else None
     await runner.setup()
+    limits = app[STATE].limits
+    loop.set_exception_handler(AcceptErrorLog(limits))
     sites: list[web.BaseSite] = []
     lanes: list[FastLaneSite] = []
     try:
@@ -73,11 +77,11 @@ async def serve(config: Config, app: web.Application,
                 lanes.append(lane)
                 sites.append(lane)
             else:
-                sites.append(web.TCPSite(runner, h, srv.port, backlog=LISTEN_BACKLOG,
-                                         reuse_address=True))
+                sites.append(GateSite(runner, h, srv.port, limits, backlog=LISTEN_BACKLOG,
+                                      reuse_address=True))
             if srv.tls is not None and ssl_ctx is not None:
-                sites.append(web.TCPSite(runner, h, srv.tls.port, ssl_context=ssl_ctx,
-                                         backlog=LISTEN_BACKLOG, reuse_address=True))
+                sites.append(GateSite(runner, h, srv.tls.port, limits, ssl_context=ssl_ctx,
+                                      backlog=LISTEN_BACKLOG, reuse_address=True))
         for s in sites:
             await s.start()
     except OSError as e:
