@@ -12,9 +12,12 @@ It knows nothing of HTTP beyond finding the end of a request head, and nothing o
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
+import hashlib
 import logging
 import resource
+import struct
 import time
 from email.utils import formatdate
 from typing import Any, cast
@@ -183,17 +186,51 @@ def refusal_bytes(reason: str) -> bytes:
             % (__version__.encode(), len(body), RETRY_AFTER, formatdate(usegmt=True).encode(), body))
 
 
-class Refusal(asyncio.Protocol):
-    """A connection over a limit: its first request head is answered with 503 and the reason,
-    then it is closed. It never reaches a handler, so connected subscribers are unaffected."""
+#: RFC 6455 section 1.3
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+#: RFC 6455 section 7.4.1 (IANA registry): "Try Again Later"
+WS_TRY_AGAIN_LATER = 1013
 
-    __slots__ = ("answered", "limits", "reason", "scan", "timer", "transport")
+
+def websocket_key(head: bytes) -> bytes | None:
+    """The ``Sec-WebSocket-Key`` of a head that is a valid WebSocket opening handshake, else None."""
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"GET "):
+        return None
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if (headers.get(b"upgrade", b"").lower() != b"websocket"
+            or b"upgrade" not in headers.get(b"connection", b"").lower()
+            or headers.get(b"sec-websocket-version") != b"13"):
+        return None
+    return headers.get(b"sec-websocket-key") or None
+
+
+def websocket_refusal_bytes(key: bytes, reason: str) -> bytes:
+    """The handshake's answer, then a close frame with 1013 and the reason (a browser sees the
+    code; a 503 to the handshake would only be a generic connection error)."""
+    accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+    payload = struct.pack("!H", WS_TRY_AGAIN_LATER) + reason.encode()[:123]
+    return (b"HTTP/1.1 101 Switching Protocols\r\nServer: PyPubSub/%s\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+            % (__version__.encode(), accept) + bytes([0x88, len(payload)]) + payload)
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over a limit: its first request head is answered with 503 and the reason
+    (a WebSocket handshake: closed with 1013 and the reason), then it is closed. It never
+    reaches a handler, so connected subscribers are unaffected."""
+
+    __slots__ = ("answered", "buf", "limits", "reason", "timer", "transport", "ws")
 
     def __init__(self, limits: Limits, reason: str) -> None:
         self.limits = limits
         self.reason = reason
-        self.scan = HeadScan()
+        self.buf = b""
         self.answered = False
+        self.ws = False
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
 
@@ -215,12 +252,27 @@ class Refusal(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         t = self.transport
-        if self.answered or t is None or not self.scan.feed(data):
-            return  # after the answer: read and drop (see LINGER)
+        if t is None:
+            return
+        if self.answered:  # after the answer: read and drop (see LINGER)
+            if self.ws:
+                t.close()  # the client's closing frame: the server closes the TCP connection
+            return
+        self.buf += data
+        head = self.buf.lstrip(b"\r\n")
+        end = head.find(b"\r\n\r\n")
+        if end < 0 and len(head) <= MAX_HEAD:
+            return
         self.answered = True
-        t.write(refusal_bytes(self.reason))
-        if t.can_write_eof():
-            t.write_eof()
+        key = websocket_key(head[:end]) if end >= 0 else None
+        self.buf = b""
+        if key is not None:
+            self.ws = True
+            t.write(websocket_refusal_bytes(key, self.reason))
+        else:
+            t.write(refusal_bytes(self.reason))
+            if t.can_write_eof():
+                t.write_eof()
         if self.timer is not None:
             self.timer.cancel()
         self.timer = asyncio.get_running_loop().call_later(LINGER, self._close)

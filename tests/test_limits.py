@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 
@@ -183,6 +184,21 @@ async def test_over_the_limit_is_503_in_every_lane_and_streams_go_on(
             await held.pop().close()
             await wait_admitted(t)  # a slot freed: new connections are served again
     assert answers["fast"] == answers["aiohttp"] == answers["tls"]
+
+
+@pytest.mark.parametrize("lane", LANES)
+async def test_a_websocket_over_the_limit_is_closed_with_1013(daemon_factory: DaemonFactory,
+                                                              tmp_path: Path, lane: str) -> None:
+    t = make_target(daemon_factory, tmp_path / lane, lane, max_connections=1, ping_interval=0.5)
+    scheme = "wss" if t.ctx is not None else "ws"
+    async with conns() as held:
+        held.append(await open_stream(t, b"/ws"))
+        async with aiohttp.ClientSession() as s, \
+                s.ws_connect(f"{scheme}://{HOST}:{t.port}/ws", ssl=t.ctx or False) as ws:
+            msg = await ws.receive(timeout=5)
+            assert (msg.type, msg.data, msg.extra) == (
+                aiohttp.WSMsgType.CLOSE, 1013, "too many connections: try again later")
+        assert (await asyncio.wait_for(held[0].reader.readline(), 5))  # the stream goes on
 
 
 @pytest.mark.parametrize("lane", LANES)
