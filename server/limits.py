@@ -145,9 +145,11 @@ class Limits:
                                "last report", why, self.open, missed)
         return reason
 
-    def stats(self) -> dict[str, Any]:
-        return {"open": self.open, "refused": dict(self.refused),
-                "header_timeouts": self.header_timeouts, "accept_errors": self.accept_errors}
+    def stats(self) -> dict[str, int | dict[str, int]]:
+        """Metric name (without ``pypubsub_``) → value, read at scrape time."""
+        return {"connections": self.open, "connections_refused_total": dict(self.refused),
+                "header_timeouts_total": self.header_timeouts,
+                "accept_errors_total": self.accept_errors}
 
 
 def fd_of(transport: asyncio.BaseTransport) -> int:
