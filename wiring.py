@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 def make_log(config: Config) -> EventLog:
     """The event log for ``server.backlog`` (memory ring; persistent when ``storage`` is set)."""
     bl = config.server.backlog
+    if bl.redis_url is not None:  # a cluster node (redis-py only when configured)
+        from plugins.backlog_redis import RedisLog
+
+        return RedisLog(bl.redis_url, bl.stream, bl.size, bl.max_age, timeout=bl.timeout,
+                        config_file=config.file)
     if bl.storage is not None:
         if not bl.size:
             logger.warning("%s: server.backlog.storage is set but size is 0: the backlog is off",

@@ -19,6 +19,13 @@ Scenarios:
   ``server.stream_buffer``?
 * ``idle``: N connected subscribers, nothing published but one probe event: RSS per connection.
 
+Cluster mode: ``--nodes 3`` starts a ``redis-server`` (AOF, ``appendfsync always``) and three
+daemons sharing one stream (``server.backlog.storage: redis://…``), all pinned to the daemon
+core; subscribers are spread evenly over the nodes (the latency probes on the first), and the
+publisher's connections over every node. ``--redis`` does the same with ``--nodes 1`` (one node
+on Redis, to separate the cost of Redis from the cost of more nodes). Figures are summed over
+the nodes (deliveries/s) or taken from the probes (latency).
+
 Reported: deliveries/s, latency p50/p99/max (probe subscribers, see workers.py), lost deliveries
 (expected minus received, per subscriber), the daemon's RSS per connection and CPU use, and how
 busy the load core was (if it was saturated, the figure measures the load generator, not the
@@ -86,6 +93,18 @@ class Params:
     load_cpus: tuple[int, ...] = (1,)
     python: str = sys.executable
     max_time: float = 180.0
+    #: daemons (more than one: a cluster on one Redis)
+    nodes: int = 1
+    #: the daemons' log is a Redis stream (implied by nodes > 1)
+    redis: bool = False
+    #: publish through aiohttp's handler rather than the fast lane
+    via_aiohttp: bool = False
+    #: Redis' appendfsync for cluster runs (always: no acknowledged event lost)
+    redis_fsync: str = "always"
+
+    @property
+    def cluster(self) -> bool:
+        return self.redis or self.nodes > 1
 
     def with_defaults(self) -> Params:
         d: dict[str, Any] = {
@@ -140,6 +159,9 @@ class Result:
     control_p50_ms: float | None = None
     control_p99_ms: float | None = None
     control_max_ms: float | None = None
+    nodes: int = 1
+    log: str = "memory"
+    lane: str = "fast"
     notes: list[str] = field(default_factory=list)
 
 
@@ -187,7 +209,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(rundir: Path, port: int, p: Params) -> tuple[Path, Path]:
+def write_config(rundir: Path, port: int, p: Params, redis_url: str | None = None) -> tuple[Path, Path]:
     cfg, acl = rundir / "pypubsub.yaml", rundir / "pypubsub_acl.yaml"
     lines = [
         "# written by bench/pubsub_bench.py",
@@ -199,6 +221,8 @@ def write_config(rundir: Path, port: int, p: Params) -> tuple[Path, Path]:
         "    size: 0",
         "    max_age: 0",
     ]
+    if redis_url is not None:  # live events only, as the memory runs (no replay backlog)
+        lines += [f"    storage: {redis_url}", "    stream: bench"]
     if p.stream_buffer:
         lines.append(f"  stream_buffer: {p.stream_buffer}")
     lines += ["clients:", "  payloaders:", "    - 127.0.0.0/8", "  oldschoolers: []", ""]
@@ -210,10 +234,11 @@ def write_config(rundir: Path, port: int, p: Params) -> tuple[Path, Path]:
 class Daemon:
     """``pypubsub.py`` in its own session, pinned to one core, logging to a file."""
 
-    def __init__(self, p: Params, rundir: Path) -> None:
+    def __init__(self, p: Params, rundir: Path, redis_url: str | None = None) -> None:
         self.port = free_port()
+        rundir.mkdir(parents=True, exist_ok=True)
         self.log_path = rundir / "daemon.log"
-        cfg, acl = write_config(rundir, self.port, p)
+        cfg, acl = write_config(rundir, self.port, p, redis_url)
         cmd = [p.python, str(ROOT / "pypubsub.py"), "--config", str(cfg), "--acl", str(acl),
                "--log-level", "warning"]  # info would log every PUT: the access log
         self.pinned = shutil.which("taskset") is not None and p.server_cpu in os.sched_getaffinity(0)
@@ -252,6 +277,56 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait(5)
         return self.proc.returncode
+
+
+class RedisServer:
+    """``redis-server`` for cluster runs: AOF (``appendfsync always`` unless told), pinned as a daemon."""
+
+    def __init__(self, p: Params, rundir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("cluster runs need redis-server (scripts/install.sh --dev)")
+        self.port = free_port()
+        rundir.mkdir(parents=True, exist_ok=True)
+        cmd = [binary, "--port", str(self.port), "--bind", HOST, "--dir", str(rundir), "--save", "",
+               "--appendonly", "yes", "--appendfsync", p.redis_fsync, "--daemonize", "no",
+               "--logfile", str(rundir / "redis.log")]
+        if shutil.which("taskset") is not None and p.server_cpu in os.sched_getaffinity(0):
+            cmd = ["taskset", "-c", str(p.server_cpu), *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.pid = self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    async def wait_ready(self, within: float = 10.0) -> None:
+        end = time.monotonic() + within
+        for _ in range(100_000):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            with contextlib.suppress(OSError):
+                reader, writer = await asyncio.open_connection(HOST, self.port)
+                writer.write(b"PING\r\n")
+                pong = await asyncio.wait_for(reader.readline(), 2)
+                writer.close()
+                await writer.wait_closed()
+                if pong.startswith(b"+PONG"):
+                    return
+            if time.monotonic() > end:
+                break
+            await asyncio.sleep(0.02)
+        raise RuntimeError(f"redis-server did not answer within {within}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 async def subscriber_count(port: int) -> int | None:
@@ -436,13 +511,13 @@ async def wait_registered(port: int, count: int, deadline: float) -> bool:
 class CpuClock:
     """CPU time of the daemon and the load processes, and how busy each core was, over a window."""
 
-    def __init__(self, daemon_pid: int, load_pids: list[int],
+    def __init__(self, daemon_pids: list[int], load_pids: list[int],
                  cores: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
-        self.daemon_pid, self.load_pids, self.cores = daemon_pid, load_pids, cores
+        self.daemon_pids, self.load_pids, self.cores = daemon_pids, load_pids, cores
         self.start = self.read()
 
     def read(self) -> tuple[int, int, list[tuple[int, int]]]:
-        return (cpu_ticks(self.daemon_pid), sum(map(cpu_ticks, self.load_pids)),
+        return (sum(map(cpu_ticks, self.daemon_pids)), sum(map(cpu_ticks, self.load_pids)),
                 [core_busy(c) for c in self.cores])
 
     def fill(self, res: Result) -> None:
@@ -497,10 +572,11 @@ async def control_round(p: Params, port: int, paths: list[str], subs: list[Worke
     return int(closed)
 
 
-def publisher_config(p: Params, port: int, paths: list[str]) -> dict[str, Any]:
+def publisher_config(p: Params, port: int, paths: list[str],
+                     ports: list[int] | None = None) -> dict[str, Any]:
     return {"host": HOST, "port": port, "cpus": p.load_cpus, "max_time": p.max_time, "paths": paths,
             "events": p.events, "rate": p.rate, "size": p.size, "conns": p.pub_conns,
-            "window": p.window}
+            "window": p.window, "ports": ports or [port], "via_aiohttp": p.via_aiohttp}
 
 
 async def fill_stalled(res: Result, stalled: StalledClient, watch: asyncio.Task[None],
@@ -524,20 +600,45 @@ async def run_scenario(p: Params) -> Result:
                  load_cores=len(p.load_cpus))
     deadline = time.monotonic() + p.max_time
     rundir = Path(tempfile.mkdtemp(prefix="pubsub-bench-run-"))
-    daemon = Daemon(p, rundir)
+    res.nodes, res.log = p.nodes, "redis" if p.cluster else "memory"
+    # the fast lane publishes inline only for a synchronous (memory) log
+    res.lane = "aiohttp" if p.via_aiohttp or p.cluster else "fast"
+    redis = RedisServer(p, rundir / "redis") if p.cluster else None
+    daemons: list[Daemon] = []
     workers: list[Worker] = []
     stalled: StalledClient | None = None
     watch: asyncio.Task[None] | None = None
     try:
-        await daemon.wait_ready()
+        if redis is not None:
+            await redis.wait_ready()
+        daemons = [Daemon(p, rundir / f"node{i}", redis.url if redis else None) for i in range(p.nodes)]
+        daemon = daemons[0]
+        await asyncio.gather(*(d.wait_ready() for d in daemons))
         if not daemon.pinned:
             res.notes.append("daemon not pinned (no taskset or no such core)")
         res.rss_base_mb = round(rss_kb(daemon.pid) / 1024, 1)
         sub_paths, expected, pub_paths = plan(p)
         res.expected = sum(expected)
-        workers, connected = await start_subscribers(p, daemon.port, sub_paths, expected, res)
-        if not await wait_registered(daemon.port, connected, deadline):
-            res.notes.append(f"the daemon never counted all {connected} subscribers")
+        # subscribers spread over the nodes; the probes (the first ones) on the first node
+        connected_per: list[int] = []
+        for i, d in enumerate(daemons):
+            if p.nodes == 1:
+                paths_i, want_i, p_i = sub_paths, expected, p
+            else:
+                k = p.probes
+                rest = list(range(k, len(sub_paths)))
+                idx = (list(range(k)) if i == 0 else []) + rest[i::p.nodes]
+                paths_i = [sub_paths[j] for j in idx]
+                want_i = [expected[j] for j in idx]
+                p_i = p if i == 0 else replace(p, probes=0)
+                p_i = replace(p_i, procs=max(1, math.ceil((p.procs or 1) / p.nodes)))
+            ws, connected = await start_subscribers(p_i, d.port, paths_i, want_i, res)
+            workers += ws
+            connected_per.append(connected)
+        for d, connected in zip(daemons, connected_per, strict=True):
+            if not await wait_registered(d.port, connected, deadline):
+                res.notes.append(f"node {d.port} never counted all {connected} subscribers")
+        connected = connected_per[0]
         if connected:
             res.rss_per_conn_kb = round((rss_kb(daemon.pid) - res.rss_base_mb * 1024) / connected, 2)
         if p.scenario == "stalled":
@@ -547,10 +648,11 @@ async def run_scenario(p: Params) -> Result:
             if not await wait_registered(daemon.port, connected, deadline):
                 res.notes.append(f"the daemon never counted all {connected} subscribers")
 
-        pub = Worker("pub", publisher_config(p, daemon.port, pub_paths))
+        pub = Worker("pub", publisher_config(p, daemon.port, pub_paths, [d.port for d in daemons]))
         workers.append(pub)
         await pub.start(p.python, 30)
-        clock = CpuClock(daemon.pid, [w.pid for w in workers], ((p.server_cpu,), p.load_cpus))
+        server_pids = [d.pid for d in daemons] + ([redis.pid] if redis else [])
+        clock = CpuClock(server_pids, [w.pid for w in workers], ((p.server_cpu,), p.load_cpus))
         if stalled is not None:
             watch = asyncio.get_running_loop().create_task(stalled.watch(connected, deadline))
         pub.send("go")
@@ -574,12 +676,17 @@ async def run_scenario(p: Params) -> Result:
         await asyncio.gather(*(w.stop() for w in workers))
         if stalled is not None:
             stalled.close()
-        rc = daemon.stop()
-        if rc != 0:
-            res.notes.append(f"daemon exited with {rc}")
-        if "Traceback" in daemon.log():
-            res.notes.append(f"traceback in the daemon log ({daemon.log_path})")
-        else:
+        keep = False
+        for d in daemons:
+            rc = d.stop()
+            if rc != 0:
+                res.notes.append(f"daemon exited with {rc}")
+            if "Traceback" in d.log():
+                res.notes.append(f"traceback in the daemon log ({d.log_path})")
+                keep = True
+        if redis is not None:
+            redis.stop()
+        if not keep:
             shutil.rmtree(rundir, ignore_errors=True)
     return res
 
@@ -622,7 +729,7 @@ COLUMNS = [
     ("deliveries_per_s", "deliveries/s"), ("events_per_s", "events/s"), ("p50_ms", "p50 ms"),
     ("p99_ms", "p99 ms"), ("max_ms", "max ms"), ("lost", "lost"), ("rss_per_conn_kb", "KB/conn"),
     ("server_cpu_pct", "daemon CPU%"), ("load_cpu_pct", "load CPU%"),
-    ("stalled_after_s", "stalled cut s"),
+    ("stalled_after_s", "stalled cut s"), ("nodes", "nodes"), ("log", "log"), ("lane", "publish lane"),
 ]
 
 
@@ -682,6 +789,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--python", default=sys.executable, help="interpreter for the daemon and workers")
     ap.add_argument("--max-time", type=float, default=180.0, help="seconds one scenario may take")
     ap.add_argument("--json", action="store_true", help="print one JSON object per scenario")
+    ap.add_argument("--nodes", type=int, default=1, help="daemons; more than 1: a cluster on one Redis")
+    ap.add_argument("--redis", action="store_true",
+                    help="the daemons' log on Redis Streams (implied by --nodes > 1)")
+    ap.add_argument("--redis-fsync", choices=("always", "everysec", "no"), default="always",
+                    help="Redis' appendfsync in cluster runs (default: always)")
+    ap.add_argument("--via-aiohttp", action="store_true",
+                    help="publish through aiohttp's handler, not the fast lane (what the lane saves)")
     return ap
 
 
@@ -712,7 +826,8 @@ def main(argv: list[str] | None = None) -> int:
         p = Params(scenario, n=a.n, events=a.events, rate=a.rate, size=a.size,
                    stream_buffer=a.stream_buffer, procs=a.procs, probes=a.probes,
                    pub_conns=a.pub_conns, server_cpu=a.server_cpu, load_cpus=a.load_cpus,
-                   python=a.python, max_time=a.max_time)
+                   python=a.python, max_time=a.max_time, nodes=max(1, a.nodes), redis=a.redis,
+                   via_aiohttp=a.via_aiohttp, redis_fsync=a.redis_fsync)
         logger.info("running %s", scenario)
         try:
             res = asyncio.run(interruptible(run_scenario(p)))

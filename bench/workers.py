@@ -305,13 +305,17 @@ async def run_publisher(cfg: dict[str, Any], commands: asyncio.StreamReader) -> 
     loop = asyncio.get_running_loop()
     slots: asyncio.Queue[Publisher] = asyncio.Queue()
     conns: list[Publisher] = []
-    for _ in range(int(cfg["conns"])):
+    ports = [int(x) for x in cfg.get("ports") or [port]]  # several nodes: connections spread
+    for i in range(int(cfg["conns"])):
         conn = Publisher(slots)
-        await loop.create_connection(lambda c=conn: c, host, port)  # type: ignore[misc]
+        await loop.create_connection(lambda c=conn: c, host, ports[i % len(ports)])  # type: ignore[misc]
         conns.append(conn)
         for _ in range(window):
             slots.put_nowait(conn)
-    heads = [(f"PUT {p} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+    # ``Connection: keep-alive`` (HTTP/1.1's default anyway) sends a publish to aiohttp's handler
+    # instead of the daemon's fast lane: measures what the fast lane saves
+    extra = "Connection: keep-alive\r\n" if cfg.get("via_aiohttp") else ""
+    heads = [(f"PUT {p} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{extra}"
               "Content-Length: %d\r\n\r\n").encode() for p in paths]
     emit({"ready": len(conns)})
     line = await asyncio.wait_for(commands.readline(), max(0.1, deadline - time.monotonic()))

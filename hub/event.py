@@ -84,6 +84,8 @@ class Event:
     json: bytes
     topicset: frozenset[str] = field(repr=False)
     _wire: dict[WireFormat, bytes] = field(default_factory=dict, repr=False)
+    #: where the event sits in its log (opaque, increasing in log order); 0 until a log keeps it
+    position: int = field(default=0, repr=False)
 
     def wire(self, fmt: WireFormat) -> bytes:
         """The framed bytes for ``fmt``, computed once and shared by every subscriber."""
@@ -102,6 +104,7 @@ def make_event(
     *,
     timestamp: float | None = None,
     cursor: str | None = None,
+    position: int = 0,
     parsed: tuple[tuple[str, ...], bool] | None = None,
 ) -> Event:
     """Stamp ``body`` as published at ``path``; the server's ``pubsub_*`` values win.
@@ -129,6 +132,7 @@ def make_event(
         payload=payload,
         json=dumps(payload),
         topicset=frozenset(topics),
+        position=position,
     )
 
 

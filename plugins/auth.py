@@ -1,9 +1,10 @@
 """The daemon's authenticator: the ACL file first, then LDAP; and the SIGUSR2 ACL reload.
 
 Owns the order of the backends (a user named in the ACL file is decided by the file alone, as
-in 0.7.4; other users go to LDAP when it is configured), reloading the file on SIGUSR2 (a broken
-file keeps the previous ACL, logged), and re-authorising the streams already open without
-dropping them. Also owns the lifetime of the signal handler and of the reload task.
+in 0.7.4; other users go to LDAP when it is configured), reloading the file on SIGUSR2 (a
+broken, empty or missing file keeps the previous ACL, logged), and re-authorising the streams
+already open without dropping them (through the plugin context). Also owns the lifetime of the
+signal handler and of the reload task.
 """
 
 from __future__ import annotations

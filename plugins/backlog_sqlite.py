@@ -32,7 +32,7 @@ from hub.cursor import advance_past, is_uuid7, new_cursor
 from hub.event import Event, EventError, restore_event
 from hub.topics import TopicError, parse_publish_path
 from server.errors import ConfigError, ServiceUnavailable
-from server.eventlog import Located, MemoryLog
+from server.eventlog import Appended, Located, MemoryLog, TailConsumer, place
 from server.tasks import cancel_and_wait
 
 __all__ = ["SCHEMA_VERSION", "SqliteLog", "import_074"]
@@ -68,14 +68,15 @@ def _topics(path: str) -> tuple[tuple[str, ...], bool, frozenset[str]]:
     return topics, private, frozenset(topics)
 
 
-def _row_event(cursor: str, ts: float, path: str, data: bytes) -> Event:
-    """Rebuild a stored event exactly: same path, topics, private flag, timestamp, cursor, bytes."""
+def _row_event(seq: int, cursor: str, ts: float, path: str, data: bytes) -> Event:
+    """Rebuild a stored event exactly: same path, topics, private flag, timestamp, cursor, bytes;
+    its log position is its row's ``seq``."""
     topics, private, topicset = _topics(path)
     payload = orjson.loads(data)
     if not isinstance(payload, dict):
         raise EventError("stored event is not a JSON object")
     return Event(topics=topics, private=private, path=path, timestamp=ts, cursor=cursor,
-                 payload=payload, json=bytes(data), topicset=topicset)
+                 payload=payload, json=bytes(data), topicset=topicset, position=seq)
 
 
 def _connect(path: Path, fsync: bool) -> sqlite3.Connection:
@@ -230,9 +231,12 @@ class SqliteLog:
         self.mirror = MemoryLog(size, max_age, clock=clock)
         self._db: sqlite3.Connection | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._queue: list[tuple[Event, asyncio.Future[None]]] = []
+        self._queue: list[tuple[Event, asyncio.Future[Appended | None]]] = []
         #: the batch being committed (failed too if the writer dies)
-        self._batch: list[tuple[Event, asyncio.Future[None]]] = []
+        self._batch: list[tuple[Event, asyncio.Future[Appended | None]]] = []
+        #: the next row's seq (= log position): assigned here, so the tail knows it at commit
+        self._next_seq = 1
+        self._consumer: TailConsumer | None = None
         self._trim = 0
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -250,7 +254,7 @@ class SqliteLog:
         loop = asyncio.get_running_loop()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pypubsub-sqlite")
         try:
-            events = await loop.run_in_executor(self._pool, self._open)
+            events, self._next_seq = await loop.run_in_executor(self._pool, self._open)
         except BaseException:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -273,8 +277,10 @@ class SqliteLog:
         if self.max_age:
             self._evictor = loop.create_task(self._evict_loop(), name="pypubsub-sqlite-evictor")
 
-    def _open(self) -> list[Event]:
-        """(writer thread) Import 0.7.4 if needed, open, load the retained tail."""
+    def _open(self) -> tuple[list[Event], int]:
+        """(writer thread) Import 0.7.4 if needed, open, load the retained tail.
+
+        Returns the retained events and the seq the next row gets."""
         p = self.path
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +289,8 @@ class SqliteLog:
             db = self._db = _connect(p, self.fsync)
             rows = db.execute("SELECT seq, cursor, ts, path, json FROM events ORDER BY seq DESC LIMIT ?",
                               (self.size,)).fetchall()
+            # positions order one process's reads: the next after the newest row is enough
+            next_seq = (rows[0][0] if rows else 0) + 1
         except (sqlite3.DatabaseError, OSError) as e:
             raise ConfigError(self.config_file, "server.backlog.storage",
                               f"{str(p)!r} cannot be opened as a backlog: {e}") from e
@@ -292,12 +300,12 @@ class SqliteLog:
         events = []
         for seq, cursor, ts, path, data in rows:
             try:
-                events.append(_row_event(cursor, ts, path, data))
+                events.append(_row_event(seq, cursor, ts, path, data))
             except (orjson.JSONDecodeError, EventError, TopicError) as e:
                 # deleted, so that the rows on disk stay exactly the mirror's events
                 logger.warning("backlog %s: dropping an unreadable stored event %s (%s)", p, cursor, e)
                 db.execute("DELETE FROM events WHERE seq = ?", (seq,))
-        return events
+        return events, next_seq
 
     async def close(self) -> None:
         """Commit what is queued, stop the tasks, close the database."""
@@ -317,8 +325,16 @@ class SqliteLog:
                     self.path, self.written, self.commits)
 
     # -- writing ------------------------------------------------------------------------
-    def append(self, event: Event) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def tail(self, consumer: TailConsumer) -> None:
+        self._consumer = consumer
+
+    def append(self, event: Event, *,
+               dedup: str | None = None) -> asyncio.Future[Appended | None]:  # noqa: ARG002
+        """Queue ``event`` for the next commit; resolves once it is committed (and routed).
+
+        ``dedup`` is ignored: one process has one SQS consumer per queue, which de-duplicates.
+        """
+        fut: asyncio.Future[Appended | None] = asyncio.get_running_loop().create_future()
         if self._closing or self._wake is None:
             fut.set_exception(ServiceUnavailable("the backlog is closed: event not stored"))
             return fut
@@ -342,7 +358,8 @@ class SqliteLog:
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             self._batch = batch
             trim, self._trim = self._trim, 0
-            rows = [(e.cursor, e.timestamp, e.path, e.json) for e, _ in batch]
+            seq = self._next_seq
+            rows = [(seq + i, e.cursor, e.timestamp, e.path, e.json) for i, (e, _) in enumerate(batch)]
             try:
                 await loop.run_in_executor(self._pool, self._write, rows, trim)
             except (sqlite3.Error, OSError) as e:
@@ -358,11 +375,19 @@ class SqliteLog:
                     await wake.wait()
                     wake.clear()
                 continue
+            self._next_seq = seq + len(batch)
             mirror = self.mirror
-            for ev, fut in batch:
+            consumer = self._consumer
+            for i, (ev, fut) in enumerate(batch):
+                place(ev, seq + i)
                 mirror.keep(ev)
+                if consumer is not None:
+                    try:
+                        consumer(ev)  # routed in commit (= position) order
+                    except Exception:  # task boundary: routing must not stop the writer
+                        logger.exception("backlog %s: %r committed but not routed", self.path, ev)
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(Appended(ev.position, ev.cursor))
             self._trim += mirror.take_dropped()
             self._batch = []
 
@@ -379,7 +404,7 @@ class SqliteLog:
             if not fut.done():
                 fut.set_exception(ServiceUnavailable("the backlog writer failed: event not stored"))
 
-    def _write(self, rows: list[tuple[str, float, str, bytes]], trim: int) -> None:
+    def _write(self, rows: list[tuple[int, str, float, str, bytes]], trim: int) -> None:
         """(writer thread) One transaction: insert ``rows``, delete the ``trim`` oldest rows."""
         db = self._db
         if db is None:
@@ -387,7 +412,8 @@ class SqliteLog:
         db.execute("BEGIN IMMEDIATE")
         try:
             if rows:
-                db.executemany("INSERT INTO events(cursor, ts, path, json) VALUES (?, ?, ?, ?)", rows)
+                db.executemany("INSERT INTO events(seq, cursor, ts, path, json) VALUES (?, ?, ?, ?, ?)",
+                               rows)
             if trim:
                 db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT ?)",
                            (trim,))

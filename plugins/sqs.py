@@ -352,7 +352,8 @@ class QueueConsumer:
                 await self._delete(client, url, msg, mid)
             return
         try:
-            event = await self.ingest.submit(path, body, source=self.source)
+            # a cluster log keeps the message once whichever node (and however often) receives it
+            event = await self.ingest.submit(path, body, source=self.source, dedup=f"sqs:{mid}")
         except PubSubError as e:  # the log refused it (storage failure): leave it for redelivery
             self.stats.failed += 1
             logger.warning("sqs %s: message %s not accepted (%s); it stays in the queue",
@@ -364,7 +365,8 @@ class QueueConsumer:
             return
         self.stats.accepted += 1
         self.seen.add(mid)
-        logger.debug("sqs %s: message %s accepted as %r", self.cfg.name, mid, event)
+        logger.debug("sqs %s: message %s for %r accepted as %s", self.cfg.name, mid, path,
+                     event or "a duplicate: the cluster log has it already")
         if self.cfg.delete:
             await self._delete(client, url, msg, mid)
 

@@ -37,11 +37,11 @@ fi
 
 missing=0
 check() { command -v "$1" >/dev/null || { echo "install.sh: $1 is missing after install" >&2; missing=1; }; }
-.venv/bin/python -c "import aiohttp, yaml, netaddr, orjson, uvloop, bonsai, argon2, bcrypt, aiobotocore" \
+.venv/bin/python -c "import aiohttp, yaml, netaddr, orjson, uvloop, bonsai, argon2, bcrypt, aiobotocore, redis, hiredis" \
   || missing=1
 if [ $dev = 1 ]; then
   for t in slapd slapadd redis-server node ruby systemd-analyze openssl; do check "$t"; done
-  .venv/bin/python -c "import pytest, moto, trustme, asfpy, redis" || missing=1
+  .venv/bin/python -c "import pytest, moto, trustme, asfpy" || missing=1
 fi
 [ $missing = 0 ] || { echo "install.sh: installation incomplete" >&2; exit 1; }
 echo "install.sh: ready (.venv)"

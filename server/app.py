@@ -23,7 +23,7 @@ from hub.topics import TopicError, TopicSpec
 from server import __version__
 from server.auth import AllowList, Authenticator, NoAuth, Principal, parse_basic_auth
 from server.config import Config
-from server.errors import BadRequest, Forbidden, PayloadTooLarge, PubSubError
+from server.errors import BadRequest, Forbidden, PayloadTooLarge, PubSubError, ServiceUnavailable
 from server.eventlog import EventLog, MemoryLog
 from server.ingest import Ingest
 from server.limits import Limits
@@ -277,6 +277,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         state.rejected[e.status] = state.rejected.get(e.status, 0) + 1
         logger.info("%s %s %s from %s: %s", e.status, request.method, request.raw_path[:200],
                     _peer(request), e.reason)
+        if isinstance(e, ServiceUnavailable) and e.retry_after is not None:
+            return _text(e.status, e.reason + "\n", **{"Retry-After": str(e.retry_after)})
         return _text(e.status, e.reason + "\n")
     except asyncio.IncompleteReadError:
         logger.info("400 %s %s from %s: body shorter than Content-Length", request.method,

@@ -52,6 +52,12 @@ DEFAULT_SHUTDOWN_GRACE = 3.0
 DEFAULT_HEADER_TIMEOUT = 30.0
 #: A replay never sends more than this many events (no request scans forever); 0 = no cap.
 DEFAULT_MAX_REPLAY = 100_000
+#: The Redis Streams key of a cluster's shared log (``server.backlog.stream``).
+DEFAULT_STREAM = "pypubsub"
+#: Seconds a publish waits for Redis before it is answered 503 (``server.backlog.timeout``).
+DEFAULT_LOG_TIMEOUT = 1.0
+#: URL schemes of ``server.backlog.storage`` that select the Redis Streams log.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 #: The configuration the daemon runs on when no file is given and none is found.
 DEFAULT_CONFIG_TEXT = """\
@@ -227,8 +233,14 @@ class BacklogConfig:
     size: int = 0
     #: seconds an event is kept; 0 = no age limit
     max_age: float = 0.0
-    #: path of the persistent log; None = memory only
+    #: path of the persistent log; None = memory only (or Redis, see ``redis_url``)
     storage: Path | None = None
+    #: ``storage`` given as a redis:// URL: the cluster log on Redis Streams; None = not a cluster
+    redis_url: str | None = None
+    #: the Redis Streams key every node of one cluster shares
+    stream: str = DEFAULT_STREAM
+    #: seconds an append may wait for Redis (then 503 + Retry-After)
+    timeout: float = DEFAULT_LOG_TIMEOUT
     #: most events one replay request may send; 0 = no cap (not advised)
     max_replay: int = DEFAULT_MAX_REPLAY
     #: with storage: sync each (group) commit to disk before the 2xx (power-loss safe);
@@ -306,10 +318,21 @@ def parse_config(data: object, file: str) -> Config:
     top = Section(data, file, "")
     srv = top.section("server")
     bl = srv.section("backlog")
+    raw_storage = bl.string("storage") or ""
+    redis_url = raw_storage if raw_storage.startswith(REDIS_SCHEMES) else None
+    stream = bl.string("stream", DEFAULT_STREAM) or ""
+    if not stream:
+        raise bl.error("stream", "must name a Redis key")
+    timeout = bl.duration("timeout", DEFAULT_LOG_TIMEOUT)
+    if timeout <= 0:
+        raise bl.error("timeout", "must be more than 0 seconds")
     backlog = BacklogConfig(
         size=bl.integer("size", 0, minimum=0),
         max_age=bl.duration("max_age", 0.0),
-        storage=bl.path("storage"),
+        storage=None if redis_url else bl.path("storage"),
+        redis_url=redis_url,
+        stream=stream,
+        timeout=timeout,
         max_replay=bl.integer("max_replay", DEFAULT_MAX_REPLAY, minimum=0),
         fsync=bl.typed("fsync", bool, True),
     )

@@ -46,6 +46,11 @@ class PayloadTooLarge(PubSubError):
 class ServiceUnavailable(PubSubError):
     status = 503
 
+    def __init__(self, reason: str, retry_after: int | None = None) -> None:
+        super().__init__(reason)
+        #: seconds for the ``Retry-After`` header (None: not sent)
+        self.retry_after = retry_after
+
 
 class ConfigError(Exception):
     """A configuration problem, naming the file and the key."""

@@ -1,25 +1,33 @@
-"""The EventLog interface: where accepted events are kept for replay, and the in-memory ring.
+"""The EventLog interface: where accepted events are kept, read back and replayed; the memory ring.
 
 Owns the small async contract every backend implements and :class:`MemoryLog`, the reference
-backend, the test fake and the read side of the persistent backends (they mirror what they
-committed into one). Backends never route events: the ingest path appends, then routes.
+backend, the test fake and the read side of the other backends (they mirror what they
+committed, or read back, into one).
 
-Positions are integers, increasing by one per appended event; position ``p`` names the point
-just after the event at ``p``. A replay asks :meth:`EventLog.locate` where to start (before
-the stream goes live), then :meth:`EventLog.read` for the events after that point.
+The spine is append → log → tail → hub, the same for every backend: :meth:`EventLog.append`
+keeps an event and returns its :class:`Appended` position and cursor; the node routes what
+the log hands to its :meth:`EventLog.tail` consumer, in log order. A memory log hands each event
+over at once; SQLite after its commit; Redis Streams when the node reads the entry back (so
+every node of a cluster routes the same events in the same order, its own included).
+
+Positions are opaque integers, increasing in log order (not necessarily by one); an event
+carries its own (:attr:`hub.event.Event.position`). A replay asks :meth:`EventLog.locate`
+where to start (before the stream goes live), then :meth:`EventLog.read` for the events after
+that position; live events held meanwhile are de-duplicated by position, never by cursor.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import operator
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from hub.event import Event
 
-__all__ = ["EventLog", "Located", "MemoryLog"]
+__all__ = ["Appended", "EventLog", "Located", "MemoryLog", "TailConsumer", "place"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +35,31 @@ logger = logging.getLogger(__name__)
 #: list: amortised O(1) per event, without a copy on every eviction.
 COMPACT_MIN = 1024
 
+#: What a log hands each event to, in log order, once the event is in the log.
+TailConsumer = Callable[[Event], object]
+
+_position = operator.attrgetter("position")
+
+
+class Appended(NamedTuple):
+    """An event the log accepted: its position in the log and its cursor."""
+
+    position: int
+    cursor: str
+
+
+def place(event: Event, position: int) -> Event:
+    """Give a fresh event its log position (once, before any reader sees the event)."""
+    object.__setattr__(event, "position", position)
+    return event
+
+
+def _ignore(_event: Event) -> None:
+    return None
+
 
 class Located:
-    """Where a replay starts: after ``position``, with ``pending`` retained events after it."""
+    """Where a replay starts: after ``position`` (opaque), with ``pending`` events after it."""
 
     __slots__ = ("pending", "position")
 
@@ -44,26 +74,32 @@ class Located:
 class EventLog(Protocol):
     """An ordered, bounded history of events (``size`` events, ``max_age`` seconds)."""
 
-    #: True when :meth:`append` always returns None (the event is kept at once)
+    #: True when :meth:`append` always returns an :class:`Appended` (the event is kept at once)
     synchronous: bool
 
     async def start(self) -> None:
-        """Open storage, recover, evict what is too old."""
+        """Open storage, recover, evict what is too old; the tail starts delivering."""
 
-    def append(self, event: Event) -> Awaitable[None] | None:
-        """Keep ``event``. Events are appended in cursor order, from the event loop.
+    def tail(self, consumer: TailConsumer) -> None:
+        """Hand every event that enters the log from now on to ``consumer``, in log order
+        (set once, before :meth:`start`: the node's hub)."""
 
-        Returns None when the event is kept already (nothing to wait for: the ingest path then
-        routes it at once, without a task), or an awaitable that resolves once the event is as
-        durable as the backend promises (or raises :class:`~server.errors.PubSubError`).
+    def append(self, event: Event, *, dedup: str | None = None
+               ) -> Appended | Awaitable[Appended | None]:
+        """Keep ``event`` (stamped by the caller, from the event loop).
+
+        Returns its :class:`Appended` when it is kept already (the tail has had it), or an
+        awaitable that resolves once the event is as durable as the backend promises (or raises
+        :class:`~server.errors.PubSubError`); it resolves to None when ``dedup`` names an event
+        the log already took (SQS message ids on several nodes), which then is not kept again.
         """
 
     async def locate(self, *, cursor: str | None = None, since: float | None = None) -> Located | None:
         """Where a replay of the events after ``cursor`` (or with timestamp > ``since``) starts.
 
-        None when ``cursor`` is unknown or evicted. With neither argument: the newest position.
-        The ``since`` position may precede some older events: :meth:`read` callers filter by
-        timestamp (clocks step backwards; cursors do not).
+        None when ``cursor`` is unknown, evicted or foreign (another backend's). With neither
+        argument: the newest position. The ``since`` position may precede some older events:
+        :meth:`read` callers filter by timestamp (clocks step backwards; cursors do not).
         """
 
     async def read(self, after: int, limit: int) -> list[Event]:
@@ -77,9 +113,10 @@ class EventLog(Protocol):
 class MemoryLog:
     """A ring of the last ``size`` events younger than ``max_age`` seconds (0 = no age limit).
 
-    ``size == 0`` keeps nothing: appends are free, replays are empty and every cursor is unknown.
-    Cursor lookup is O(1) (a dict); time lookup is O(log n) (bisect on the running maximum of
-    timestamps, which is sorted even when the clock steps backwards); trimming is O(1) amortised.
+    ``size == 0`` keeps nothing: appends only route, replays are empty and every cursor is
+    unknown. Cursor and position lookups are O(log n) at most (a dict, then bisect on the
+    positions); time lookup is O(log n) (bisect on the running maximum of timestamps, which is
+    sorted even when the clock steps backwards); trimming is O(1) amortised.
     """
 
     #: append() never returns an awaitable: the fast lane may publish inline
@@ -97,9 +134,10 @@ class MemoryLog:
         self._maxts: list[float] = []
         #: index in _events of the oldest retained event
         self._head = 0
-        #: position of _events[0]
-        self._base = 1
+        #: position of the newest event ever kept (or appended, with size 0)
+        self._last = 0
         self._index: dict[str, int] = {}
+        self._consumer: TailConsumer = _ignore
         #: events evicted since the last take_dropped() (persistent backends delete as many rows)
         self._dropped = 0
 
@@ -107,8 +145,18 @@ class MemoryLog:
     async def start(self) -> None:
         return None
 
-    def append(self, event: Event) -> None:
+    def tail(self, consumer: TailConsumer) -> None:
+        self._consumer = consumer
+
+    def append(self, event: Event, *, dedup: str | None = None) -> Appended:  # noqa: ARG002
+        """Keep ``event`` at the next position and hand it to the tail at once.
+
+        ``dedup`` is ignored: one process has one SQS consumer per queue, which de-duplicates.
+        """
+        place(event, self._last + 1)
         self.keep(event)
+        self._consumer(event)
+        return Appended(event.position, event.cursor)
 
     async def locate(self, *, cursor: str | None = None, since: float | None = None) -> Located | None:
         return self.locate_now(cursor=cursor, since=since)
@@ -126,19 +174,23 @@ class MemoryLog:
     @property
     def last_position(self) -> int:
         """Position of the newest event ever kept (retained or not)."""
-        return self._base + len(self._events) - 1
+        return self._last
 
     def newest(self) -> Event | None:
         return self._events[-1] if len(self) else None
 
     def keep(self, event: Event) -> None:
-        """Append ``event``, then trim by size and age."""
+        """Append ``event`` (placed after every kept one), then trim by size and age."""
+        pos = event.position
+        if pos <= self._last:
+            raise ValueError(f"{event!r} at position {pos} is not after position {self._last}")
+        self._last = pos
         if not self.size:
             return
         events = self._events
         ts = event.timestamp
         maxts = self._maxts
-        self._index[event.cursor] = self._base + len(events)
+        self._index[event.cursor] = pos
         events.append(event)
         maxts.append(ts if not maxts or ts > maxts[-1] else maxts[-1])
         if len(events) - self._head > self.size:
@@ -165,18 +217,20 @@ class MemoryLog:
     def _drop(self, k: int) -> None:
         events = self._events
         index = self._index
-        base = self._base
         for i in range(self._head, self._head + k):
-            cur = events[i].cursor
-            if index.get(cur) == base + i:  # a duplicate cursor (old imports) may point later
-                del index[cur]
+            ev = events[i]
+            if index.get(ev.cursor) == ev.position:  # a duplicate cursor (old imports) may point later
+                del index[ev.cursor]
         self._head += k
         self._dropped += k
         if self._head >= COMPACT_MIN and self._head * 2 >= len(events):
             del events[:self._head]
             del self._maxts[:self._head]
-            self._base += self._head
             self._head = 0
+
+    def clear(self) -> None:
+        """Forget every retained event (the log behind a mirror was reset): positions go on."""
+        self._drop(len(self))
 
     def take_dropped(self) -> int:
         """Events evicted since the last call."""
@@ -190,16 +244,25 @@ class MemoryLog:
             pos = self._index.get(cursor)
             if pos is None:
                 return None
-            return Located(pos, last - pos)
+            i = bisect.bisect_right(self._events, pos, lo=self._head, key=_position)
+            return Located(pos, len(self._events) - i)
         if since is not None:
             i = bisect.bisect_right(self._maxts, since, lo=self._head)
-            return Located(self._base + i - 1, len(self._events) - i)
+            # after the event before the first one younger than ``since`` (or before them all)
+            pos = self._events[i - 1].position if i > self._head else self._before_head()
+            return Located(pos, len(self._events) - i)
         return Located(last, 0)
+
+    def _before_head(self) -> int:
+        """A position just before the oldest retained event (or the newest, when none is)."""
+        if len(self):
+            return self._events[self._head].position - 1
+        return self._last
 
     def read_now(self, after: int, limit: int) -> list[Event]:
         self.evict()
         n = len(self._events)
-        i = max(after + 1 - self._base, self._head)
+        i = bisect.bisect_right(self._events, after, lo=self._head, key=_position)
         if limit and n - i > limit:
             i = n - limit
         return self._events[i:] if i < n else []

@@ -1,29 +1,27 @@
-"""The one publish path: every event (HTTP PUT/POST, SQS, cluster) enters through here.
+"""The one publish path: every event (HTTP PUT/POST, SQS) enters the log through here.
 
-Owns the order stamp → append to the log → route to the hub, and keeps routing in cursor order
-when a durable log commits in groups. Knows nothing of HTTP.
+Owns stamping and appending, and connects the log's tail to the hub: a node routes what its
+log hands back (:meth:`~server.eventlog.EventLog.tail`), never what it appended itself, so one
+node and a cluster of nodes sharing a log take the same path. Knows nothing of HTTP.
 
-Two paths:
-
-* a log that keeps events synchronously (memory) → the event is routed at once; no task, no
-  future: this is the hot path of an in-memory daemon;
-* a durable log returns an awaitable per append; events wait in a FIFO and are routed strictly
-  in append (= cursor) order once committed, whatever order the commits' callbacks run in.
-  The publisher's 2xx is sent only after the commit; a publisher that disconnects meanwhile
-  does not cancel the commit or the routing (the event is accepted or failed, never half-done).
+* A log that keeps events synchronously (memory) hands each event to the tail inside
+  ``append``: no task, no future; this is the hot path of an in-memory daemon.
+* A durable log returns an awaitable per append; the publisher's 2xx is sent only once it
+  resolves (committed to SQLite, acknowledged by Redis). The log routes in its own order (commit
+  order, stream order). A publisher that disconnects meanwhile does not cancel the append (the
+  event is accepted or failed, never half-done).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from hub.event import Event, make_event
 from hub.hub import Hub
-from server.eventlog import EventLog
+from server.eventlog import Appended, EventLog
 
 __all__ = ["Ingest"]
 
@@ -31,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class Ingest:
-    """Accepts events: stamped once, kept in the log, then routed."""
+    """Accepts events: stamped once and appended; the log's tail routes them to the hub."""
 
     def __init__(self, hub: Hub, log: EventLog) -> None:
         self.hub = hub
@@ -39,8 +37,17 @@ class Ingest:
         self.accepted = 0
         #: events the log refused (storage failure); their publishers got an error
         self.failed = 0
-        #: appended, not yet routed, in cursor order
-        self._inflight: collections.deque[tuple[Event, asyncio.Future[None]]] = collections.deque()
+        #: events not kept because the log already had them (``dedup``)
+        self.duplicates = 0
+        #: events the tail handed to the hub
+        self.routed = 0
+        #: appends not yet resolved
+        self.pending = 0
+        log.tail(self._route)
+
+    def _route(self, event: Event) -> None:
+        self.routed += 1
+        self.hub.publish_event(event)
 
     @property
     def synchronous(self) -> bool:
@@ -48,49 +55,45 @@ class Ingest:
         return self.log.synchronous
 
     def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http",  # noqa: ARG002
-                   parsed: tuple[tuple[str, ...], bool] | None = None) -> Event:
+                   parsed: tuple[tuple[str, ...], bool] | None = None) -> Appended:
         """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path).
 
         ``parsed``: the path's ``(topics, private)`` when the caller has them already."""
-        event = make_event(path, body, parsed=parsed)
-        if self.log.append(event) is not None:
+        done = self.log.append(make_event(path, body, parsed=parsed))
+        if not isinstance(done, Appended):
             raise RuntimeError(f"{self.log!r} is not synchronous: use Ingest.submit")
         self.accepted += 1
-        self.hub.publish_event(event)
-        return event
+        return done
 
-    async def submit(self, path: str, body: Mapping[str, Any], *, source: str = "http") -> Event:
-        """Stamp ``body`` as published at ``path``; returns once the event is accepted.
+    async def submit(self, path: str, body: Mapping[str, Any], *, source: str = "http",
+                     dedup: str | None = None) -> Appended | None:
+        """Stamp ``body`` as published at ``path``; returns once the event is in the log.
 
+        Returns None when ``dedup`` names an event the log already has (not appended again).
         Raises what the log raises when it cannot keep the event (the event is then not routed).
         """
         event = make_event(path, body)
-        # stamping and appending happen with no await in between: appends are in cursor order
-        pending = self.log.append(event)
-        if pending is None:
+        done = self.log.append(event) if dedup is None else self.log.append(event, dedup=dedup)
+        if isinstance(done, Appended):
             self.accepted += 1
-            self.hub.publish_event(event)
-            return event
-        fut = asyncio.ensure_future(pending)
-        self._inflight.append((event, fut))
-        fut.add_done_callback(self._route_committed)
-        # shielded: a publisher that leaves cannot cancel the commit (the FIFO needs its result)
-        await asyncio.shield(fut)
-        logger.debug("accepted %r from %s", event, source)
-        return event
+            return done
+        fut = asyncio.ensure_future(done)
+        self.pending += 1
+        fut.add_done_callback(self._settled)
+        # shielded: a publisher that leaves cannot cancel the append
+        result = await asyncio.shield(fut)
+        logger.debug("accepted %s from %s", result, source)
+        return result
 
-    def _route_committed(self, _: asyncio.Future[None]) -> None:
-        """Route every committed event at the head of the FIFO, in order."""
-        inflight = self._inflight
-        while inflight and inflight[0][1].done():
-            event, fut = inflight.popleft()
-            if fut.cancelled() or fut.exception() is not None:
-                self.failed += 1
-                continue
+    def _settled(self, fut: asyncio.Future[Appended | None]) -> None:
+        self.pending -= 1
+        if fut.cancelled():
+            self.failed += 1
+            return
+        if fut.exception() is not None:  # raised to the publisher too
+            self.failed += 1
+            return
+        if fut.result() is None:
+            self.duplicates += 1
+        else:
             self.accepted += 1
-            self.hub.publish_event(event)
-
-    @property
-    def pending(self) -> int:
-        """Events appended to a durable log and not yet routed."""
-        return len(self._inflight)

@@ -20,7 +20,6 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from hub.cursor import is_uuid7
 from hub.event import Event
 from hub.router import NO_ACL, acl_allows
 from server.errors import BadRequest
@@ -99,7 +98,6 @@ class PreparedReplay:
             if (since is None or e.timestamp > since) and spec.matches(e.topicset)
             and (not e.private or (acl and acl_allows(acl, e)))
         ]
-        newest_ours: str | None = None
         # slices bounded in count and bytes: written on top of at most half the stream's limit,
         # a slice never overflows it by itself
         max_bytes = max(stream.limit // REPLAY_SLICE_FRACTION, 1)
@@ -114,15 +112,10 @@ class PreparedReplay:
             stream.write_direct(out[i:j])
             i = j
             await stream.drain()
-        for e in reversed(out):
-            if is_uuid7(e.cursor):
-                newest_ours = e.cursor
-                break
-        # Held live events are de-duplicated by cursor order against the last replayed one;
-        # events imported from 0.7.4 carry random UUID4 cursors that do not sort by time, so
-        # compare against the newest time-ordered cursor replayed instead.
-        if stream.last_cursor is not None and not is_uuid7(stream.last_cursor):
-            stream.last_cursor = newest_ours
+        if events:
+            # held live events are de-duplicated by log position against the snapshot's end,
+            # whatever the filters above kept of it (a cursor is opaque and need not sort)
+            stream.covered(events[-1].position)
         self.stats.events += len(out)
         logger.debug("replayed %d of %d event(s) to %r; %d live event(s) held meanwhile",
                      len(out), len(events), stream, len(stream.held or ()))

@@ -63,7 +63,7 @@ class Stream:
         "held",
         "held_bytes",
         "id",
-        "last_cursor",
+        "last_position",
         "limit",
         "peer",
         "principal",
@@ -89,8 +89,8 @@ class Stream:
         #: live events held back while a replay is written (None: not holding)
         self.held: list[Event] | None = None
         self.held_bytes = 0
-        #: cursor of the last event written by a replay (for de-duplicating held events)
-        self.last_cursor: str | None = None
+        #: log position the replay covered (held live events up to it are not written again)
+        self.last_position: int | None = None
         stats.opened += 1
 
     def __repr__(self) -> str:
@@ -122,15 +122,20 @@ class Stream:
         self.held_bytes = 0
 
     def write_direct(self, events: Sequence[Event]) -> None:
-        """Write replayed events now (bypassing the hold), remembering the last cursor."""
+        """Write replayed events now (bypassing the hold), remembering the last position."""
         t = self.transport
         if t is None or not events:
             return
         t.write(b"".join([e.wire(self.fmt) for e in events]))
-        self.last_cursor = events[-1].cursor
+        self.covered(events[-1].position)
         size = t.get_write_buffer_size()
         if size > self.limit:
             self._overflow(size)
+
+    def covered(self, position: int) -> None:
+        """The replay has dealt with every event up to log ``position``."""
+        if self.last_position is None or position > self.last_position:
+            self.last_position = position
 
     async def drain(self) -> None:
         """Wait until the transport's buffer is below half the limit (replay pacing)."""
@@ -147,9 +152,9 @@ class Stream:
         held, self.held = self.held, None
         if not held:
             return
-        last = self.last_cursor
-        if last is not None:
-            held = [e for e in held if e.cursor > last]
+        last = self.last_position
+        if last is not None:  # by log position: cursors need not sort (0.7.4 imports)
+            held = [e for e in held if e.position > last]
         self.write_direct(held)
 
     # -- ending --------------------------------------------------------------------------

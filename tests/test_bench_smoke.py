@@ -68,6 +68,16 @@ def test_bench_stalled_subscriber_is_cut_off_and_others_lose_nothing() -> None:
     assert problems(r) == [], r
 
 
+def test_backlog_bench_with_any_replay_count() -> None:
+    """--replay need not be a multiple of the publishers (the replay waited forever before)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backlog_bench.py"), "--events", "40",
+                           "--replay", "37", "--publishers", "16"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["replay_per_s_memory"] > 0 and summary["replay_per_s_sqlite"] > 0
+
+
 def test_parse_bench_runs() -> None:
     """bench/parse_bench.py at a tiny scale: every request answered (it checks), JSON out."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "parse_bench.py"), "-n", "2000",
@@ -77,11 +87,9 @@ def test_parse_bench_runs() -> None:
     assert res["parser"] == "httptools" and res["requests"] == 2000 and res["publish_us"] > 0
 
 
-def test_backlog_bench_with_any_replay_count() -> None:
-    """--replay need not be a multiple of the publishers (the replay waited forever before)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backlog_bench.py"), "--events", "40",
-                           "--replay", "37", "--publishers", "16"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert summary["replay_per_s_memory"] > 0 and summary["replay_per_s_sqlite"] > 0
+def test_bench_cluster_delivers_everything() -> None:
+    """``--nodes 3``: three daemons on one redis-server; subscribers on every node get it all."""
+    (r,) = run_bench("broadcast", "-n", "21", "--events", "50", "--nodes", "3")
+    assert (r["nodes"], r["log"], r["published"], r["expected"]) == (3, "redis", 50, 21 * 50)
+    assert r["lost"] == 0 and r["duplicates"] == 0 and r["delivered"] == 21 * 50
+    assert not problems(r), r["notes"]

@@ -60,12 +60,6 @@ def test_cursors_are_unique_ordered_and_timed() -> None:
     assert cursor_time("not-a-uuid") is None
 
 
-def test_make_event_path_is_canonical() -> None:
-    ev = make_event("/x/../private/a", {})
-    assert (ev.path, ev.topics, ev.private, ev.payload["pubsub_path"]) == ("/private/a", ("a",), True,
-                                                                           "/private/a")
-
-
 def test_is_uuid7_one_definition() -> None:
     from hub.cursor import is_uuid7
 
@@ -75,3 +69,9 @@ def test_is_uuid7_one_definition() -> None:
     assert not is_uuid7(new_cursor()[:35])
     v7 = new_cursor()
     assert not is_uuid7(v7[:19] + "c" + v7[20:])  # not the RFC 9562 variant
+
+
+def test_make_event_path_is_canonical() -> None:
+    ev = make_event("/x/../private/a", {})
+    assert (ev.path, ev.topics, ev.private, ev.payload["pubsub_path"]) == ("/private/a", ("a",), True,
+                                                                           "/private/a")

@@ -16,7 +16,7 @@ from hub.hub import Hub
 from hub.topics import parse_subscription
 from plugins.backlog_sqlite import IMPORT_BACKUP_SUFFIX, SqliteLog
 from server.errors import ServiceUnavailable
-from server.eventlog import COMPACT_MIN, MemoryLog
+from server.eventlog import COMPACT_MIN, Appended, MemoryLog
 from server.ingest import Ingest
 from server.replay import CURSOR_FOUND_HEADER, TRUNCATED_HEADER, Replayer
 from tests.support import await_until
@@ -232,20 +232,26 @@ async def test_sqlite_new_cursors_sort_after_stored_ones(tmp_path: Path) -> None
     assert e2.cursor > e.cursor and cursor_time(e2.cursor) is not None
 
 
-# -- Ingest: routing order with a log that commits out of order --------------------------------
-class OutOfOrderLog(MemoryLog):
-    """A log whose commits complete in whatever order the test says (e.g. replicated acks)."""
+# -- Ingest: the node routes what the log's tail hands back -------------------------------------
+class ParkedLog(MemoryLog):
+    """A log whose appends complete when the test says (e.g. a remote log's acknowledgements):
+    its tail hands events to the node in log order, whatever order the appends resolve in."""
 
     synchronous = False
 
     def __init__(self) -> None:
         super().__init__(100)
-        self.pending: list[tuple[Event, asyncio.Future[None]]] = []
+        self.pending: list[tuple[Event, asyncio.Future[Appended | None]]] = []
 
-    def append(self, event: Event) -> asyncio.Future[None]:  # type: ignore[override]
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def append(self, event: Event, *, dedup: str | None = None  # type: ignore[override]  # noqa: ARG002
+               ) -> asyncio.Future[Appended | None]:
+        fut: asyncio.Future[Appended | None] = asyncio.get_running_loop().create_future()
         self.pending.append((event, fut))
         return fut
+
+    def commit(self, i: int) -> None:
+        ev, fut = self.pending[i]
+        fut.set_result(super().append(ev))
 
 
 class Collect:
@@ -256,25 +262,47 @@ class Collect:
         self.events.extend(events or ())
 
 
-async def test_ingest_routes_in_cursor_order_whatever_the_commit_order() -> None:
+async def test_ingest_routes_only_what_the_tail_hands_back() -> None:
     hub = Hub()
     sink = Collect()
     hub.topics.subscribe(sink, parse_subscription("/"), WireFormat.CHUNKED)
-    log = OutOfOrderLog()
+    log = ParkedLog()
     ingest = Ingest(hub, log)
     assert not ingest.synchronous
     tasks = [asyncio.create_task(ingest.submit("/t", {"n": i})) for i in range(5)]
     await await_until(lambda: len(log.pending) == 5)
-    order = [3, 1, 4, 0, 2]
+    assert sink.events == [] and ingest.pending == 5  # appended, not yet in the log: not routed
     log.pending[2][1].set_exception(ServiceUnavailable("disk full"))
-    for i in order:
-        if not log.pending[i][1].done():
-            log.pending[i][1].set_result(None)
+    for i in (3, 1, 4, 0):
+        log.commit(i)
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(results[2], ServiceUnavailable)
     await await_until(lambda: len(sink.events) == 4)
-    assert [e.payload["n"] for e in sink.events] == [0, 1, 3, 4]
-    assert ingest.accepted == 4 and ingest.failed == 1 and ingest.pending == 0
+    assert [e.payload["n"] for e in sink.events] == [3, 1, 4, 0]  # the log's order, positions 1..4
+    assert [e.position for e in sink.events] == [1, 2, 3, 4]
+    assert [r.position for r in results if isinstance(r, Appended)] == [4, 2, 1, 3]
+    assert ingest.accepted == 4 and ingest.failed == 1 and ingest.pending == 0 and ingest.routed == 4
+
+
+async def test_sqlite_routes_after_commit_in_position_order(tmp_path: Path) -> None:
+    hub = Hub()
+    sink = Collect()
+    hub.topics.subscribe(sink, parse_subscription("/"), WireFormat.CHUNKED)
+    log = SqliteLog(tmp_path / "b.db", 100)
+    ingest = Ingest(hub, log)
+    await log.start()
+    try:
+        done = await asyncio.gather(*[ingest.submit("/t", {"n": i}) for i in range(20)])
+        await await_until(lambda: len(sink.events) == 20)
+        assert [e.payload["n"] for e in sink.events] == list(range(20))
+        assert [(e.position, e.cursor) for e in sink.events] == [(d.position, d.cursor) for d in done if d]
+    finally:
+        await log.close()
+    log2 = SqliteLog(tmp_path / "b.db", 100)
+    await log2.start()
+    loc = await log2.locate(cursor=sink.events[9].cursor)
+    assert loc is not None and loc.position == sink.events[9].position and loc.pending == 10
+    await log2.close()
 
 
 async def test_ingest_memory_path_is_synchronous() -> None:
@@ -284,6 +312,6 @@ async def test_ingest_memory_path_is_synchronous() -> None:
     log = MemoryLog(10)
     ingest = Ingest(hub, log)
     assert ingest.synchronous
-    ev = ingest.submit_now("/t", {"n": 1})
-    assert (await log.locate(cursor=ev.cursor)) is not None
-    await await_until(lambda: sink.events == [ev])
+    done = ingest.submit_now("/t", {"n": 1})
+    assert (await log.locate(cursor=done.cursor)) is not None
+    await await_until(lambda: [(e.position, e.cursor) for e in sink.events] == [done])

@@ -15,7 +15,7 @@ from hub.hub import Hub
 from plugins.sqs import QueueConsumer, parse_sqs_config
 from server.config import Section
 from server.errors import ServiceUnavailable
-from server.eventlog import MemoryLog
+from server.eventlog import Appended, MemoryLog
 from server.ingest import Ingest
 from tests.sqs_fixture import (
     KEY,
@@ -109,7 +109,7 @@ async def test_private_message_and_credential_chain(
         ev = await anon.next(EVENT_TIMEOUT)
         assert ev["pubsub_path"] == "/public/y"  # the private one went to no anonymous subscriber
         assert (await alice.next(EVENT_TIMEOUT))["pubsub_path"] == "/public/y"
-    assert "'/private/secret/x' private>" in d.log()
+    assert "for '/private/secret/x' accepted" in d.log()
     wait_depth(sqs, url, 0)
     assert "Duplicate 'Server' header" not in d.log()
 
@@ -227,13 +227,14 @@ class FailingLog(MemoryLog):
         super().__init__(100)
         self.broken = True
 
-    def append(self, event: Event) -> Awaitable[None]:  # type: ignore[override]
+    def append(self, event: Event, *, dedup: str | None = None  # type: ignore[override]  # noqa: ARG002
+               ) -> Awaitable[Appended | None]:
         return self._commit(event)
 
-    async def _commit(self, event: Event) -> None:
+    async def _commit(self, event: Event) -> Appended:
         if self.broken:
             raise ServiceUnavailable("storage full")
-        self.keep(event)
+        return super().append(event)
 
 
 async def test_message_not_accepted_is_not_deleted(moto: MotoServer) -> None:

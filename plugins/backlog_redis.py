@@ -1,0 +1,589 @@
+"""The cluster log: an :class:`~server.eventlog.EventLog` on one Redis Stream shared by every node.
+
+Owns the stream (``XADD … MAXLEN ~`` through a small Lua script, a periodic ``XTRIM MINID ~``),
+the blocking ``XREAD`` that every node runs on its own connection to route what it reads back,
+the cluster cursor (derived from the entry id: the same on every node, ordered as the stream),
+reset detection, de-duplication of SQS messages across nodes, and the outage state (503 while
+Redis is unreachable, one log line when an outage starts and one when it ends). Reads for replay
+are served from an in-memory mirror (:class:`~server.eventlog.MemoryLog`) of what this node read
+back, so a replay is a prefix of exactly what the node routes: gap-free, no duplicate.
+
+redis-py (``redis.asyncio``) is imported only when ``server.backlog.storage`` is a redis:// URL.
+Nothing here knows HTTP; the daemon's wiring builds it from the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+from hub.event import Event, EventError, make_event
+from hub.topics import TopicError
+from server.errors import ConfigError, ServiceUnavailable
+from server.eventlog import Appended, Located, MemoryLog, TailConsumer
+from server.tasks import cancel_and_wait
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["RedisLog", "cursor_entry", "entry_cursor", "entry_position"]
+
+logger = logging.getLogger(__name__)
+
+#: With ``size: 0`` the stream still carries live events between nodes; it is trimmed to about
+#: this many entries (enough for a node that was briefly unreachable to catch up on).
+LIVE_BOUND = 1000
+#: Entries one XREAD takes: bounds the work of one loop iteration under a flood.
+READ_COUNT = 1024
+#: A blocking XREAD returns at least this often (ms) when nothing is published.
+BLOCK_MS = 2000
+#: Reconnect back-off of the reader while Redis is unreachable (seconds, doubling).
+RECONNECT_MIN = 0.05
+RECONNECT_MAX = 1.0
+#: How often a node checks that the stream was not reset (and trims by age when due).
+MAINTAIN_INTERVAL = 1.0
+#: Trimming by age runs at most this often (``XTRIM MINID ~`` by Redis time).
+MIN_TRIM_INTERVAL = 1.0
+MAX_TRIM_INTERVAL = 60.0
+#: An SQS message id is remembered this long (seconds) by the cluster: a redelivery within it
+#: (another node, an expired visibility timeout) does not enter the stream again.
+DEDUP_TTL = 3600
+#: ``Retry-After`` (seconds) of a publish refused while Redis is unreachable.
+RETRY_AFTER = 1
+#: Most appends one pipeline takes: bounds a round trip's size under a flood.
+MAX_BATCH = 1024
+
+#: Stream entry fields: the stamped event's JSON, and the stream's epoch when it was written.
+EVENT_FIELD = b"e"
+EPOCH_FIELD = b"g"
+
+#: KEYS: stream, epoch key[, dedup key]; ARGV: event JSON, MAXLEN, a new epoch, dedup TTL.
+#: One script, so that de-duplication, the epoch stamp and the append are atomic. An append to
+#: a stream that does not exist (first use, deleted, FLUSHALL) starts a new epoch: readers see
+#: the change on the entry itself.
+_APPEND_LUA = """
+if #KEYS > 2 then
+  if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return false end
+end
+local epoch = redis.call('GET', KEYS[2])
+if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
+  epoch = ARGV[3]
+  redis.call('SET', KEYS[2], epoch)
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 'g', epoch)
+"""
+
+#: an append waiting for the writer: script keys, script arguments, the publisher's future, and
+#: the loop time by which it must be answered
+_Queued = tuple[list[str], list[Any], "asyncio.Future[Appended | None]", float]
+
+_MASK48 = (1 << 48) - 1
+_MASK62 = (1 << 62) - 1
+#: the sequence part of an entry id fits the cursor's 74 free bits
+_SEQ_LIMIT = 1 << 74
+
+
+# -- the cluster cursor -------------------------------------------------------------------------
+def _split_id(entry_id: bytes | str) -> tuple[int, int]:
+    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = s.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def entry_position(entry_id: bytes | str) -> tuple[int, str]:
+    """The log position and the cursor of the stream entry ``entry_id`` (``<ms>-<seq>``)."""
+    ms, seq = _split_id(entry_id)
+    return ms << 64 | seq, entry_cursor(ms, seq)
+
+
+def entry_cursor(ms: int, seq: int) -> str:
+    """The cursor of entry ``ms-seq``: a UUIDv7 layout (48-bit ms time, version 7) whose variant
+    bits are ``11`` and whose 74 remaining bits hold the sequence. Every node derives the same
+    cursor; cursors sort as the stream does; the variant tells them apart from the cursors of
+    the memory and SQLite logs (variant ``10``) and from 0.7.4's UUID4s."""
+    if not 0 <= ms <= _MASK48 or not 0 <= seq < _SEQ_LIMIT:
+        raise ValueError(f"stream entry id {ms}-{seq} is out of the cursor's range")
+    n = ms << 80 | 0x7 << 76 | (seq >> 62) << 64 | 0b11 << 62 | (seq & _MASK62)
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def cursor_entry(cursor: str) -> str | None:
+    """The stream entry id a cluster cursor names; None for any other string (foreign)."""
+    if len(cursor) != 36:
+        return None
+    try:
+        n = uuid.UUID(cursor).int
+    except ValueError:
+        return None
+    if (n >> 76) & 0xF != 7 or (n >> 62) & 0b11 != 0b11:
+        return None
+    ms, seq = n >> 80, ((n >> 64) & 0xFFF) << 62 | (n & _MASK62)
+    return f"{ms}-{seq}"
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Outage:
+    """Whether Redis answers; logs one line when an outage starts and one when it ends."""
+
+    def __init__(self, where: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.where = where
+        self.clock = clock
+        self.since: float | None = None
+        #: outages seen since start
+        self.count = 0
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, error: BaseException) -> None:
+        if self.since is None:
+            self.since = self.clock()
+            self.count += 1
+            logger.error("cluster log %s: Redis is unreachable (%s: %s): publishes are refused "
+                         "with 503 until it returns", self.where, type(error).__name__, error)
+
+    def ok(self) -> None:
+        if self.since is not None:
+            logger.warning("cluster log %s: Redis is reachable again after %.1f s",
+                           self.where, self.clock() - self.since)
+            self.since = None
+
+
+class RedisLog:
+    """One node's view of the cluster log: appends go to Redis, the node routes what it reads."""
+
+    synchronous = False
+
+    def __init__(self, url: str, stream: str, size: int, max_age: float = 0.0, *,
+                 timeout: float = 1.0, config_file: str = "?",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.url = url
+        self.stream = stream
+        self.size = size
+        self.max_age = max_age
+        self.timeout = timeout
+        self.config_file = config_file
+        self.where = f"{_redacted(url)} stream {stream!r}"
+        self.mirror = MemoryLog(size, max_age, clock=clock)
+        self.maxlen = size or LIVE_BOUND
+        self.epoch_key = f"{stream}:epoch"
+        self.outage = Outage(self.where)
+        self._consumer: TailConsumer | None = None
+        self._redis: Redis | None = None
+        self._reader: Redis | None = None
+        self._sha = hashlib.sha1(_APPEND_LUA.encode(), usedforsecurity=False).hexdigest()  # its id
+        #: appends being sent (failed if the writer is cancelled at shutdown)
+        self._batch: list[_Queued] = []
+        self._queue: list[_Queued] = []
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        #: the id of the last entry read back: the next XREAD continues after it, always
+        self.last_id = b"0-0"
+        #: the stream's epoch (changes when the stream was deleted or reset)
+        self.epoch: bytes | None = None
+        self._closing = False
+        #: the writer failed: appends are refused (reading back goes on)
+        self._refusing = False
+        #: entries read back, entries that were not events, resets detected
+        self.entries_read = 0
+        self.unreadable = 0
+        self.resets = 0
+
+    def __repr__(self) -> str:
+        return f"<RedisLog {self.where} {len(self.mirror)}/{self.size}>"
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def tail(self, consumer: TailConsumer) -> None:
+        self._consumer = consumer
+
+    async def start(self) -> None:
+        """Connect, check the server's settings, load the retained tail, start reading."""
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.maint_notifications import MaintNotificationsConfig
+
+        # no retries inside redis-py: a publish gets its answer within ``timeout``
+        common: dict[str, Any] = {"socket_connect_timeout": self.timeout, "retry": Retry(NoBackoff(), 0),
+                                  "decode_responses": False,
+                                  "maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+        try:
+            self._redis = Redis.from_url(self.url, socket_timeout=self.timeout, **common)
+            # the blocking read has its own client (one task uses it: one connection), with a
+            # socket timeout beyond the block
+            self._reader = Redis.from_url(self.url, max_connections=1,
+                                          socket_timeout=BLOCK_MS / 1000 + self.timeout, **common)
+        except ValueError as e:
+            raise ConfigError(self.config_file, "server.backlog.storage", f"not a Redis URL: {e}") from None
+        from redis.exceptions import RedisError
+
+        try:
+            async with asyncio.timeout(self.timeout * 5):
+                await self._check_server()
+                await self._load()
+        except (RedisError, OSError, TimeoutError) as e:
+            await self._aclose()
+            raise ConfigError(self.config_file, "server.backlog.storage",
+                              f"cannot use Redis at {self.where}: {type(e).__name__}: {e}") from None
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._writer = loop.create_task(self._write_loop(), name="pypubsub-redis-writer")
+        self._writer.add_done_callback(self._writer_ended)
+        self._tasks = [loop.create_task(self._read_loop(), name="pypubsub-redis-reader"),
+                       loop.create_task(self._maintain_loop(), name="pypubsub-redis-maintainer")]
+        newest = self.mirror.newest()
+        logger.info("cluster log %s: %d event(s) retained (newest %s), reading after %s",
+                    self.where, len(self.mirror), newest.cursor if newest else "none",
+                    self.last_id.decode())
+
+    async def _check_server(self) -> None:
+        """Warn about settings under which Redis may lose acknowledged events."""
+        if self._redis is None:
+            raise RuntimeError("RedisLog not started")
+        memory = await self._redis.info("memory")
+        policy = str(_text(memory.get("maxmemory_policy", "noeviction")))
+        if policy != "noeviction":
+            logger.warning("cluster log %s: Redis maxmemory-policy is %r: Redis may evict the "
+                           "stream and lose acknowledged events; set maxmemory-policy noeviction",
+                           self.where, policy)
+        persistence = await self._redis.info("persistence")
+        if str(persistence.get("aof_enabled", 0)) != "1":
+            logger.warning("cluster log %s: Redis runs without AOF (appendonly no): a restart of "
+                           "Redis loses acknowledged events; set appendonly yes and appendfsync "
+                           "always", self.where)
+            return
+        from redis.exceptions import ResponseError
+
+        try:
+            fsync = await self._redis.config_get("appendfsync")
+        except ResponseError:  # CONFIG is often renamed or refused by managed services
+            return
+        value = str(_text(_field(fsync, "appendfsync") or "?"))
+        if value != "always":
+            logger.warning("cluster log %s: Redis appendfsync is %r: a crash of the Redis host "
+                           "may lose the last second of acknowledged events; set appendfsync "
+                           "always", self.where, value)
+
+    async def _load(self) -> None:
+        """Fill the mirror with the newest retained entries; the reader continues after them."""
+        if self._redis is None:
+            raise RuntimeError("RedisLog not started")
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrevrange(
+            self.stream, "+", "-", count=max(self.size, 1))  # type: ignore[assignment]
+        for entry_id, fields in reversed(entries):
+            self._take(entry_id, fields, route=False)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._writer is not None and self._wake is not None:
+            self._wake.set()  # the writer ends once what is queued was sent (or timed out)
+            await cancel_and_wait_after(self._writer, self.timeout * 2)
+            for _k, _a, fut, _d in self._batch + self._queue:
+                if not fut.done():
+                    fut.set_exception(ServiceUnavailable("shutting down: event not stored", RETRY_AFTER))
+            self._batch, self._queue = [], []
+        for t in self._tasks:
+            t.cancel()
+        # redis-py may let a cancellation that lands as a blocking XREAD starts go by (the
+        # XREAD then blocks its full time): closing the reader's connection ends it at once
+        if self._reader is not None:
+            await self._reader.connection_pool.disconnect()
+        for t in self._tasks:
+            await cancel_and_wait(t)
+        self._tasks = []
+        await self._aclose()
+        logger.info("cluster log %s closed: %d entries read since start", self.where, self.entries_read)
+
+    async def _aclose(self) -> None:
+        for r in (self._reader, self._redis):
+            if r is not None:
+                await r.aclose()
+        self._reader = self._redis = None
+
+    # -- writing ------------------------------------------------------------------------
+    def append(self, event: Event, *, dedup: str | None = None) -> asyncio.Future[Appended | None]:
+        """Queue the stamped event for the next pipeline; resolves once Redis acknowledged it
+        (None: a duplicate). The event is routed when this node's reader reads it back."""
+        fut: asyncio.Future[Appended | None] = asyncio.get_running_loop().create_future()
+        if self._closing or self._refusing or self._wake is None:
+            fut.set_exception(ServiceUnavailable("the cluster log is closed: event not stored", RETRY_AFTER))
+            return fut
+        keys = [self.stream, self.epoch_key]
+        if dedup is not None:
+            keys.append(f"{self.stream}:dedup:{dedup}")
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        self._queue.append((keys, [event.json, self.maxlen, uuid.uuid4().hex, DEDUP_TTL], fut, deadline))
+        self._wake.set()
+        return fut
+
+    async def _write_loop(self) -> None:
+        """Owns the appends: all those queued meanwhile go in one pipeline (one round trip, and
+        one fsync in Redis), in queue order; ends once closing and nothing is left."""
+        from redis.exceptions import RedisError, ResponseError
+
+        wake = self._wake
+        if wake is None:
+            raise RuntimeError("RedisLog._write_loop runs only after start()")
+        for _ in iter(int, 1):  # until closed
+            if not self._queue:
+                if self._closing:
+                    return
+                await wake.wait()
+                wake.clear()
+                continue
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            # each append is answered within its own ``timeout``, also when it waited behind a
+            # pipeline to a hung Redis: one whose time is up is refused unsent
+            now = asyncio.get_running_loop().time()
+            late = [q for q in batch if q[3] <= now]
+            if late:
+                self.outage.failed(TimeoutError(f"no answer within {self.timeout:g} s"))
+                _refuse(late)
+                batch = [q for q in batch if q[3] > now]
+                if not batch:
+                    continue
+            self._batch = batch
+            try:
+                async with asyncio.timeout_at(batch[0][3]):
+                    results = await self._send(batch)
+            except (RedisError, OSError, TimeoutError) as e:
+                self.outage.failed(e)
+                _refuse(batch)
+                self._batch = []
+                continue
+            except ServiceUnavailable as e:  # an answer we cannot trust: not acknowledged
+                logger.error("cluster log %s: %s: %d append(s) refused", self.where, e.reason, len(batch))
+                _refuse(batch)
+                self._batch = []
+                continue
+            self.outage.ok()
+            for (_k, _a, fut, _d), r in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(r, ResponseError):  # Redis answered and refused (out of memory...)
+                    fut.set_exception(ServiceUnavailable(f"Redis refused the event: {str(r)[:200]}",
+                                                         RETRY_AFTER))
+                elif r is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_result(Appended(*entry_position(r)))
+            self._batch = []
+
+    def _writer_ended(self, task: asyncio.Task[None]) -> None:
+        """If the writer failed, refuse appends (503) instead of leaving publishers waiting."""
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error("cluster log %s: the writer failed; publishing is refused until restart",
+                     self.where, exc_info=task.exception())
+        self._refusing = True
+        _refuse(self._batch + self._queue)
+        self._batch, self._queue = [], []
+
+    async def _send(self, batch: list[_Queued]) -> list[Any]:
+        """Run the append script for ``batch`` in one pipeline; one reply per append."""
+        from redis.exceptions import NoScriptError, ResponseError
+
+        redis = self._redis
+        if redis is None:
+            raise ServiceUnavailable("the cluster log is closed: event not stored", RETRY_AFTER)
+        results: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        for _ in range(2):
+            pipe = redis.pipeline(transaction=False)
+            for i in todo:
+                keys, args, _fut, _deadline = batch[i]
+                pipe.evalsha(self._sha, len(keys), *keys, *args)
+            out = await pipe.execute(raise_on_error=False)
+            if not isinstance(out, list) or len(out) != len(todo):  # never acknowledge on doubt
+                raise ServiceUnavailable("no complete answer from Redis", RETRY_AFTER)
+            again = []
+            for i, r in zip(todo, out, strict=True):
+                if isinstance(r, NoScriptError):  # not run: Redis lost its script cache (restart)
+                    again.append(i)
+                elif r is not None and not isinstance(r, (bytes, str, ResponseError)):
+                    raise ServiceUnavailable(f"unexpected answer from Redis: {r!r:.80}", RETRY_AFTER)
+                else:
+                    results[i] = r
+            if not again:
+                return results
+            await redis.script_load(_APPEND_LUA)
+            todo = again
+        for i in todo:
+            results[i] = ResponseError("NOSCRIPT even after SCRIPT LOAD")
+        return results
+
+    # -- reading back -------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        """Owns the blocking XREAD: always from the last id read, reconnecting after outages."""
+        from redis.exceptions import RedisError
+
+        backoff = RECONNECT_MIN
+        for _ in iter(int, 1):  # until cancelled or closing
+            reader = self._reader
+            if reader is None or self._closing:
+                return
+            try:
+                resp = await reader.xread({self.stream: self.last_id}, count=READ_COUNT, block=BLOCK_MS)
+            except (RedisError, OSError) as e:
+                if self.closing:  # close() ended the connection
+                    return
+                self.outage.failed(e)
+                await asyncio.sleep(backoff)  # back-off before reconnecting, not synchronisation
+                backoff = min(backoff * 2, RECONNECT_MAX)
+                continue
+            backoff = RECONNECT_MIN
+            self.outage.ok()
+            for _key, entries in _streams(resp):
+                for entry_id, fields in entries:
+                    try:
+                        self._take(entry_id, fields, route=True)
+                    except Exception:  # task boundary: one bad entry must not stop the node's reads
+                        logger.exception("cluster log %s: entry %r not routed", self.where, entry_id)
+
+    def _take(self, entry_id: bytes, fields: Mapping[bytes, bytes], *, route: bool) -> None:
+        """One entry read back: into the mirror, then (live) to the node's hub."""
+        position, cursor = entry_position(entry_id)
+        if position <= self.mirror.last_position:
+            return  # already taken (cannot happen with XREAD after last_id; cheap to guard)
+        self.last_id = entry_id
+        self.entries_read += 1
+        epoch = fields.get(EPOCH_FIELD)
+        if epoch != self.epoch:
+            if self.epoch is not None or len(self.mirror):
+                self._reset("an entry of a new epoch")
+            self.epoch = epoch
+        try:
+            obj = orjson.loads(fields[EVENT_FIELD])
+            if not isinstance(obj, dict):
+                raise EventError("not a JSON object")
+            path, ts = obj.get("pubsub_path"), obj.get("pubsub_timestamp")
+            if not isinstance(path, str) or not isinstance(ts, (int, float)) or isinstance(ts, bool):
+                raise EventError("no pubsub_path or pubsub_timestamp")
+            event = make_event(path, obj, timestamp=float(ts), cursor=cursor, position=position)
+        except (KeyError, orjson.JSONDecodeError, EventError, TopicError) as e:
+            self.unreadable += 1
+            logger.warning("cluster log %s: skipping entry %s, not an event (%s)",
+                           self.where, entry_id.decode(errors="replace"), e)
+            return
+        self.mirror.keep(event)
+        if route and self._consumer is not None:
+            self._consumer(event)
+
+    def _reset(self, why: str) -> None:
+        """The stream was deleted or reset (FLUSHALL, failover to an empty replica)."""
+        self.resets += 1
+        lost = len(self.mirror)
+        self.mirror.clear()
+        logger.warning("cluster log %s: the stream was reset (%s): acknowledged events may be "
+                       "lost; %d retained event(s) dropped, clients resuming from before the "
+                       "reset are told their cursor is not found", self.where, why, lost)
+
+    async def _maintain_loop(self) -> None:
+        """Detect a reset even when nothing is published; trim by age (Redis time)."""
+        from redis.exceptions import RedisError
+
+        trim_every = min(max(self.max_age / 10, MIN_TRIM_INTERVAL), MAX_TRIM_INTERVAL)
+        next_trim = time.monotonic() + trim_every
+        for _ in iter(int, 1):  # until cancelled
+            await asyncio.sleep(MAINTAIN_INTERVAL)
+            redis = self._redis
+            if redis is None:
+                return
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._check_reset(redis)
+                    if self.max_age and time.monotonic() >= next_trim:
+                        next_trim = time.monotonic() + trim_every
+                        sec, usec = await redis.time()
+                        minid = int(sec) * 1000 + int(usec) // 1000 - int(self.max_age * 1000)
+                        if minid > 0:
+                            await redis.xtrim(self.stream, minid=f"{minid}-0", approximate=True)
+            except (RedisError, OSError, TimeoutError) as e:
+                self.outage.failed(e)
+
+    async def _check_reset(self, redis: Redis) -> None:
+        """A stream that is gone, or whose newest id is older than what this node read, was
+        reset (FLUSHALL, DEL, a restart from an older snapshot, failover to a lagging replica)."""
+        if self.epoch is None:
+            return  # nothing read since start or since the last reset: nothing more to lose
+        from redis.exceptions import ResponseError
+
+        try:
+            info = await redis.xinfo_stream(self.stream)
+        except ResponseError:  # no such key
+            why = "the stream is gone"
+        else:
+            last = _field(info, "last-generated-id") or b"0-0"
+            if _split_id(last) >= _split_id(self.last_id):
+                return
+            why = "the stream is behind what this node read"
+        self.epoch = None
+        self._reset(why)
+
+    # -- replay (from the mirror of what this node read back) -----------------------------
+    async def locate(self, *, cursor: str | None = None, since: float | None = None) -> Located | None:
+        if cursor is not None and cursor_entry(cursor) is None:
+            logger.debug("cluster log: cursor %.64r is not a cluster cursor (foreign)", cursor)
+            return None
+        return self.mirror.locate_now(cursor=cursor, since=since)
+
+    async def read(self, after: int, limit: int) -> list[Event]:
+        return self.mirror.read_now(after, limit)
+
+
+def _refuse(batch: list[_Queued]) -> None:
+    for _k, _a, fut, _d in batch:
+        if not fut.done():
+            fut.set_exception(ServiceUnavailable(
+                "the cluster log (Redis) is unreachable: event not stored", RETRY_AFTER))
+
+
+async def cancel_and_wait_after(task: asyncio.Task[None], grace: float) -> None:
+    """Let ``task`` finish by itself for ``grace`` seconds, then cancel it."""
+    done, _ = await asyncio.wait([task], timeout=grace)
+    if not done:
+        logger.warning("cluster log: appends still pending at shutdown after %.1f s: refused", grace)
+    await cancel_and_wait(task)
+
+
+def _field(reply: Mapping[Any, Any], name: str) -> Any:
+    """``reply[name]`` whether redis-py gave its keys as str or bytes (None when absent)."""
+    v = reply.get(name)
+    return reply.get(name.encode()) if v is None else v
+
+
+def _text(v: object) -> object:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _streams(resp: object) -> Sequence[tuple[object, Sequence[tuple[bytes, Mapping[bytes, bytes]]]]]:
+    """XREAD's answer as (key, entries) pairs, whether RESP2 (a list) or RESP3 (a map)."""
+    if not resp:
+        return ()
+    if isinstance(resp, dict):
+        return [(k, v) for k, v in resp.items()]
+    return resp  # type: ignore[return-value]

@@ -1,0 +1,113 @@
+"""A real ``redis-server`` on a free loopback port, for the cluster tests.
+
+The process is ours (``--daemonize no``), its files live in the test's temporary directory
+(``--dir``, ``--save ''``), and AOF with ``appendfsync always`` is on unless asked otherwise.
+Readiness is a ``PING`` answered ``+PONG``; every wait is a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+import redis
+
+from tests.support import HOST, free_port, wait_until
+
+REDIS_SERVER = "redis-server"
+
+
+def _pong(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One redis-server process; restartable on the same port and files."""
+
+    def __init__(self, workdir: Path, *, aof: bool = True) -> None:
+        binary = shutil.which(REDIS_SERVER)
+        if binary is None:
+            pytest.fail(f"{REDIS_SERVER} is not installed (scripts/install.sh --dev installs it)")
+        self.binary = binary
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.aof = aof
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "redis.log"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [self.binary, "--port", str(self.port), "--bind", HOST, "--dir", str(self.workdir),
+                "--save", "", "--daemonize", "no", "--logfile", str(self.log_path)]
+        if self.aof:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited {self.proc.returncode}: "
+                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            return _pong(self.port)
+
+        wait_until(up, 10, "redis-server to answer PING")
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host=HOST, port=self.port, socket_timeout=5)
+
+    def kill(self) -> None:
+        """SIGKILL (what a crash looks like)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def pause(self) -> None:
+        """SIGSTOP: Redis accepts connections but answers nothing (a hung server)."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started redis-server (AOF, appendfsync always), stopped after the test."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def stream_entries(client: redis.Redis, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of ``stream``: (id, fields), as redis-py returns them without decoding."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(stream))

@@ -1,0 +1,487 @@
+"""Cluster mode: several real daemons sharing one log on a real redis-server (Redis Streams).
+
+Each test starts its own redis-server (AOF, appendfsync always) and at least three daemons as
+subprocesses. Events are counted with a sentinel published last: every subscriber reads until
+the sentinel, so "exactly once" is checked without waiting for an absence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from hub.cursor import new_cursor
+from hub.event import Event
+from hub.hub import Hub
+from hub.keys import Key
+from plugins.backlog_redis import RedisLog, cursor_entry, entry_cursor, entry_position
+from server.ingest import Ingest
+from server.replay import CURSOR_FOUND_HEADER, CURSOR_HEADER, SINCE_HEADER
+from tests.redis_fixture import RedisServer, redis_server, stream_entries
+from tests.support import (
+    HOST,
+    PYTHON,
+    ROOT,
+    Daemon,
+    DaemonFactory,
+    Subscription,
+    await_until,
+    base_config,
+    free_port,
+    publish,
+    put,
+    subscribe,
+    wait_subscribers,
+)
+
+__all__ = ["redis_server"]  # the fixture, re-exported for pytest
+
+NODES = 3
+STREAM = "pubsub-test"
+SENTINEL = "/done"
+EVENT_TIMEOUT = 10.0
+
+
+def node_config(port: int, url: str, **backlog: Any) -> dict[str, Any]:
+    bl: dict[str, Any] = {"size": 1000, "max_age": 0, "storage": url, "stream": STREAM}
+    bl.update(backlog)
+    return base_config(port, ping_interval="0.2", backlog=bl)
+
+
+def start_nodes(factory: DaemonFactory, url: str, n: int = NODES, **extra: Any) -> list[Daemon]:
+    """``n`` daemons on one Redis, started in parallel."""
+    nodes = []
+    for i in range(n):
+        port = free_port()
+        cfg = node_config(port, url)
+        cfg.update(extra)
+        nodes.append(factory(config=cfg, port=port, start=False, name=f"node{i}"))
+    for d in nodes:
+        d.start(wait=False)
+    for d in nodes:
+        d.wait_ready()
+    return nodes
+
+
+@contextlib.asynccontextmanager
+async def subscribers(nodes: list[Daemon], path: str = "/", headers: dict[str, str] | None = None,
+                      others: int = 0) -> AsyncIterator[list[Subscription]]:
+    """One NDJSON subscriber per node, registered (each node has ``others`` besides)."""
+    async with contextlib.AsyncExitStack() as stack:
+        subs = [await stack.enter_async_context(subscribe(d.url, path, headers)) for d in nodes]
+        for d in nodes:
+            await wait_subscribers(d.url, 1 + others)
+        yield subs
+
+
+async def until_sentinel(sub: Subscription) -> list[dict[str, Any]]:
+    """Events up to (not including) the sentinel."""
+    out: list[dict[str, Any]] = []
+    while True:
+        ev = await sub.next(EVENT_TIMEOUT)
+        if ev["pubsub_path"] == SENTINEL:
+            return out
+        out.append(ev)
+
+
+class SvnSubscriber:
+    """An svnwcsub-like subscriber: HTTP/1.0, no Host, no User-Agent, ``JSON\\n\\0`` records."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buf = b""
+
+    @classmethod
+    async def open(cls, port: int, path: str = "/") -> SvnSubscriber:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        await writer.drain()
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        return cls(reader, writer)
+
+    async def next(self) -> dict[str, Any]:
+        while True:
+            rec, sep, rest = self.buf.partition(b"\n\0")
+            if sep:
+                self.buf = rest
+                obj: dict[str, Any] = json.loads(rec)
+                if "stillalive" not in obj:
+                    return obj
+                continue
+            data = await asyncio.wait_for(self.reader.read(65536), EVENT_TIMEOUT)
+            if not data:
+                raise EOFError("svnpubsub stream ended")
+            self.buf += data
+
+    async def until_sentinel(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while (ev := await self.next())["pubsub_path"] != SENTINEL:
+            out.append(ev)
+        return out
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+async def publish_spread(nodes: list[Daemon], n: int, path: str = "/t/n") -> None:
+    """``n`` events, concurrently, round-robin over the nodes; every one must get its 202."""
+    await asyncio.gather(*[put(nodes[i % len(nodes)], path, {"n": i}) for i in range(n)])
+
+
+async def replay(url: str, headers: dict[str, str]) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Open a stream with replay headers; read until the sentinel; return (headers, events)."""
+    async with subscribe(url, "/", headers) as sub:
+        got = await until_sentinel(sub)
+        return dict(sub.resp.headers), got
+
+
+def cursors(events: list[dict[str, Any]]) -> list[str]:
+    return [e["pubsub_cursor"] for e in events]
+
+
+# -- the cursor (pure) ----------------------------------------------------------------------------
+def test_cursor_is_derived_from_the_entry_id_and_sorts_as_the_stream() -> None:
+    ids = ["1700000000000-0", "1700000000000-1", "1700000000000-4095", "1700000000000-4096",
+           "1700000000000-18446744073709551615", "1700000000001-0"]
+    pairs = [entry_position(i) for i in ids]
+    assert [p for p, _ in pairs] == sorted(p for p, _ in pairs)
+    cs = [c for _, c in pairs]
+    assert cs == sorted(cs) and len(set(cs)) == len(cs)
+    for i, c in zip(ids, cs, strict=True):
+        assert len(c) == 36 and uuid.UUID(c).int >> 80 == int(i.split("-")[0])
+        assert cursor_entry(c) == i  # the same on every node: a function of the id alone
+    assert entry_cursor(1700000000000, 1) == cs[1]
+    # cursors of the memory and SQLite logs, and 0.7.4's, are foreign
+    assert cursor_entry(new_cursor()) is None
+    assert cursor_entry(str(uuid.uuid4())) is None
+    assert cursor_entry("not-a-cursor") is None
+
+
+def test_redis_url_password_never_logged() -> None:
+    log = RedisLog("redis://:s3cret@127.0.0.1:6390/2", "s", 10)
+    assert "s3cret" not in log.where and "127.0.0.1:6390/2" in log.where
+    assert "s3cret" not in repr(log)
+
+
+def test_redis_storage_config_keys() -> None:
+    from server.config import parse_config
+    from server.errors import ConfigError
+
+    cfg = parse_config({"server": {"backlog": {"storage": "rediss://h:6380/1", "stream": "ev",
+                                               "timeout": 0.5}}}, "x.yaml")
+    bl = cfg.server.backlog
+    assert (bl.redis_url, bl.storage, bl.stream, bl.timeout) == ("rediss://h:6380/1", None, "ev", 0.5)
+    with pytest.raises(ConfigError, match=r"server\.backlog\.timeout"):
+        parse_config({"server": {"backlog": {"storage": "redis://h", "timeout": 0}}}, "x.yaml")
+    with pytest.raises(ConfigError, match=r"server\.backlog\.stream"):
+        parse_config({"server": {"backlog": {"storage": "redis://h", "stream": ""}}}, "x.yaml")
+
+
+def test_memory_config_does_not_import_redis() -> None:
+    code = ("import sys; from server.config import parse_config; from wiring import build_daemon;"
+            "build_daemon(parse_config({'server': {'backlog': {'size': 10}}}, 'x.yaml'), None);"
+            "print('redis' in sys.modules)")
+    out = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_node_without_redis_exits_naming_the_key(daemon_factory: DaemonFactory) -> None:
+    port = free_port()
+    d = daemon_factory(config=node_config(port, f"redis://{HOST}:{free_port()}/0"), port=port, start=False)
+    d.start(wait=False)
+    assert d.proc is not None and d.proc.wait(20) == 2
+    assert "server.backlog.storage: cannot use Redis at" in d.log()
+
+
+def test_start_up_warns_about_a_redis_that_may_lose_events(
+        tmp_path: Path, daemon_factory: DaemonFactory) -> None:
+    server = RedisServer(tmp_path / "plain", aof=False).start()
+    try:
+        r = server.client()
+        try:
+            r.config_set("maxmemory-policy", "allkeys-lru")
+        finally:
+            r.close()
+        port = free_port()
+        d = daemon_factory(config=node_config(port, server.url), port=port)
+        log = d.log()
+        assert "Redis maxmemory-policy is 'allkeys-lru'" in log and "set maxmemory-policy noeviction" in log
+        assert "Redis runs without AOF (appendonly no)" in log
+        d.stop()
+    finally:
+        server.stop()
+
+
+async def test_size_0_carries_live_events_without_replay(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    nodes = start_nodes(daemon_factory, redis_server.url, n=2)
+    for d in nodes:
+        d.config["server"]["backlog"]["size"] = 0
+        d.write_files()
+        d.restart()
+    async with subscribers(nodes[1:]) as (sub,):
+        await put(nodes[0], "/t/live", {"n": 1})
+        got = await sub.next(EVENT_TIMEOUT)
+        assert got["n"] == 1
+        async with subscribe(nodes[1].url, "/", {CURSOR_HEADER: got["pubsub_cursor"]}) as s:
+            assert s.resp.headers[CURSOR_FOUND_HEADER] == "false"  # replay is off
+    for d in nodes:
+        assert "the stream was reset" not in d.log()
+
+
+# -- 1, 2: one service -------------------------------------------------------------------------------
+async def test_every_node_delivers_every_event_once_in_one_order(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    nodes = start_nodes(daemon_factory, redis_server.url)
+    # an in-process node too: the library's Key subscribers on the same cluster log
+    log = RedisLog(redis_server.url, STREAM, 100)
+    hub = Hub()
+    Ingest(hub, log)
+    keyed: list[Event] = []
+    hub.add_subscriber(Key("t", "*"), lambda _k, m: keyed.append(m))
+    hub.add_subscriber(Key("done"), lambda _k, m: keyed.append(m))
+    await log.start()
+    svn = [await SvnSubscriber.open(d.port) for d in nodes]
+    try:
+        async with subscribers(nodes, others=1) as subs:
+            n = 60
+            await publish_spread(nodes, n)
+            await put(nodes[1], SENTINEL, {})
+            ndjson = [await until_sentinel(s) for s in subs]
+            svnpubsub = [await s.until_sentinel() for s in svn]
+            await await_until(lambda: keyed and keyed[-1].path == SENTINEL, EVENT_TIMEOUT)
+    finally:
+        for s in svn:
+            await s.close()
+        await log.close()
+    reference = cursors(ndjson[0])
+    assert len(reference) == n and len(set(reference)) == n
+    assert sorted(e["n"] for e in ndjson[0]) == list(range(n))
+    assert reference == sorted(reference)  # ordered as the stream is
+    for got in ndjson + svnpubsub:
+        assert cursors(got) == reference  # the same events, once, in the same order
+    assert [e.cursor for e in keyed[:-1]] == reference
+    assert [e.payload for e in keyed[:-1]] == ndjson[0]
+
+
+async def test_2xx_only_after_redis_has_it_and_cursors_are_cluster_cursors(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    nodes = start_nodes(daemon_factory, redis_server.url)
+    r = redis_server.client()
+    try:
+        async with subscribers(nodes[:1]) as (sub,):
+            for i in range(5):
+                await put(nodes[i % NODES], "/t/ack", {"i": i})
+                entries = stream_entries(r, STREAM)  # the 202 came: the entry is in Redis already
+                assert len(entries) == i + 1
+                assert json.loads(entries[-1][1][b"e"])["i"] == i
+            got = [await sub.next(EVENT_TIMEOUT) for _ in range(5)]
+            ids = [e[0].decode() for e in stream_entries(r, STREAM)]
+    finally:
+        r.close()
+    assert [cursor_entry(e["pubsub_cursor"]) for e in got] == ids
+    # a cursor of the SQLite era (or 0.7.4's) is foreign: not found, continue live
+    for foreign in (new_cursor(), str(uuid.uuid4())):
+        async with subscribe(nodes[2].url, "/", {CURSOR_HEADER: foreign}) as s:
+            assert s.resp.headers[CURSOR_FOUND_HEADER] == "false"
+
+
+# -- 3: replay on every node ------------------------------------------------------------------------
+async def test_replay_on_any_node_with_a_cursor_from_another_while_others_publish(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    nodes = start_nodes(daemon_factory, redis_server.url)
+    async with subscribers(nodes[:1]) as (ref,):
+        await publish_spread(nodes[:1], 10)
+        first = [await ref.next(EVENT_TIMEOUT) for _ in range(10)]
+        resume_after = first[4]
+
+        async def others() -> None:
+            for i in range(40):
+                await put(nodes[1 + i % 2], "/t/more", {"n": 100 + i})
+            await put(nodes[1], SENTINEL, {})
+
+        publishing = asyncio.create_task(others())
+        # resumed on node 2 and by time on node 1, while nodes 1 and 2 keep publishing
+        (h_cur, by_cursor), (_, by_time) = await asyncio.gather(
+            replay(nodes[2].url, {CURSOR_HEADER: resume_after["pubsub_cursor"]}),
+            replay(nodes[1].url, {SINCE_HEADER: str(first[6]["pubsub_timestamp"])}))
+        await publishing
+        everything = first + await until_sentinel(ref)
+    assert h_cur[CURSOR_FOUND_HEADER] == "true"
+    assert cursors(by_cursor) == cursors(everything[5:])  # gap-free, no duplicate
+    since = first[6]["pubsub_timestamp"]  # by time: the events stamped later, in stream order
+    assert cursors(by_time) == cursors([e for e in everything if e["pubsub_timestamp"] > since])
+    assert len(everything) == 50
+
+
+async def test_max_age_trims_the_stream_and_filters_replays(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    port = free_port()
+    d = daemon_factory(config=node_config(port, redis_server.url, max_age=1), port=port)
+    await publish_spread([d], 3)
+    r = redis_server.client()
+    try:  # XTRIM MINID ~ by Redis time removes what is older than max_age
+        await await_until(lambda: r.xlen(STREAM) == 0, EVENT_TIMEOUT, "the stream to be trimmed")
+    finally:
+        r.close()
+    await put(d, SENTINEL, {})
+    _, got = await replay(d.url, {SINCE_HEADER: "0"})
+    assert got == []  # nothing older than max_age is replayed
+
+
+# -- 4: Redis unreachable ---------------------------------------------------------------------------
+async def test_outage_gives_503_keeps_streams_and_resumes_without_gap(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    nodes = start_nodes(daemon_factory, redis_server.url)
+    async with subscribers(nodes) as subs:
+        await publish_spread(nodes, 6)
+        before = [[await s.next(EVENT_TIMEOUT) for _ in range(6)] for s in subs]
+        redis_server.pause()  # hung: connections open, nothing answered
+        try:
+            async def refused(d: Daemon) -> None:
+                t0 = time.monotonic()
+                async with aiohttp.ClientSession() as s, s.put(d.url + "/t/n", json={"x": 1}) as r:
+                    assert r.status == 503
+                    assert r.headers["Retry-After"] == "1"
+                assert time.monotonic() - t0 < 3.0  # the configured 1 s, never a hang
+
+            await asyncio.gather(*[refused(d) for d in nodes * 3])
+            for s in subs:  # open streams stay open and keep their pings
+                assert "stillalive" in await s.next(EVENT_TIMEOUT, pings=True)
+        finally:
+            redis_server.resume()
+
+        async def accepted() -> bool:
+            return (await publish(nodes[0].url, "/t/after", {"n": 6}))[0] == 202
+
+        end = time.monotonic() + EVENT_TIMEOUT
+        while not await accepted():
+            assert time.monotonic() < end, "Redis did not come back"
+            await asyncio.sleep(0.05)
+        await publish_spread(nodes, 4, "/t/later")
+        await put(nodes[2], SENTINEL, {})
+        got = [b + await until_sentinel(s) for b, s in zip(before, subs, strict=True)]
+    for g in got:
+        assert cursors(g) == cursors(got[0])
+        # a 503 is "not acknowledged": a hung Redis may still run the command it had read when it
+        # wakes, so some of the refused events may be in the stream; everything acknowledged is
+        acked = sorted((e["pubsub_path"], e["n"]) for e in g if "n" in e)
+        assert acked == sorted([("/t/n", i) for i in range(6)] + [("/t/after", 6)]
+                               + [("/t/later", i) for i in range(4)])
+        assert len(g) - 11 == sum(1 for e in g if "x" in e) <= 9
+    for d in nodes:  # one line when the outage starts, one when it ends
+        d.wait_log("Redis is reachable again")
+        assert d.log().count("Redis is unreachable") == 1
+        assert d.log().count("Redis is reachable again") == 1
+
+
+# -- 5: Redis restarted; the stream reset --------------------------------------------------------------
+async def test_redis_restart_with_aof_loses_nothing_acknowledged(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    nodes = start_nodes(daemon_factory, redis_server.url)
+    async with subscribers(nodes[:1]) as (live,):
+        await publish_spread(nodes, 20)
+        before = [await live.next(EVENT_TIMEOUT) for _ in range(20)]
+        redis_server.kill()
+        redis_server.start()  # same port and files: AOF replayed
+
+        end = time.monotonic() + EVENT_TIMEOUT
+        while (await publish(nodes[1].url, "/t/after", {"n": 20}))[0] != 202:
+            assert time.monotonic() < end, "Redis did not come back"
+            await asyncio.sleep(0.05)
+        await put(nodes[2], SENTINEL, {})
+        after = await until_sentinel(live)
+        headers, resumed = await replay(nodes[2].url, {CURSOR_HEADER: before[0]["pubsub_cursor"]})
+    r = redis_server.client()
+    try:
+        assert r.xlen(STREAM) == 22  # 20 + 1 + the sentinel: nothing acknowledged was lost
+    finally:
+        r.close()
+    assert len(after) == 1 and after[0]["n"] == 20  # no gap, no duplicate after the restart
+    assert headers[CURSOR_FOUND_HEADER] == "true"
+    assert cursors(resumed) == cursors(before[1:] + after)
+    for d in nodes:
+        assert "the stream was reset" not in d.log()
+
+
+async def test_reset_stream_is_reported_as_a_gap(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    nodes = start_nodes(daemon_factory, redis_server.url)
+    async with subscribers(nodes[:1]) as (live,):
+        await publish_spread(nodes, 5)
+        got = [await live.next(EVENT_TIMEOUT) for _ in range(5)]
+        r = redis_server.client()
+        try:
+            r.flushall()
+        finally:
+            r.close()
+        for d in nodes:
+            d.wait_log("the stream was reset", EVENT_TIMEOUT)
+        for d in nodes:  # every node says: your cursor is not found (a gap), never a silent loss
+            async with subscribe(d.url, "/", {CURSOR_HEADER: got[1]["pubsub_cursor"]}) as s:
+                assert s.resp.headers[CURSOR_FOUND_HEADER] == "false"
+        await put(nodes[1], "/t/new", {"n": 5})  # the cluster goes on with a new stream
+        assert (await live.next(EVENT_TIMEOUT))["n"] == 5
+
+
+# -- 6: a node killed ----------------------------------------------------------------------------------
+async def test_killed_node_clients_resume_on_another_without_gap(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    nodes = start_nodes(daemon_factory, redis_server.url)
+    async with subscribers(nodes[1:2]) as (ref,):
+        async with subscribe(nodes[0].url, "/") as victim:
+            await wait_subscribers(nodes[0].url, 1)
+            await publish_spread(nodes, 9)
+            seen = [await victim.next(EVENT_TIMEOUT) for _ in range(9)]
+            nodes[0].kill()
+        await publish_spread(nodes[1:], 8, "/t/meanwhile")  # the others keep serving
+        await put(nodes[2], SENTINEL, {})
+        reference = await until_sentinel(ref)
+        headers, resumed = await replay(nodes[2].url, {CURSOR_HEADER: seen[-1]["pubsub_cursor"]})
+    assert headers[CURSOR_FOUND_HEADER] == "true"
+    assert cursors(seen + resumed) == cursors(reference)
+
+
+# -- 7: SQS on several nodes ---------------------------------------------------------------------------
+@pytest.fixture
+def moto(tmp_path: Path) -> Iterator[Any]:
+    from tests.sqs_fixture import MotoServer
+
+    server = MotoServer(tmp_path / "moto.log").start()
+    yield server
+    server.stop()
+
+
+async def test_sqs_message_enters_the_stream_once(
+        redis_server: RedisServer, moto: Any, daemon_factory: DaemonFactory) -> None:
+    from tests.sqs_fixture import queue_entry, queue_name, send
+
+    sqs = moto.client()
+    name = queue_name()
+    # visible again at once and never deleted: every node receives every message, repeatedly
+    url = sqs.create_queue(QueueName=name, Attributes={"VisibilityTimeout": "0"})["QueueUrl"]
+    entry = queue_entry(moto, name, delete=False)
+    nodes = start_nodes(daemon_factory, redis_server.url, sqs={"main": entry})
+    ids = [send(sqs, url, {"pubsub_path": "/sqs/m", "k": k}) for k in range(5)]
+    for d in nodes:
+        for mid in ids:
+            d.wait_log(f"message {mid} for '/sqs/m' accepted", EVENT_TIMEOUT)
+    r = redis_server.client()
+    try:
+        stored = [json.loads(f[b"e"])["k"] for _, f in stream_entries(r, STREAM)]
+    finally:
+        r.close()
+    assert sorted(stored) == list(range(5))
