@@ -158,7 +158,7 @@ class FastLane(asyncio.Protocol):
         self._arm(lane.limits.header_timeout)
 
     def connection_lost(self, _exc: Exception | None) -> None:
-        if self.lane.conns.pop(self, 0) is None:
+        if self.lane.conns.pop(self, 0) is None:  # in conns: admitted, so counted
             self.lane.limits.release(self.peer)
         if self.timer is not None:
             self.timer.cancel()
@@ -233,7 +233,7 @@ class FastLane(asyncio.Protocol):
             self.timer = None
         self.transport = None
         if lane.conns.pop(self, 0) is not None:
-            return  # not counted: nothing to hand over
+            return  # not in conns (not counted): already closed or handed over
         if t is None or t.is_closing():
             lane.limits.release(self.peer)
             return

@@ -243,13 +243,14 @@ async def test_a_silent_connection_is_closed(daemon_factory: DaemonFactory, tmp_
         await c.close()
 
 
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
 async def test_at_the_descriptor_limit_open_streams_are_served_and_new_ones_refused(
-        daemon_factory: DaemonFactory) -> None:
+        daemon_factory: DaemonFactory, lane: str) -> None:
     """The daemon runs with 100 descriptors: connections beyond ``100 - FD_RESERVE`` are answered
     503 (never hung nor dropped), open streams get their events, the log says so a bounded number
     of times, and once connections close new ones are served."""
     port = free_port()
-    d = daemon_factory(config=base_config(port), port=port, nofile=100)
+    d = daemon_factory(config=base_config(port, fast_lane=lane == "fast"), port=port, nofile=100)
     t = Target(d, port, None)
     async with conns() as held, conns() as extra:
         held.append(await t.connect())
