@@ -65,7 +65,7 @@ access_logger = logging.getLogger("pypubsub.access")
 
 #: a request head larger than this goes to aiohttp (which enforces its own limits)
 MAX_HEAD = 16 * 1024
-#: seconds an idle keep-alive publisher connection is kept (aiohttp's default too)
+#: seconds an idle keep-alive publisher connection is kept (aiohttp's lane is given it too)
 KEEPALIVE_TIMEOUT = 75.0
 
 _CHUNKED = (WireFormat.CHUNKED, WireFormat.CHUNKED_NUL)
@@ -133,7 +133,7 @@ class FastLane(asyncio.Protocol):
         self.stream: Stream | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
-        #: the deadline is a request head's (a total since its first byte, never moved)
+        #: the deadline is the first request head's (server.header_timeout)
         self.in_head = False
         self.started = 0.0
         self.ua = b"-"
@@ -212,13 +212,13 @@ class FastLane(asyncio.Protocol):
             reader.close()  # a stream parses nothing more
             self.reader = None
         elif self.transport is not None:
-            if pending and reader.in_head:
-                if not self.in_head or reader.answered:  # a new head: its deadline is a total
-                    self.in_head = True
-                    self._arm(self.lane.limits.header_timeout)
-            else:  # idle between requests, or a body on its way
+            if not pending or not reader.in_head or reader.answered:
+                # idle, a body on its way, or requests answered: the keep-alive time from now
                 self.in_head = False
                 self._arm(KEEPALIVE_TIMEOUT)
+            # else a head on its way: its deadline is a total, its bytes do not move it (the
+            # first head's is server.header_timeout from the connection; a later one's the
+            # keep-alive time from the last answer, as aiohttp's)
             reader.answered = False
 
     def _hand_over(self, buf: bytes) -> None:

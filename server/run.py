@@ -19,7 +19,7 @@ from aiohttp import web
 from server.app import STATE
 from server.config import Config, TlsConfig
 from server.errors import ConfigError
-from server.fastlane import FastLaneSite
+from server.fastlane import KEEPALIVE_TIMEOUT, FastLaneSite
 from server.gate import GateSite
 from server.limits import AcceptErrorLog
 
@@ -60,7 +60,9 @@ async def serve(config: Config, app: web.Application,
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     loop = asyncio.get_running_loop()
     srv = config.server
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=access_logger,
+    # keepalive_timeout: the fast lane's, so both lanes close an idle connection alike
+    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=KEEPALIVE_TIMEOUT,
+                           access_log=access_logger,
                            access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=srv.shutdown_grace)
     ssl_ctx = make_ssl_context(srv.tls, config.file) if srv.tls else None
     await runner.setup()
