@@ -108,15 +108,15 @@ class Limits:
         """Count a new connection from ``ip`` on descriptor ``fd``, or say (one line) why it is
         refused (then it is not counted)."""
         if fd >= self.fd_ceiling:
-            return self._refuse("file_descriptors", self._fd_log,
+            return self._refuse("file_descriptors", self._fd_log, ip,
                                 "out of file descriptors: try again later")
         if self.max_total and self.open >= self.max_total:
-            return self._refuse("max_connections", self._limit_log,
+            return self._refuse("max_connections", self._limit_log, ip,
                                 "too many connections: try again later")
         if self.max_per_ip:
             n = self.per_ip.get(ip, 0)
             if n >= self.max_per_ip:
-                return self._refuse("max_connections_per_ip", self._limit_log,
+                return self._refuse("max_connections_per_ip", self._limit_log, ip,
                                     "too many connections from your address: try again later")
             self.per_ip[ip] = n + 1
         self.open += 1
@@ -132,17 +132,18 @@ class Limits:
             else:
                 self.per_ip.pop(ip, None)
 
-    def _refuse(self, why: str, rate: _Rate, reason: str) -> str:
+    def _refuse(self, why: str, rate: _Rate, ip: str, reason: str) -> str:
         self.refused[why] += 1
         missed = rate.due()
         if missed >= 0:
+            more = f"; {missed} more refused since the last report" if missed else ""
             if why == "file_descriptors":
-                logger.warning("refusing new connections: file descriptor %d of %d reached (%d kept "
-                               "for files and backends); %d more refused since the last report",
-                               self.fd_ceiling, self.fd_ceiling + FD_RESERVE, FD_RESERVE, missed)
+                logger.warning("refusing new connections (503): descriptor %d of %d reached, the "
+                               "last %d are kept for files and backends; %d open%s",
+                               self.fd_ceiling, self.fd_ceiling + FD_RESERVE, FD_RESERVE, self.open, more)
             else:
-                logger.warning("refusing a new connection: %s (open: %d); %d more refused since the "
-                               "last report", why, self.open, missed)
+                logger.warning("refusing new connections (503): server.%s reached (%d open, this "
+                               "one from %s)%s", why, self.open, ip, more)
         return reason
 
     def stats(self) -> dict[str, int | dict[str, int]]:
@@ -310,7 +311,8 @@ class AcceptErrorLog:
             self.limits.accept_errors += 1
             missed = self.rate.due()
             if missed >= 0:
-                logger.error("cannot accept connections: %s (%d more failed accepts since the last "
-                             "report); the open connections are served", exc.strerror, missed)
+                more = f"; {missed} more failed since the last report" if missed else ""
+                logger.error("cannot accept connections: %s; the open connections are served%s",
+                             exc.strerror, more)
             return
         loop.default_exception_handler(context)

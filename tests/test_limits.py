@@ -271,7 +271,7 @@ async def test_at_the_descriptor_limit_open_streams_are_served_and_new_ones_refu
         assert len(answers) >= 30, "never refused"
         await publish_on(held[0], b"/fd", {"i": 1})
         assert (await next_event(held[1]))["i"] == 1
-        lines = [ln for ln in d.log().splitlines() if "refusing new connections" in ln]
+        lines = [ln for ln in d.log().splitlines() if "refusing new connections (503): descriptor" in ln]
         assert 1 <= len(lines) <= 2, lines
         assert "Traceback" not in d.log()
         for c in extra:
@@ -333,6 +333,5 @@ def test_accept_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFix
         loop.close()
     assert lim.accept_errors == 500
     assert [r.getMessage() for r in caplog.records if r.name == "server.limits"] == [
-        "cannot accept connections: Too many open files (0 more failed accepts since the last "
-        "report); the open connections are served"]
+        "cannot accept connections: Too many open files; the open connections are served"]
     assert any("something else" in r.getMessage() for r in caplog.records if r.name == "asyncio")
