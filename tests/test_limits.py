@@ -282,6 +282,30 @@ async def test_at_the_descriptor_limit_open_streams_are_served_and_new_ones_refu
         assert (await next_event(held[1]))["i"] == 2
 
 
+async def test_limits_are_counted_in_the_metrics(daemon_factory: DaemonFactory) -> None:
+    from tests.test_admin import sample, wait_sample
+
+    port = free_port()
+    cfg = base_config(port, max_connections=2, header_timeout=1,
+                      admin={"port": free_port(), "bind": HOST})
+    d = daemon_factory(config=cfg, port=port)
+    t = Target(d, port, None)
+    async with conns() as held:
+        held.append(await open_stream(t, b"/m"))
+        silent = await t.connect()
+        held.append(silent)
+        await wait_sample(d, "pypubsub_connections", 2)
+        status, _, _ = await refused(t, b"GET /m HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 503")
+        assert await asyncio.wait_for(silent.reader.read(), 10) == b""  # header_timeout
+        await wait_sample(d, "pypubsub_header_timeouts_total", 1)
+        await wait_sample(d, "pypubsub_connections", 1)
+        assert await sample(d, "pypubsub_connections_refused_total", reason="max_connections") == 1
+        assert await sample(d, "pypubsub_connections_refused_total", reason="file_descriptors") == 0
+        assert await sample(d, "pypubsub_accept_errors_total") == 0
+        assert await sample(d, "pypubsub_disconnects_total", reason="limit") == 0  # no stream cut
+
+
 # -- pure parts ----------------------------------------------------------------------------------
 def test_per_address_counts_are_forgotten_when_connections_close() -> None:
     lim = Limits(max_total=0, max_per_ip=2)
