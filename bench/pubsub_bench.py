@@ -601,8 +601,7 @@ async def run_scenario(p: Params) -> Result:
     deadline = time.monotonic() + p.max_time
     rundir = Path(tempfile.mkdtemp(prefix="pubsub-bench-run-"))
     res.nodes, res.log = p.nodes, "redis" if p.cluster else "memory"
-    # the fast lane publishes inline only for a synchronous (memory) log
-    res.lane = "aiohttp" if p.via_aiohttp or p.cluster else "fast"
+    res.lane = "aiohttp" if p.via_aiohttp else "fast"
     redis = RedisServer(p, rundir / "redis") if p.cluster else None
     daemons: list[Daemon] = []
     workers: list[Worker] = []

@@ -7,8 +7,10 @@ node and a cluster of nodes sharing a log take the same path. Knows nothing of H
 * A log that keeps events synchronously (memory) hands each event to the tail inside
   ``append``: no task, no future; this is the hot path of an in-memory daemon.
 * A durable log returns an awaitable per append; the publisher's 2xx is sent only once it
-  resolves (committed to SQLite, acknowledged by Redis). The log routes in its own order (commit
-  order, stream order). A publisher that disconnects meanwhile does not cancel the append (the
+  resolves (committed to SQLite, acknowledged by Redis): awaited by the aiohttp handler
+  (:meth:`Ingest.submit`), or answered from a done-callback by the fast lane
+  (:meth:`Ingest.start`: no task per publish). The log routes in its own order (commit order,
+  stream order). A publisher that disconnects meanwhile does not cancel the append (the
   event is accepted or failed, never half-done).
 """
 
@@ -65,14 +67,19 @@ class Ingest:
         self.accepted += 1
         return done
 
-    async def submit(self, path: str, body: Mapping[str, Any], *, source: str = "http",
-                     dedup: str | None = None) -> Appended | None:
-        """Stamp ``body`` as published at ``path``; returns once the event is in the log.
+    def start(self, path: str, body: Mapping[str, Any], *, dedup: str | None = None,
+              parsed: tuple[tuple[str, ...], bool] | None = None
+              ) -> Appended | asyncio.Future[Appended | None]:
+        """Stamp ``body`` as published at ``path`` and start its append, without awaiting.
 
-        Returns None when ``dedup`` names an event the log already has (not appended again).
-        Raises what the log raises when it cannot keep the event (the event is then not routed).
+        Returns the :class:`Appended` when the log kept the event at once (memory), else a
+        future that resolves once it is in the log (None: ``dedup`` named an event the log
+        already has) or fails with what the log raises. Nothing cancels the append: a caller
+        that stops caring (a publisher that left) just drops the future; the event is kept and
+        routed all the same. ``parsed``: the path's ``(topics, private)`` when the caller has
+        them already.
         """
-        event = make_event(path, body)
+        event = make_event(path, body, parsed=parsed)
         done = self.log.append(event) if dedup is None else self.log.append(event, dedup=dedup)
         if isinstance(done, Appended):
             self.accepted += 1
@@ -80,8 +87,20 @@ class Ingest:
         fut = asyncio.ensure_future(done)
         self.pending += 1
         fut.add_done_callback(self._settled)
+        return fut
+
+    async def submit(self, path: str, body: Mapping[str, Any], *, source: str = "http",
+                     dedup: str | None = None) -> Appended | None:
+        """Stamp ``body`` as published at ``path``; returns once the event is in the log.
+
+        Returns None when ``dedup`` names an event the log already has (not appended again).
+        Raises what the log raises when it cannot keep the event (the event is then not routed).
+        """
+        done = self.start(path, body, dedup=dedup)
+        if isinstance(done, Appended):
+            return done
         # shielded: a publisher that leaves cannot cancel the append
-        result = await asyncio.shield(fut)
+        result = await asyncio.shield(done)
         logger.debug("accepted %s from %s", result, source)
         return result
 
