@@ -393,6 +393,7 @@ class FastLane(asyncio.Protocol):
         """Turn this connection into a stream; False means "let aiohttp handle it"."""
         if self.waiting:
             return False  # behind pending answers (unusual): aiohttp's, once they are out
+        self.waiting = None  # a stream publishes nothing more
         lane = self.lane
         state = lane.state
         try:
