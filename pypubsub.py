@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """PyPubSub: an HTTP streaming publish/subscribe daemon (drop-in for ASF PyPubSub 0.7.4).
 
-    python3 pypubsub.py [--config pypubsub.yaml] [--acl pypubsub_acl.yaml] [--log-level info]
+    pypubsub [--config pypubsub.yaml] [--acl pypubsub_acl.yaml] [--log-level info]
+             [--log-format text|json] [--check-config]
+
+(``pypubsub`` is installed by ``pip install .``; ``.venv/bin/python pypubsub.py`` is the same.)
 
 Owns the command line, logging set-up and the event loop choice; everything else is in
 ``server`` (daemon), ``hub`` (routing engine) and ``plugins``.
@@ -18,8 +21,8 @@ import sys
 from server import __version__
 from server.config import load_config
 from server.errors import ConfigError
-from server.logs import setup_logging
-from server.run import serve
+from server.logs import LOG_FORMATS, setup_logging
+from server.run import check_binds, serve
 from wiring import build_daemon
 
 logger = logging.getLogger("pypubsub")
@@ -36,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error", "critical"],
                    help="logging level (default: info)")
+    p.add_argument("--log-format", default=None, choices=list(LOG_FORMATS),
+                   help="text, or json: one JSON object per line (default: server.log_format, "
+                        "else text)")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the configuration and ACL files, report every error, and exit "
+                        "(0: valid, 2: errors)")
     p.add_argument("--hash-password", action="store_true",
                    help="read a password (prompted, or one line of stdin), print its hash for the "
                         "ACL file, and exit")
@@ -45,9 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_errors(e: ConfigError) -> None:
+    for err in getattr(e, "errors", None) or [e]:
+        logger.error("configuration error: %s", err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format or "text")
     if args.hash_password:
         from plugins.acl import hash_password_cli
 
@@ -63,10 +77,20 @@ def main(argv: list[str] | None = None) -> int:
         acl_path = DEFAULT_ACL
     try:
         config = load_config(config_path)
+        if args.log_format is None and config.server.log_format != "text":
+            setup_logging(args.log_level, config.server.log_format)
         app = build_daemon(config, acl_path)
     except ConfigError as e:
-        logger.error("configuration error: %s", e)
+        _config_errors(e)
         return 2
+    if args.check_config:
+        bad = check_binds(config)
+        for err in bad:
+            logger.error("configuration error: %s", err)
+        if bad:
+            return 2
+        logger.info("configuration OK: %s, ACL %s", config.file, acl_path or "(none)")
+        return 0
     try:
         import uvloop
     except ImportError:
@@ -77,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return runner(serve(config, app))
     except ConfigError as e:
-        logger.error("configuration error: %s", e)
+        _config_errors(e)
         return 2
 
 

@@ -49,7 +49,8 @@ def make_log(config: Config) -> EventLog:
 def install_replay(app: web.Application, config: Config) -> None:
     """X-Fetch-Since / X-Fetch-Since-Cursor replay from the log (answers "not found" when off)."""
     state = app[STATE]
-    state.replay = Replayer(state.log, config.server.backlog.max_replay)
+    state.replay = replayer = Replayer(state.log, config.server.backlog.max_replay)
+    state.metrics.register(replayer.stats)
 
 
 def start_with(app: web.Application, ctx: PluginContext,

@@ -109,7 +109,9 @@ class TopicRouter:
         self._flush_handle: asyncio.Handle | None = None
         self._listeners: list[ChangeListener] = []
         self.subscriber_count = 0
+        #: family batches written (one joined write each) and events written to subscribers
         self.delivered_batches = 0
+        self.deliveries = 0
 
     # -- membership ----------------------------------------------------------------------
     def add_listener(self, listener: ChangeListener) -> None:
@@ -261,6 +263,7 @@ class TopicRouter:
         """Write every family's pending records: one joined ``bytes``, shared by its sinks."""
         self._flush_handle = None
         dirty, self._dirty = self._dirty, []
+        sent = 0
         for f in dirty:
             events, f.pending = f.pending, []
             fmt = f.fmt
@@ -278,12 +281,19 @@ class TopicRouter:
                     if hit is None:
                         evs = events if len(seen) == len(events) else [events[i] for i in seen]
                         hit = joined[seen] = (b"".join([e.wire(fmt) for e in evs]), evs)
-                    _send(g, *hit)
+                    sent += _send(g, *hit) * len(hit[1])
             else:
                 data = events[0].wire(fmt) if len(events) == 1 else b"".join([e.wire(fmt) for e in events])
                 for g in list(f.groups.values()):
-                    _send(g, data, events)
+                    sent += _send(g, data, events) * len(events)
             self.delivered_batches += 1
+        self.deliveries += sent
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {"subscriptions": len(self._families),
+                "delivery_batches_total": self.delivered_batches,
+                "deliveries_total": self.deliveries}
 
     def broadcast_ping(self, make: Callable[[WireFormat], bytes]) -> None:
         """Send a keep-alive record to every sink (bytes built once per format)."""
@@ -296,7 +306,10 @@ class TopicRouter:
                 sink.send(data, None)
 
 
-def _send(group: Group, data: bytes, events: Sequence[Event]) -> None:
+def _send(group: Group, data: bytes, events: Sequence[Event]) -> int:
+    """Write to every sink of ``group``; returns how many sinks were written to."""
     # sinks never leave a group synchronously from send(): safe to iterate the dict
-    for sink in group.sinks:
+    sinks = group.sinks
+    for sink in sinks:
         sink.send(data, events)
+    return len(sinks)

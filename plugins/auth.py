@@ -1,8 +1,8 @@
-"""The daemon's authenticator: the ACL file first, then LDAP; and the SIGUSR2 ACL reload.
+"""The daemon's authenticator: the ACL file first, then LDAP; and the SIGHUP/SIGUSR2 ACL reload.
 
 Owns the order of the backends (a user named in the ACL file is decided by the file alone, as
-in 0.7.4; other users go to LDAP when it is configured), reloading the file on SIGUSR2 (a
-broken, empty or missing file keeps the previous ACL, logged), and re-authorising the streams
+in 0.7.4; other users go to LDAP when it is configured), reloading the file on SIGHUP or
+SIGUSR2 (a broken, empty or missing file keeps the previous ACL, logged), and re-authorising the streams
 already open without dropping them (through the plugin context). Also owns the lifetime of the
 signal handler and of the reload task.
 """
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 __all__ = ["AuthChain", "build_auth"]
 
 logger = logging.getLogger(__name__)
+
+#: signals that reload the ACL file
+RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)
 
 
 class AuthChain:
@@ -64,6 +67,11 @@ class AclReloader:
         self.task: asyncio.Task[None] | None = None
         self.again = False
         self.reloads = 0
+        self.failures = 0
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {"acl_reloads_total": self.reloads, "acl_reload_failures_total": self.failures}
 
     def trigger(self) -> None:
         if self.task is not None and not self.task.done():
@@ -85,6 +93,7 @@ class AclReloader:
             # a missing or empty file is refused too (it would revoke every user)
             new = await asyncio.to_thread(functools.partial(load_acl_file, path, reload=True))
         except ConfigError as e:
+            self.failures += 1
             logger.error("ACL reload failed, keeping the previous ACL: %s", e)
             return
         reauth = self.file.reload(new)
@@ -121,15 +130,27 @@ def build_auth(config: Config, acl_path: str | None) -> tuple[AuthChain, Callabl
     async def lifecycle(ctx: PluginContext) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         reloader = AclReloader(ctx, file) if file is not None else None
-        if reloader is not None:
-            loop.add_signal_handler(signal.SIGUSR2, reloader.trigger)
-        else:
-            loop.add_signal_handler(signal.SIGUSR2, logger.warning,
-                                    "SIGUSR2: no ACL file in use (start with --acl FILE), nothing to reload")
+        if reloader is not None and file is not None:
+            ctx.metrics.register(reloader)
+            ctx.metrics.register(file.cache)  # auth_cache_*{cache="acl"}
+            ctx.report("acl", lambda: {"file": file.path, "users": len(file.acl.users),
+                                       "reloads": reloader.reloads,
+                                       "reload_failures": reloader.failures})
+        if ldap is not None:
+            ctx.metrics.register(ldap)
+            ctx.report("ldap", lambda: {"uri": ldap.cfg.uri, "binds": ldap.binds,
+                                        "failures": ldap.failures})
+        for sig in RELOAD_SIGNALS:  # SIGHUP: the Unix daemon convention; SIGUSR2: 0.7.4's
+            if reloader is not None:
+                loop.add_signal_handler(sig, reloader.trigger)
+            else:
+                loop.add_signal_handler(sig, logger.warning, "%s: no ACL file in use (start with "
+                                        "--acl FILE), nothing to reload", sig.name)
         try:
             yield
         finally:
-            loop.remove_signal_handler(signal.SIGUSR2)
+            for sig in RELOAD_SIGNALS:
+                loop.remove_signal_handler(sig)
             if reloader is not None:
                 await reloader.close()
             await chain.close()

@@ -212,6 +212,21 @@ class RedisLog:
     def __repr__(self) -> str:
         return f"<RedisLog {self.where} {len(self.mirror)}/{self.size}>"
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {**self.mirror.stats(), "cluster_entries_read_total": self.entries_read,
+                "cluster_unreadable_entries_total": self.unreadable,
+                "cluster_resets_total": self.resets, "cluster_outages_total": self.outage.count,
+                "cluster_redis_up": 0 if self.outage.down else 1}
+
+    def unready(self) -> str | None:
+        """Why a publish cannot be accepted now (None: it can)."""
+        if self.outage.down:
+            return f"Redis unreachable ({self.where})"
+        if self._refusing or self._closing:
+            return f"cluster log {self.where} is not accepting events"
+        return None
+
     @property
     def closing(self) -> bool:
         return self._closing

@@ -324,6 +324,14 @@ class SqliteLog:
         logger.info("backlog %s closed: %d event(s) written in %d commit(s) since start",
                     self.path, self.written, self.commits)
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {**self.mirror.stats(), "log_appends_total": self.written, "log_commits_total": self.commits}
+
+    def unready(self) -> str | None:
+        """Why a publish cannot be accepted now (None: it can)."""
+        return f"backlog {self.path} is not accepting events" if self._closing else None
+
     # -- writing ------------------------------------------------------------------------
     def tail(self, consumer: TailConsumer) -> None:
         self._consumer = consumer

@@ -56,6 +56,11 @@ class CredentialCache:
         # length-prefixed so that ("ab", "c") and ("a", "bc") never collide
         return hmac.new(self._secret, len(u).to_bytes(4, "big") + u + p, hashlib.sha256).digest()
 
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Counters for the metrics collector (``server.metrics`` protocol; label ``cache``)."""
+        return {"auth_cache_hits_total": {self.name: self.hits},
+                "auth_cache_misses_total": {self.name: self.misses}}
+
     async def get(self, user: str, password: str,
                   lookup: Callable[[], Awaitable[Lookup]]) -> Principal | None:
         """The cached answer, or ``lookup()``'s, shared with concurrent callers."""

@@ -207,6 +207,11 @@ class LdapAuthenticator:
         self.binds = 0
         self.failures = 0
 
+    def stats(self) -> dict[str, float | dict[str, float]]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {"ldap_binds_total": self.binds, "ldap_failures_total": self.failures,
+                **self.cache.stats()}
+
     def user_dn(self, username: str) -> str:
         return self.cfg.user_dn.replace("%s", self._bonsai.escape_attribute_value(username))
 

@@ -63,6 +63,10 @@ class PresenceReporter:
         self.hub.publish_event(event)
         self.published += 1
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {"presence_events_total": self.published}
+
     def start(self) -> None:
         self.hub.topics.add_listener(self)
 
@@ -75,6 +79,8 @@ async def lifecycle(ctx: PluginContext) -> AsyncIterator[None]:
     """Report presence for the daemon's hub while the context is open (startup to cleanup)."""
     reporter = PresenceReporter(ctx.hub)
     reporter.start()
+    ctx.metrics.register(reporter)
+    ctx.report("presence", lambda: {"path": PRESENCE_PATH, "events": reporter.published})
     logger.debug("presence events at %s", PRESENCE_PATH)
     try:
         yield

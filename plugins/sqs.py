@@ -235,6 +235,13 @@ class SqsStats:
     failed: int = 0
     outages: int = 0
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol; label ``queue``)."""
+        return {"sqs_received_total": self.received, "sqs_accepted_total": self.accepted,
+                "sqs_malformed_total": self.malformed, "sqs_duplicates_total": self.duplicates,
+                "sqs_deleted_total": self.deleted, "sqs_failed_total": self.failed,
+                "sqs_outages_total": self.outages}
+
 
 class QueueConsumer:
     """Long-polls one queue and publishes each message; runs until cancelled."""
@@ -254,6 +261,10 @@ class QueueConsumer:
 
     def __repr__(self) -> str:
         return f"<QueueConsumer {self.cfg.name} queue={self.cfg.queue!r} {self.stats}>"
+
+    def health(self) -> str:
+        """``ok``, or why the queue cannot be read now (``down: missing``...)."""
+        return "ok" if self._down is None else f"down: {self._down}"
 
     def _client(self) -> Any:
         from aiobotocore.config import AioConfig
@@ -396,9 +407,16 @@ class SqsPlugin:
         self.consumers = [QueueConsumer(q, ctx.ingest, session, ctx.max_payload_size)
                           for q in self.queues]
         tasks = [loop.create_task(c.run(), name=f"pypubsub-sqs-{c.cfg.name}") for c in self.consumers]
+        for c in self.consumers:
+            ctx.metrics.register(c.stats, queue=c.cfg.name)
+        ctx.report("sqs", lambda: {c.cfg.name: {"queue": c.cfg.queue, "state": c.health(),
+                                                "received": c.stats.received}
+                                   for c in self.consumers})
         try:
             yield
         finally:
+            for c in self.consumers:
+                ctx.metrics.unregister(c.stats)
             await cancel_and_wait(*tasks)
             for c in self.consumers:
                 logger.info("sqs %s: stopped (%s)", c.cfg.name, c.stats)

@@ -19,8 +19,9 @@ fi
 APT=(python3 python3-venv python3-dev gcc libldap2-dev libsasl2-dev)
 if [ $dev = 1 ]; then
   # real components the tests start: slapd (LDAP), redis, node and ruby for the clients,
-  # systemd-analyze for the unit file, openssl for TLS
-  APT+=(slapd ldap-utils redis-server redis-tools nodejs ruby systemd openssl procps curl)
+  # systemd-analyze for the unit file, openssl for TLS, headless Chromium for the web pages
+  APT+=(slapd ldap-utils redis-server redis-tools nodejs ruby systemd openssl procps curl
+        chromium chromium-driver)
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
@@ -37,11 +38,11 @@ fi
 
 missing=0
 check() { command -v "$1" >/dev/null || { echo "install.sh: $1 is missing after install" >&2; missing=1; }; }
-.venv/bin/python -c "import aiohttp, yaml, netaddr, orjson, uvloop, bonsai, argon2, bcrypt, aiobotocore, redis, hiredis" \
+.venv/bin/python -c "import aiohttp, yaml, netaddr, orjson, uvloop, bonsai, argon2, bcrypt, aiobotocore, redis, hiredis, prometheus_client" \
   || missing=1
 if [ $dev = 1 ]; then
-  for t in slapd slapadd redis-server node ruby systemd-analyze openssl; do check "$t"; done
-  .venv/bin/python -c "import pytest, moto, trustme, asfpy" || missing=1
+  for t in slapd slapadd redis-server node ruby systemd-analyze openssl chromium chromedriver; do check "$t"; done
+  .venv/bin/python -c "import pytest, moto, trustme, asfpy, selenium, wheel" || missing=1
 fi
 [ $missing = 0 ] || { echo "install.sh: installation incomplete" >&2; exit 1; }
 echo "install.sh: ready (.venv)"

@@ -11,8 +11,9 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -26,7 +27,8 @@ from server.config import Config
 from server.errors import BadRequest, Forbidden, PayloadTooLarge, PubSubError, ServiceUnavailable
 from server.eventlog import EventLog, MemoryLog
 from server.ingest import Ingest
-from server.logs import access_log_flusher
+from server.logs import access_log_flusher, log_access
+from server.metrics import Registry, StatsSource
 from server.negotiate import Outcome, negotiate
 from server.payload import parse_json_object
 from server.replay import ReplayHook
@@ -61,19 +63,69 @@ class State:
     streams: dict[Stream, None] = field(default_factory=dict)
     #: plans a backlog replay from a subscriber's headers (server.replay); None: no replay
     replay: ReplayHook | None = None
-    #: True once shutdown began: new streams are refused
+    #: True once shutdown began: new streams and new publishes are refused (503); publishes
+    #: already under way are finished, and delivered before the streams end
     closing: bool = False
     #: bumped by every ACL reload (after it re-authorised the open streams)
     auth_generation: int = 0
+    #: requests refused, by status code (every PubSubError answered by ``dispatch``)
     rejected: dict[int, int] = field(default_factory=dict)
-
+    #: requests whose credentials did not authenticate
+    auth_failures: int = 0
+    #: every part that counts registers here (``server.metrics``); read by /metrics and /status
+    metrics: Registry = field(default_factory=Registry)
+    #: checks that say why a publish cannot be accepted now (None: it can); /readyz reads them
+    readiness: list[Callable[[], str | None]] = field(default_factory=list)
+    #: name → what that part reports about itself for /status (state, counts, settings)
+    plugins: dict[str, Callable[[], Mapping[str, Any]]] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    #: publishes being handled by aiohttp now (the drain lets them finish); set when it drops to 0
+    publishing: int = 0
+    publishes_done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def forget(self, stream: Stream, why: str) -> None:
         """A stream has ended: out of the hub and of the open-stream set (idempotent)."""
         if stream.group is not None:
             self.hub.topics.unsubscribe(stream, stream.group)
-        self.streams.pop(stream, None)
+        if stream in self.streams:
+            del self.streams[stream]
+            ended = self.stats.ended
+            ended[why] = ended.get(why, 0) + 1
         logger.debug("stream %r ended: %s", stream, why)
+
+    def subscribers_by_transport(self) -> dict[str, float]:
+        """Open subscriptions per transport (wire format; ``inprocess``: key subscriptions)."""
+        out: dict[str, float] = dict.fromkeys((f.value for f in WireFormat), 0)
+        for g in self.hub.topics.groups():
+            out[g.fmt.value] = out.get(g.fmt.value, 0) + len(g.sinks)
+        out["inprocess"] = self.hub.key_subscription_count
+        return out
+
+    def unready(self) -> str | None:
+        """Why a publish cannot be accepted now, or None."""
+        if self.closing:
+            return "draining for shutdown"
+        for check in self.readiness:
+            why = check()
+            if why is not None:
+                return why
+        return None
+
+
+class StateStats:
+    """The daemon-wide counters of a :class:`State` (``server.metrics`` protocol)."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def stats(self) -> dict[str, float | dict[str, float]]:
+        st = self.state
+        return {"subscribers": st.subscribers_by_transport(),
+                "refused_total": {str(k): v for k, v in st.rejected.items()},
+                "auth_failures_total": st.auth_failures,
+                "publishes_in_progress": st.publishing,
+                "uptime_seconds": time.time() - st.started,
+                "draining": 1 if st.closing else 0}
 
 
 STATE: web.AppKey[State] = web.AppKey("pypubsub_state", State)
@@ -81,9 +133,7 @@ STATE: web.AppKey[State] = web.AppKey("pypubsub_state", State)
 
 def log_stream_end(peer: str, request_line: str, started: float, ua: str) -> None:
     """The access line of a stream, written when it ends (by us: aiohttp logs none for it)."""
-    if access_logger.isEnabledFor(logging.INFO):
-        access_logger.info('%s "%s" 200 - %.6f "%s"', peer, request_line,
-                           time.monotonic() - started, ua)
+    log_access(peer, request_line, 200, "-", time.monotonic() - started, ua)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -108,6 +158,7 @@ async def _principal(state: State, request: web.Request) -> Principal | None:
         return None
     who = await state.auth.authenticate(*creds)
     if who is None:
+        state.auth_failures += 1
         logger.info("authentication failed for user %r from %s", creds[0][:64], _peer(request))
     return who
 
@@ -143,6 +194,19 @@ def wire_format(version: tuple[int, int], ua: str | None, oldschoolers: tuple[st
 # -- handlers -----------------------------------------------------------------------------------
 async def handle_publish(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    state.publishing += 1
+    state.publishes_done.clear()
+    try:
+        return await _publish(request, state)
+    finally:
+        state.publishing -= 1
+        if not state.publishing:
+            state.publishes_done.set()
+
+
+async def _publish(request: web.Request, state: State) -> web.StreamResponse:
+    if state.closing:
+        raise ServiceUnavailable("server is shutting down", retry_after=5)
     cfg = state.config
     peer = _peer(request)
     try:
@@ -331,6 +395,16 @@ def build_app(config: Config, *, log: EventLog | None = None, auth: Authenticato
     app = web.Application(client_max_size=config.server.max_payload_size + 1, handler_args={
         "max_field_size": 16384, "max_line_size": 16384})
     app[STATE] = state
+    for source in (StateStats(state), state.stats, hub.topics, state.ingest):
+        state.metrics.register(source)
+    if isinstance(log, StatsSource):
+        state.metrics.register(log)
+    state.plugins["backlog"] = lambda: {"backend": type(log).__name__,
+                                        "size": config.server.backlog.size,
+                                        "storage": str(config.server.backlog.storage or "")}
+    unready = getattr(log, "unready", None)
+    if unready is not None:
+        state.readiness.append(unready)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     app.cleanup_ctx.append(access_log_flusher)
     app.cleanup_ctx.append(_eventlog)

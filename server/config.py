@@ -22,9 +22,12 @@ from server.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_TEXT",
+    "LOG_FORMATS",
+    "AdminConfig",
     "BacklogConfig",
     "ClientsConfig",
     "Config",
+    "ConfigErrors",
     "Section",
     "ServerConfig",
     "TlsConfig",
@@ -77,7 +80,7 @@ T = TypeVar("T")
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.I)
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?i?b?)?\s*$", re.I)
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-z]*)\s*$", re.I)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024, "m": 10**6,
                "mb": 10**6, "mib": 2**20, "mi": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30,
                "gi": 2**30}
@@ -106,26 +109,43 @@ def parse_size(value: object) -> int:
             raise ValueError("a size cannot be negative")
         return value
     m = _SIZE_RE.match(str(value))
-    if not m:
+    unit = _SIZE_UNITS.get((m.group(2) or "").lower()) if m else None
+    if m is None or unit is None:
         raise ValueError(f"{value!r} is not a size such as 102400, 100KiB or 4MiB")
-    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    return int(m.group(1)) * unit
 
 
 class Section:
     """A mapping read with typed getters whose errors name the file and the dotted key.
 
-    Keys never read are reported by :meth:`warn_unknown`.
+    Keys never read are reported by :meth:`warn_unknown`. Given an ``errors`` list, a getter
+    records a bad value there and returns the default (so that every error of a file is
+    reported at once, see :func:`parse_config`); without one it raises at once.
     """
 
-    def __init__(self, data: object, file: str, prefix: str) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(file, prefix or "(top level)", "must be a mapping")
-        self.data: Mapping[str, Any] = data
+    def __init__(self, data: object, file: str, prefix: str,
+                 errors: list[ConfigError] | None = None) -> None:
+        self.errors = errors
         self.file = file
         self.prefix = prefix
         self._seen: set[str] = set()
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            self._fail("", "must be a mapping", None)
+            data = {}
+        self.data: Mapping[str, Any] = data
+
+    def _fail(self, name: str, message: str, default: T) -> T:
+        err = ConfigError(self.file, (self.key(name) if name else self.prefix) or "(top level)", message)
+        if self.errors is None:
+            raise err
+        self.errors.append(err)
+        return default
+
+    def report(self, name: str, message: str) -> None:
+        """Record (or raise, when not collecting) an error about key ``name``."""
+        self._fail(name, message, None)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -143,6 +163,10 @@ class Section:
         return default if v is None else v
 
     def section(self, name: str) -> Section:
+        return Section(self.raw(name), self.file, self.key(name), self.errors)
+
+    def detached(self, name: str) -> Section:
+        """A sub-section parsed later (by a plugin): its errors raise at once."""
         return Section(self.raw(name), self.file, self.key(name))
 
     def typed(self, name: str, kind: type[T], default: T) -> T:
@@ -150,16 +174,16 @@ class Section:
         if kind is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
-            raise self.error(name, f"expected {kind.__name__}, got {v!r}")
+            return self._fail(name, f"expected {kind.__name__}, got {v!r}", default)
         return v
 
     def integer(self, name: str, default: int, *, minimum: int | None = None,
                 maximum: int | None = None) -> int:
         v = self.typed(name, int, default)
         if minimum is not None and v < minimum:
-            raise self.error(name, f"must be at least {minimum}, got {v}")
+            return self._fail(name, f"must be at least {minimum}, got {v}", default)
         if maximum is not None and v > maximum:
-            raise self.error(name, f"must be at most {maximum}, got {v}")
+            return self._fail(name, f"must be at most {maximum}, got {v}", default)
         return v
 
     def port(self, name: str, default: int) -> int:
@@ -169,20 +193,20 @@ class Section:
         try:
             return parse_duration(self.raw(name, default))
         except ValueError as e:
-            raise self.error(name, str(e)) from None
+            return self._fail(name, str(e), default)
 
     def size(self, name: str, default: int) -> int:
         try:
             return parse_size(self.raw(name, default))
         except ValueError as e:
-            raise self.error(name, str(e)) from None
+            return self._fail(name, str(e), default)
 
     def string(self, name: str, default: str | None = None) -> str | None:
         v = self.raw(name, default)
         if v is None:
             return None
         if not isinstance(v, (str, int, float)) or isinstance(v, bool):
-            raise self.error(name, f"expected a string, got {v!r}")
+            return self._fail(name, f"expected a string, got {v!r}", default)
         return str(v)
 
     def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -193,11 +217,12 @@ class Section:
         if isinstance(v, (str, int)) and not isinstance(v, bool):
             return (str(v),)
         if not isinstance(v, list):
-            raise self.error(name, f"expected a list of strings, got {v!r}")
+            return self._fail(name, f"expected a list of strings, got {v!r}", default)
         out = []
         for i, x in enumerate(v):
             if not isinstance(x, (str, int, float)) or isinstance(x, bool):
-                raise ConfigError(self.file, f"{self.key(name)}[{i}]", f"expected a string, got {x!r}")
+                self.report(f"{name}[{i}]", f"expected a string, got {x!r}")
+                continue
             out.append(str(x))
         return tuple(out)
 
@@ -207,7 +232,7 @@ class Section:
             return None
         p = Path(v).expanduser()
         if must_exist and not p.is_file():
-            raise self.error(name, f"file {str(p)!r} does not exist or is not a file")
+            return self._fail(name, f"file {str(p)!r} does not exist or is not a file", None)
         return p
 
     def warn_unknown(self) -> None:
@@ -246,6 +271,15 @@ class BacklogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``server.admin``: the operators' listener (/metrics, /healthz, /readyz, /status, /)."""
+
+    #: None: no admin listener (the default)
+    port: int | None = None
+    bind: tuple[str, ...] = DEFAULT_BIND
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     port: int = DEFAULT_PORT
     bind: tuple[str, ...] = DEFAULT_BIND
@@ -259,6 +293,9 @@ class ServerConfig:
     subscriber_header: bool = True
     #: serve plain publishes and subscriptions through the fast lane (false: aiohttp only)
     fast_lane: bool = True
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    #: ``text`` or ``json`` (one JSON object per line); ``--log-format`` overrides it
+    log_format: str = "text"
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,20 +316,36 @@ class Config:
     sqs: Section | None = None
 
 
+class ConfigErrors(ConfigError):
+    """Every error found in one file (each a :class:`ConfigError`), reported together."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.file, first.key, first.message)
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+
+LOG_FORMATS = ("text", "json")
+
+
 def _parse_cidrs(sec: Section, name: str) -> netaddr.IPSet:
     out = netaddr.IPSet()
     for i, entry in enumerate(sec.strings(name)):
         try:
             net = netaddr.IPNetwork(entry.strip()).cidr  # host bits allowed: 10.0.0.1/24
         except (netaddr.AddrFormatError, ValueError, TypeError):
-            raise ConfigError(sec.file, f"{sec.key(name)}[{i}]",
-                              f"{entry!r} is not an IP address or CIDR") from None
+            sec.report(f"{name}[{i}]", f"{entry!r} is not an IP address or CIDR")
+            continue
         out.add(net)
     return out
 
 
-def _parse_bind(sec: Section) -> tuple[str, ...]:
-    binds = sec.strings("bind", DEFAULT_BIND)
+def _parse_bind(sec: Section, default: tuple[str, ...] = DEFAULT_BIND) -> tuple[str, ...]:
+    """Addresses or host names (resolved when listening: see ``server.run.resolve_binds``)."""
+    binds = sec.strings("bind", default)
     for i, b in enumerate(binds):
         if b in ("", "*"):
             continue
@@ -300,13 +353,22 @@ def _parse_bind(sec: Section) -> tuple[str, ...]:
             netaddr.IPAddress(b)
         except (netaddr.AddrFormatError, ValueError, TypeError):
             if not re.match(r"^[A-Za-z0-9.-]+$", b):
-                raise ConfigError(sec.file, f"{sec.key('bind')}[{i}]", f"{b!r} is not an address") from None
+                sec.report(f"bind[{i}]", f"{b!r} is not an address")
     return binds
 
 
+def _parse_admin(srv: Section) -> AdminConfig:
+    a = srv.section("admin")
+    port = a.port("port", 0) if a.has("port") else None
+    admin = AdminConfig(port=port, bind=_parse_bind(a))
+    a.warn_unknown()
+    return admin
+
+
 def parse_config(data: object, file: str) -> Config:
-    """Validate a parsed YAML document. Raises ConfigError naming file and key."""
-    top = Section(data, file, "")
+    """Validate a parsed YAML document. Raises ConfigErrors naming file and key of every error."""
+    errors: list[ConfigError] = []
+    top = Section(data, file, "", errors)
     srv = top.section("server")
     bl = srv.section("backlog")
     raw_storage = bl.string("storage") or ""
@@ -332,16 +394,20 @@ def parse_config(data: object, file: str) -> Config:
     if srv.has("tls"):
         t = srv.section("tls")
         if t.has("port") or t.has("cert") or t.has("key"):
-            for req in ("port", "cert", "key"):
-                if not t.has(req):
-                    raise t.error(req, "is required when server.tls is set")
+            missing = [req for req in ("port", "cert", "key") if not t.has(req)]
+            for req in missing:
+                t.report(req, "is required when server.tls is set")
             cert = t.path("cert", must_exist=True)
             key = t.path("key", must_exist=True)
-            if cert is None or key is None:
-                raise t.error("cert" if cert is None else "key", "is required when server.tls is set")
-            tls = TlsConfig(port=t.port("port", 0), cert=cert, key=key,
-                            chain=t.path("chain", must_exist=True))
+            port = t.port("port", 0)
+            chain = t.path("chain", must_exist=True)
+            if cert is not None and key is not None and not missing:
+                tls = TlsConfig(port=port, cert=cert, key=key, chain=chain)
         t.warn_unknown()
+    log_format = srv.string("log_format", "text") or "text"
+    if log_format not in LOG_FORMATS:
+        srv.report("log_format", f"must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+        log_format = "text"
     server = ServerConfig(
         port=srv.port("port", DEFAULT_PORT),
         bind=_parse_bind(srv),
@@ -353,11 +419,13 @@ def parse_config(data: object, file: str) -> Config:
         shutdown_grace=srv.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         subscriber_header=srv.typed("subscriber_header", bool, True),
         fast_lane=srv.typed("fast_lane", bool, True),
+        admin=_parse_admin(srv),
+        log_format=log_format,
     )
     if server.ping_interval <= 0:
-        raise srv.error("ping_interval", "must be positive")
+        srv.report("ping_interval", "must be positive")
     if server.stream_buffer < 65536:
-        raise srv.error("stream_buffer", "must be at least 65536 bytes")
+        srv.report("stream_buffer", "must be at least 65536 bytes")
     srv.warn_unknown()
 
     cl = top.section("clients")
@@ -365,11 +433,16 @@ def parse_config(data: object, file: str) -> Config:
         payloaders=_parse_cidrs(cl, "payloaders"),
         oldschoolers=tuple(s for s in cl.strings("oldschoolers") if s),
         secure_topics=frozenset(cl.strings("secure_topics")),
-        ldap=cl.section("ldap") if cl.has("ldap") else None,
+        ldap=cl.detached("ldap") if cl.has("ldap") else None,
     )
     cl.warn_unknown()
-    sqs = top.section("sqs") if top.has("sqs") else None
+    sqs = top.detached("sqs") if top.has("sqs") else None
     top.warn_unknown()
+    if errors:
+        raise ConfigErrors(errors)
+    if not clients.payloaders:
+        logger.warning("%s: clients.payloaders is empty: nobody can publish over HTTP "
+                       "(list the addresses allowed to publish)", file)
     return Config(file=file, server=server, clients=clients, sqs=sqs)
 
 

@@ -1,7 +1,8 @@
 """What a plugin may use of the running daemon: the narrow context handed to each plugin.
 
-Owns :class:`PluginContext` (the hub, the one publish path, the payload limit, and the one
-operation on open streams a plugin needs: re-authorising them after its users changed) and
+Owns :class:`PluginContext` (the hub, the one publish path, the payload limit, the one
+operation on open streams a plugin needs: re-authorising them after its users changed, and
+where a plugin's counters and status are read: ``metrics`` and ``report``) and
 building it from an application. Plugins receive this object from the composition root
 (``wiring``) and never reach into :class:`server.app.State`.
 """
@@ -9,8 +10,9 @@ building it from an application. Plugins receive this object from the compositio
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -19,6 +21,7 @@ from hub.router import NO_ACL
 from server.app import STATE, State
 from server.auth import Principal
 from server.ingest import Ingest
+from server.metrics import Registry
 
 __all__ = ["PluginContext", "Reauthorise", "plugin_context"]
 
@@ -41,6 +44,11 @@ class PluginContext:
     #: ``reauthorise(kind, fn)``: apply ``fn`` to every open stream whose principal is a
     #: ``kind``; returns (streams checked, streams whose rights changed)
     reauthorise: Callable[[type[Principal], Reauthorise], tuple[int, int]]
+    #: where counters are read (``/metrics``, ``/status``): ``metrics.register(obj)`` for an
+    #: object with a ``stats()`` (``server.metrics``)
+    metrics: Registry
+    #: ``report(name, fn)``: ``fn()`` says what the plugin is doing, in ``/status``
+    report: Callable[[str, Callable[[], Mapping[str, Any]]], None]
 
 
 def _reauthorise(state: State, kind: type[Principal], fn: Reauthorise) -> tuple[int, int]:
@@ -77,4 +85,6 @@ def plugin_context(app: web.Application) -> PluginContext:
         ingest=state.ingest,
         max_payload_size=state.config.server.max_payload_size,
         reauthorise=lambda kind, fn: _reauthorise(state, kind, fn),
+        metrics=state.metrics,
+        report=state.plugins.__setitem__,
     )

@@ -232,6 +232,14 @@ class MemoryLog:
         """Forget every retained event (the log behind a mirror was reset): positions go on."""
         self._drop(len(self))
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        out: dict[str, float] = {"backlog_events": len(self), "log_appends_total": self.last_position}
+        if len(self):
+            out["backlog_oldest_timestamp_seconds"] = self._events[self._head].timestamp
+            out["backlog_newest_timestamp_seconds"] = self._events[-1].timestamp
+        return out
+
     def take_dropped(self) -> int:
         """Events evicted since the last call."""
         n, self._dropped = self._dropped, 0

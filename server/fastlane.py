@@ -55,6 +55,7 @@ from server.app import (
 )
 from server.errors import BadRequest, PubSubError, ServiceUnavailable
 from server.eventlog import Appended
+from server.logs import log_access
 from server.negotiate import Lane as Via
 from server.negotiate import Outcome, negotiate
 from server.payload import parse_json_object
@@ -131,6 +132,10 @@ class Lane:
         self.accepted_tail = (b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(body), body))
         self.accepted_len = len(body)
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {"fastlane_served_total": self.served, "fastlane_handed_over_total": self.handed_over}
 
     def close_idle(self) -> None:
         """Shutdown: close keep-alive publisher connections (streams end through their Stream);
@@ -301,9 +306,8 @@ class FastLane(asyncio.Protocol):
         lane = self.lane
         lane.served += 1
         if access_logger.isEnabledFor(logging.INFO):
-            access_logger.info('%s "%s %s HTTP/1.1" 202 %d %.6f "%s"', self.peer, method.decode(),
-                               url.decode("latin-1"), lane.accepted_len, time.monotonic() - t0,
-                               (ua or b"-").decode("latin-1"))
+            log_access(self.peer, f"{method.decode()} {url.decode('latin-1')} HTTP/1.1", 202,
+                       lane.accepted_len, time.monotonic() - t0, (ua or b"-").decode("latin-1"))
         return (b"HTTP/1.1 202 Accepted\r\nServer: %s\r\nDate: %s\r\n%s"
                 % (SERVER_HEADER.encode(), _Date.now(), lane.accepted_tail))
 
@@ -384,9 +388,8 @@ class FastLane(asyncio.Protocol):
                     % (len(body), _Date.now(), SERVER_SOFTWARE.encode()))
             status, close = 500, True
         if access_logger.isEnabledFor(logging.INFO):
-            access_logger.info('%s "%s %s HTTP/1.1" %d %d %.6f "%s"', self.peer, method.decode(),
-                               target, status, len(body), time.monotonic() - t0,
-                               (ua or b"-").decode("latin-1"))
+            log_access(self.peer, f"{method.decode()} {target} HTTP/1.1", status, len(body),
+                       time.monotonic() - t0, (ua or b"-").decode("latin-1"))
         return head + body, close
 
     def subscribe(self, target: bytes, ua: bytes | None) -> bool:
@@ -594,8 +597,8 @@ class _Reader:
         lane = conn.lane
         state = lane.state
         cl = int(self.headers[b"content-length"])  # llhttp checked: digits, no overflow
-        if cl > lane.max_payload or not state.allow.allows(conn.peer):
-            return None
+        if cl > lane.max_payload or state.closing or not state.allow.allows(conn.peer):
+            return None  # (draining: aiohttp answers 503)
         try:
             pub = publish_target(self.url.decode("latin-1"), state.config.clients.secure_topics)
         except TopicError:

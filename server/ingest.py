@@ -17,13 +17,16 @@ node and a cluster of nodes sharing a log take the same path. Knows nothing of H
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from hub.event import Event, make_event
 from hub.hub import Hub
 from server.eventlog import Appended, EventLog
+from server.metrics import Histogram, LatencyHistogram
 
 __all__ = ["Ingest"]
 
@@ -45,6 +48,10 @@ class Ingest:
         self.routed = 0
         #: appends not yet resolved
         self.pending = 0
+        #: ... and their futures (the drain waits for them: :meth:`settle`)
+        self._inflight: set[asyncio.Future[Appended | None]] = set()
+        #: seconds from submit to acceptance (the publisher's 2xx): a few integers, no labels
+        self.latency = LatencyHistogram()
         log.tail(self._route)
 
     def _route(self, event: Event) -> None:
@@ -61,10 +68,12 @@ class Ingest:
         """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path).
 
         ``parsed``: the path's ``(topics, private)`` when the caller has them already."""
+        t0 = time.perf_counter()
         done = self.log.append(make_event(path, body, parsed=parsed))
         if not isinstance(done, Appended):
             raise RuntimeError(f"{self.log!r} is not synchronous: use Ingest.submit")
         self.accepted += 1
+        self.latency.observe(time.perf_counter() - t0)
         return done
 
     def start(self, path: str, body: Mapping[str, Any], *, dedup: str | None = None,
@@ -76,17 +85,20 @@ class Ingest:
         future that resolves once it is in the log (None: ``dedup`` named an event the log
         already has) or fails with what the log raises. Nothing cancels the append: a caller
         that stops caring (a publisher that left) just drops the future; the event is kept and
-        routed all the same. ``parsed``: the path's ``(topics, private)`` when the caller has
-        them already.
+        routed all the same, and the drain waits for it (:meth:`settle`). ``parsed``: the
+        path's ``(topics, private)`` when the caller has them already.
         """
+        t0 = time.perf_counter()
         event = make_event(path, body, parsed=parsed)
         done = self.log.append(event) if dedup is None else self.log.append(event, dedup=dedup)
         if isinstance(done, Appended):
             self.accepted += 1
+            self.latency.observe(time.perf_counter() - t0)
             return done
         fut = asyncio.ensure_future(done)
         self.pending += 1
-        fut.add_done_callback(self._settled)
+        self._inflight.add(fut)
+        fut.add_done_callback(functools.partial(self._settled, t0))
         return fut
 
     async def submit(self, path: str, body: Mapping[str, Any], *, source: str = "http",
@@ -104,14 +116,27 @@ class Ingest:
         logger.debug("accepted %s from %s", result, source)
         return result
 
-    def _settled(self, fut: asyncio.Future[Appended | None]) -> None:
+    def stats(self) -> dict[str, float | Histogram]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {"events_published_total": self.accepted, "publish_failures_total": self.failed,
+                "publish_duplicates_total": self.duplicates, "events_routed_total": self.routed,
+                "publish_pending": self.pending, "publish_latency_seconds": self.latency.snapshot()}
+
+    async def settle(self) -> None:
+        """Wait until every append in flight now is resolved (callers bound the wait)."""
+        if self._inflight:
+            await asyncio.wait(list(self._inflight))
+
+    def _settled(self, t0: float, fut: asyncio.Future[Appended | None]) -> None:
         self.pending -= 1
+        self._inflight.discard(fut)
         if fut.cancelled():
             self.failed += 1
             return
         if fut.exception() is not None:  # raised to the publisher too
             self.failed += 1
             return
+        self.latency.observe(time.perf_counter() - t0)
         if fut.result() is None:
             self.duplicates += 1
         else:

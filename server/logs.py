@@ -4,6 +4,10 @@ Owns handlers and formats only. The access log gets one line per request; writin
 with its own flush cost a third of a publish's CPU, so access lines are buffered and flushed
 every :data:`ACCESS_FLUSH_INTERVAL` seconds, when the buffer is large, and at shutdown. Error
 and warning lines are never buffered.
+
+Every line goes through one escaping function (:func:`escape`), applied by the formatters to
+the whole message and to every request field: a client controls paths, headers, user names
+and bodies, and none of it may start a new line or break the JSON of ``--log-format json``.
 """
 
 from __future__ import annotations
@@ -12,15 +16,26 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
-from typing import TextIO
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, TextIO
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from server.tasks import cancel_and_wait
 
-__all__ = ["ACCESS_LOGGER", "BufferedLineHandler", "access_log_flusher", "setup_logging"]
+__all__ = [
+    "ACCESS_LOGGER",
+    "LOG_FORMATS",
+    "BufferedLineHandler",
+    "JsonFormatter",
+    "TextFormatter",
+    "access_log_flusher",
+    "escape",
+    "log_access",
+    "setup_logging",
+]
 
 ACCESS_LOGGER = "pypubsub.access"
 #: seconds an access line may wait in memory before it is written
@@ -28,6 +43,47 @@ ACCESS_FLUSH_INTERVAL = 0.5
 #: characters buffered before a write regardless of the timer
 ACCESS_BUFFER_MAX = 64 * 1024
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("text", "json")
+
+
+def _escape_table() -> dict[int, str]:
+    table = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+    table.update({0x0a: "\\n", 0x0d: "\\r", 0x09: "\\t"})
+    # line and paragraph separators (some viewers break lines there); lone surrogates
+    # (undecodable header bytes) would also make the JSON encoder fail
+    table.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0xd800, 0xe000))})
+    return table
+
+
+_ESCAPES = _escape_table()
+
+
+def escape(text: str) -> str:
+    """``text`` with control characters, line separators and lone surrogates written as
+    ``\\n``, ``\\x1b``, ``\\u2028``...: what a client sent can never start a log line."""
+    return text if text.isprintable() else text.translate(_ESCAPES)
+
+
+#: aiohttp's access-log ``extra`` keys → the JSON field names
+ACCESS_FIELDS = {"remote_address": "peer", "first_request_line": "request",
+                 "response_status": "status", "response_size": "bytes",
+                 "request_time_frac": "seconds"}
+
+
+#: the message of :func:`log_access` lines: its arguments are the request fields, in order
+ACCESS_MESSAGE = '%s "%s" %d %s %.6f "%s"'
+ACCESS_ARGS = ("peer", "request", "status", "bytes", "seconds", "user_agent")
+
+
+def log_access(peer: str, request_line: str, status: int, size: int | str, seconds: float,
+               user_agent: str) -> None:
+    """One access line (fast lane, streams) in aiohttp's format. The fields travel as the
+    record's arguments only (no ``extra`` dict per request): the JSON formatter names them."""
+    if access_logger.isEnabledFor(logging.INFO):
+        access_logger.info(ACCESS_MESSAGE, peer, request_line, status, size, seconds, user_agent)
+
+
+access_logger = logging.getLogger(ACCESS_LOGGER)
 
 
 class CachedTimeFormatter(logging.Formatter):
@@ -42,6 +98,71 @@ class CachedTimeFormatter(logging.Formatter):
             self._sec = sec
             self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
         return f"{self._text},{int(record.msecs):03d}"
+
+
+def _traceback(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
+    text = record.exc_text or ""
+    if record.stack_info:
+        text = f"{text}\n{formatter.formatStack(record.stack_info)}" if text else record.stack_info
+    return text
+
+
+class TextFormatter(CachedTimeFormatter):
+    """``time LEVEL logger: message``, the message escaped; a traceback's lines are indented
+    (and escaped), so that no line of it can pass for a log line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.getMessage())
+        record.asctime = self.formatTime(record)
+        line = self.formatMessage(record)
+        tb = _traceback(self, record)
+        if tb:
+            line += "".join(f"\n  {escape(t)}" for t in tb.splitlines())
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message, the request
+    fields of access lines (peer, request, status, bytes, seconds, user_agent) and a traceback."""
+
+    _sec = -1
+    _text = ""
+
+    def _time(self, record: logging.LogRecord) -> str:
+        sec = int(record.created)
+        if sec != self._sec:  # the date text is built once per second, not per record
+            self._sec = sec
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._text}.{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "time": self._time(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": escape(record.getMessage()),
+        }
+        d = record.__dict__
+        args = record.args
+        if record.msg is ACCESS_MESSAGE and isinstance(args, tuple) and len(args) == len(ACCESS_ARGS):
+            for field, v in zip(ACCESS_ARGS, args, strict=True):
+                obj[field] = escape(v) if isinstance(v, str) else v
+        for key, field in ACCESS_FIELDS.items():  # aiohttp's access lines
+            if key in d:
+                v = d[key]
+                obj[field] = escape(v) if isinstance(v, str) else v
+        headers = d.get("request_header")
+        if isinstance(headers, Mapping) and "User-Agent" in headers:
+            obj["user_agent"] = escape(str(headers["User-Agent"]))
+        tb = _traceback(self, record)
+        if tb:
+            obj["traceback"] = escape(tb)
+        try:
+            return orjson.dumps(obj, default=str).decode()
+        except TypeError:  # a value orjson cannot encode: never lose the line
+            return orjson.dumps({k: escape(str(v)) for k, v in obj.items()}).decode()
 
 
 class BufferedLineHandler(logging.Handler):
@@ -93,21 +214,34 @@ class ClientErrorFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str) -> None:
-    """Error log and access log to stderr; caller lookup off (the logging docs' optimisation)."""
+def _formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else TextFormatter(FORMAT)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Error log and access log to stderr, in ``fmt`` (``text`` or ``json``); caller lookup
+    off (the logging docs' optimisation). Called again, it switches the format."""
     logging._srcfile = None  # no findCaller() per record
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr, format=FORMAT)
-    for h in logging.getLogger().handlers:
-        h.setFormatter(CachedTimeFormatter(FORMAT))
-    logging.getLogger("aiohttp.server").addFilter(ClientErrorFilter())
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    root.setLevel(getattr(logging, level.upper()))
+    for h in root.handlers:
+        h.setFormatter(_formatter(fmt))
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientErrorFilter) for f in server_log.filters):
+        server_log.addFilter(ClientErrorFilter())
     access = logging.getLogger(ACCESS_LOGGER)
     access.propagate = False
-    handler = BufferedLineHandler(sys.stderr)
-    handler.setFormatter(CachedTimeFormatter(FORMAT))
-    access.addHandler(handler)
+    handlers = [h for h in access.handlers if isinstance(h, BufferedLineHandler)]
+    if not handlers:
+        handlers = [BufferedLineHandler(sys.stderr)]
+        access.addHandler(handlers[0])
+    for h in handlers:
+        h.setFormatter(_formatter(fmt))
 
 
 async def access_log_flusher(_app: web.Application) -> AsyncIterator[None]:

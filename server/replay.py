@@ -67,6 +67,12 @@ class ReplayStats:
     truncated: int = 0
     events: int = 0
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics collector (``server.metrics`` protocol)."""
+        return {"replay_requests_total": self.requests, "replay_truncated_total": self.truncated,
+                "replay_unknown_cursors_total": self.cursors_unknown,
+                "replay_events_total": self.events}
+
 
 @dataclass(slots=True)
 class PreparedReplay:

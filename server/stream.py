@@ -14,7 +14,7 @@ import logging
 import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hub.event import Event, WireFormat
@@ -30,10 +30,22 @@ logger = logging.getLogger(__name__)
 _ids = itertools.count(1)
 
 
+#: why a stream ended (``Stream.end``) → the ``reason`` label of ``pypubsub_disconnects_total``
+END_REASONS = {"gone": "client", "overflow": "overflow", "shutdown": "shutdown", "limit": "limit"}
+
+
 @dataclass(slots=True)
 class StreamStats:
     opened: int = 0
-    overflowed: int = 0
+    #: streams ended, by ``Stream.end`` reason (counted once per stream by ``State.forget``)
+    ended: dict[str, int] = field(default_factory=dict)
+
+    def stats(self) -> dict[str, float | dict[str, float]]:
+        ended: dict[str, float] = dict.fromkeys(END_REASONS.values(), 0)
+        for why, n in self.ended.items():
+            label = END_REASONS.get(why, why)
+            ended[label] = ended.get(label, 0) + n
+        return {"streams_opened_total": self.opened, "disconnects_total": ended}
 
 
 #: SO_LINGER on, 0 s: close() sends RST and drops unsent data at once
@@ -159,7 +171,6 @@ class Stream:
 
     # -- ending --------------------------------------------------------------------------
     def _overflow(self, size: int) -> None:
-        self.stats.overflowed += 1
         logger.warning("disconnecting slow subscriber %r: %d bytes unsent (limit %d)",
                        self, size, self.limit)
         t = self.transport

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -327,11 +328,27 @@ def test_acl_file_errors_name_the_key(doc: object, key: str) -> None:
     assert e.value.key == key
 
 
-def test_example_acl_file_is_valid_and_hashed() -> None:
+def test_shipped_acl_file_defines_no_users() -> None:
     from plugins.acl import load_acl_file
 
     acl = load_acl_file(str(ROOT / "pypubsub_acl.yaml"))
-    assert acl.users and not acl.plaintext_users
+    assert acl.users == {}
+
+
+def test_shipped_acl_examples_work_once_uncommented(tmp_path: Path) -> None:
+    """What the file tells its owner to do (uncomment a block, hash, drop ``{}``) gives users."""
+    from plugins.acl import hash_password, load_acl_file
+
+    text = (ROOT / "pypubsub_acl.yaml").read_text()
+    lines = text.split("# Examples", 1)[1].splitlines()[1:]
+    body = "\n".join(ln[2:] for ln in lines if ln.startswith("# ") or ln == "#")
+    body = body.replace('"$argon2id$v=19$m=65536,t=3,p=4$...your hash..."',
+                        repr(hash_password("pw", "argon2id")))
+    body = body.replace('"$2b$12$...your hash..."', repr(hash_password("pw", "bcrypt")))
+    f = tmp_path / "acl.yaml"
+    f.write_text(body)
+    acl = load_acl_file(str(f))
+    assert set(acl.users) == {"janedoe", "buildbot"} and not acl.plaintext_users
     jane = acl.users["janedoe"]
     assert frozenset({"foo", "bar"}) in jane.acl and "deploys" in jane.topics
 

@@ -97,3 +97,59 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("server: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(str(bad))
+
+
+def test_a_bad_size_unit_is_a_config_error() -> None:
+    for bad in ("5i", "5q", "10 kilo", "1.5M"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"server": {"max_payload_size": "5i"}}, "f.yaml")
+    assert e.value.key == "server.max_payload_size" and "'5i'" in str(e.value)
+
+
+def test_every_error_of_a_file_is_reported_at_once() -> None:
+    from server.config import ConfigErrors
+
+    with pytest.raises(ConfigErrors) as e:
+        parse_config({"server": {"port": "x", "max_payload_size": "5i", "ping_interval": 0,
+                                 "admin": {"port": 70000}, "log_format": "xml"},
+                      "clients": {"payloaders": ["10.0.0.0/8", "nope", "also bad"]}}, "f.yaml")
+    keys = [err.key for err in e.value.errors]
+    assert sorted(keys) == sorted([
+        "server.port", "server.max_payload_size", "server.ping_interval", "server.admin.port",
+        "server.log_format", "clients.payloaders[1]", "clients.payloaders[2]"])
+    assert all(str(err).startswith("f.yaml: ") for err in e.value.errors)
+    assert len(str(e.value).splitlines()) == len(keys)
+
+
+def test_admin_listener_and_log_format_keys() -> None:
+    c = parse_config({}, "f.yaml")
+    assert c.server.admin.port is None and c.server.log_format == "text"
+    c = parse_config({"server": {"admin": {"port": 2070}, "log_format": "json"}}, "f.yaml")
+    assert c.server.admin.port == 2070 and c.server.admin.bind == ("127.0.0.1",)
+    assert c.server.log_format == "json"
+    c = parse_config({"server": {"admin": {"port": 0, "bind": ["::1", "127.0.0.1"]}}}, "f.yaml")
+    assert c.server.admin.port == 0 and c.server.admin.bind == ("::1", "127.0.0.1")
+
+
+def test_empty_payloaders_warn_that_nobody_can_publish(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        parse_config({"clients": {"payloaders": []}}, "f.yaml")
+    assert "f.yaml: clients.payloaders is empty: nobody can publish" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        parse_config({"clients": {"payloaders": ["127.0.0.1"]}}, "f.yaml")
+    assert "nobody can publish" not in caplog.text
+
+
+def test_an_unresolvable_bind_names_the_key_and_the_value() -> None:
+    from server.run import check_binds
+
+    c = parse_config({"server": {"bind": "no-such-host.invalid",
+                                 "admin": {"port": 1, "bind": ["127.0.0.1", "nor-this.invalid"]}}},
+                     "f.yaml")
+    errs = [str(e) for e in check_binds(c)]
+    assert errs[0].startswith("f.yaml: server.bind: 'no-such-host.invalid' cannot be resolved")
+    assert errs[1].startswith("f.yaml: server.admin.bind[1]: 'nor-this.invalid' cannot be resolved")
+    assert check_binds(parse_config({"server": {"bind": ["localhost", "::1", "*"]}}, "f.yaml")) == []

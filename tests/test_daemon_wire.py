@@ -195,12 +195,26 @@ def test_unknown_keys_are_warnings(daemon_factory: Callable[..., Daemon]) -> Non
     assert f"{d.config_path}: unknown configuration key server.colour" in d.log()
 
 
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
 def test_embedded_defaults_run(tmp_path: Path) -> None:
-    """With no pypubsub.yaml around, the daemon runs on its embedded defaults (127.0.0.1:2069)."""
+    """With no pypubsub.yaml around, the daemon runs on its embedded defaults (127.0.0.1:2069).
+
+    When something already listens on 2069 (a daemon started from the README, say), the
+    defaults are still proven: the daemon says it tried 127.0.0.1:2069 and exits 1, cleanly.
+    """
     version = subprocess.run([PYTHON, str(ROOT / "pypubsub.py"), "--version"], capture_output=True,
                              text=True, timeout=30, check=True)
     assert version.stdout.startswith("PyPubSub ")
     log = tmp_path / "log"
+    taken = _port_taken(2069)
     with open(log, "wb") as out:
         p = subprocess.Popen([PYTHON, str(ROOT / "pypubsub.py")], cwd=tmp_path, stderr=out,
                              stdout=subprocess.DEVNULL)
@@ -209,10 +223,16 @@ def test_embedded_defaults_run(tmp_path: Path) -> None:
                    "the daemon to start")
         text = log.read_text()
         assert "embedded defaults" in text
+        if taken and p.poll() is not None:
+            assert p.returncode == 1, text
+            assert "cannot listen" in text and "('127.0.0.1', 2069)" in text, text
+            assert "Traceback" not in text
+            return
         assert "listening on http://127.0.0.1:2069" in text, text
     finally:
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(10) == 0
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(10) == 0
 
 
 async def test_sigterm_ends_streams_cleanly(daemon: Daemon) -> None:

@@ -106,3 +106,14 @@ def test_unit_is_hardened() -> None:
     for key, value in expected.items():
         assert d.get(key, [None])[0] == value, key
     assert "@system-service" in d["SystemCallFilter"]
+
+
+def test_unit_uses_the_notify_protocol_and_a_large_fd_limit() -> None:
+    d = directives(UNIT.read_text())
+    assert d["Type"] == ["notify"]
+    assert d["NotifyAccess"] == ["main"]
+    assert d["WatchdogSec"] == ["30s"]
+    assert int(d["LimitNOFILE"][0]) >= 524288
+    assert "AF_UNIX" in d["RestrictAddressFamilies"][0]  # the notify socket
+    # the drain (server.shutdown_grace 3 s: about 6 s at most) fits well within the stop timeout
+    assert float(d["TimeoutStopSec"][0]) >= 4 * 3

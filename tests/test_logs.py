@@ -1,0 +1,116 @@
+"""Log lines: nothing a client sends can forge a line or break the JSON (both formats)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+
+import pytest
+
+from server.logs import JsonFormatter, TextFormatter, escape, log_access
+from tests.support import HOST, Daemon, DaemonFactory, put
+
+HOSTILE = ["a\nFORGED 2026-01-01 00:00:00,000 INFO x: y", "\r\x00\x1b[2J\x7f\x85", "\u2028\u2029",
+           "\udcff\udc80", '"}{"level":"CRITICAL', "é漢字 plain"]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_escape_leaves_one_printable_line(text: str) -> None:
+    out = escape(text)
+    assert out.isprintable() or not any(ord(c) < 32 for c in out)
+    assert "\n" not in out and "\r" not in out and "\u2028" not in out
+    out.encode("utf-8")  # no lone surrogate left
+
+
+def test_escape_is_the_identity_on_printable_text() -> None:
+    s = "GET /a/b?c=d HTTP/1.1 \"curl/8\" é"
+    assert escape(s) is s
+
+
+def record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
+    r = logging.LogRecord("pypubsub.access", logging.INFO, __file__, 1, msg, args, None)
+    r.__dict__.update(extra)
+    return r
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_text_and_json_formatters_keep_one_line(text: str) -> None:
+    r = record('%s "%s"', "1.2.3.4", text, remote_address="1.2.3.4", first_request_line=text,
+               response_status=202, request_header={"User-Agent": text})
+    line = TextFormatter("%(levelname)s %(message)s").format(r)
+    assert len(line.splitlines()) == 1 and "\x1b" not in line
+    obj = json.loads(JsonFormatter().format(r))
+    assert obj["level"] == "INFO" and obj["logger"] == "pypubsub.access"
+    assert obj["peer"] == "1.2.3.4" and obj["status"] == 202
+    assert obj["request"] == escape(text) and obj["user_agent"] == escape(text)
+    assert obj["time"].endswith("Z")
+
+
+def test_a_traceback_cannot_pass_for_a_log_line() -> None:
+    try:
+        raise ValueError("bad\nFORGED line")
+    except ValueError:
+        r = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    text = TextFormatter("%(levelname)s %(message)s").format(r)
+    assert all(ln.startswith("  ") for ln in text.splitlines()[1:])
+    assert "\nFORGED" not in text
+    obj = json.loads(JsonFormatter().format(r))
+    assert "Traceback" in obj["traceback"] and "\n" not in obj["traceback"]
+
+
+def test_log_access_gives_the_json_formatter_its_fields(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, "pypubsub.access"):
+        log_access("10.0.0.1", "PUT /x HTTP/1.1", 202, 39, 0.001, "ua\nFORGED")
+    obj = json.loads(JsonFormatter().format(caplog.records[-1]))
+    assert obj["peer"] == "10.0.0.1" and obj["bytes"] == 39 and obj["user_agent"] == "ua\\nFORGED"
+
+
+async def raw(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(4096), 5)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def hostile_requests(d: Daemon) -> None:
+    # a bare LF and an escape sequence inside a User-Agent, a control byte in the path
+    await raw(d.port, b"PUT /t HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                      b"User-Agent: x\nFORGED 2026 ERROR fake: line\x1b[31m\r\n\r\n{}")
+    await raw(d.port, b"PUT /t%0aFORGED HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                      b"User-Agent: \xff\xfe\x85\r\n\r\n{}")
+    await put(d, "/t", {"fine": True})
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_no_client_can_forge_a_log_line(daemon_factory: DaemonFactory, fmt: str) -> None:
+    d = daemon_factory(args=["--log-format", fmt])
+    await hostile_requests(d)
+    d.wait_log('"PUT /t HTTP/1.1" 202' if fmt == "text" else '"status":202', count=1)
+    assert d.stop() == 0
+    lines = d.log().splitlines()
+    assert not [ln for ln in lines if ln.startswith("FORGED")]
+    assert "\x1b" not in d.log()
+    if fmt == "json":
+        objs = [json.loads(ln) for ln in lines]  # every line is one JSON object
+        access = [o for o in objs if o["logger"] == "pypubsub.access"]
+        assert access and all({"time", "level", "message", "peer", "request", "status"} <= o.keys()
+                              for o in access)
+
+
+async def test_server_log_format_json_from_the_config(daemon_factory: DaemonFactory) -> None:
+    from tests.support import base_config, free_port
+
+    port = free_port()
+    d = daemon_factory(config=base_config(port, log_format="json"), port=port)
+    await put(d, "/t", {"a": 1})
+    assert d.stop() == 0
+    objs = [json.loads(ln) for ln in d.log().splitlines()]
+    assert any(o["message"].startswith("PyPubSub listening on") for o in objs)
