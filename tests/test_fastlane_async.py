@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from server.fastlane import MAX_PENDING
 from tests.redis_fixture import RedisServer, redis_server
 from tests.support import (
     HOST,
@@ -29,6 +30,7 @@ from tests.support import (
     subscribe,
     wait_subscribers,
 )
+from tests.test_admin import sample
 
 __all__ = ["redis_server"]  # the fixture, re-exported for pytest
 
@@ -269,3 +271,44 @@ async def test_shutdown_answers_pending_publishes_before_closing(
         redis_server.resume()
     assert statuses(got) == [503, 503]
     assert d.proc is not None and d.proc.wait(15) == 0
+
+
+async def test_a_pipelining_publisher_is_not_read_past_the_pending_bound(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    """Redis hung: a publisher pipelines far more publishes than a connection may have
+    pending. The daemon stops reading it (its bytes wait in the kernel), its pending appends
+    stay bounded; once Redis answers, every publish is answered 202, in order, and delivered."""
+    port = free_port()
+    cfg = redis_config(port, redis_server.url, True, timeout="30s")
+    cfg["server"]["admin"] = {"port": free_port(), "bind": HOST}
+    d = daemon_factory(config=cfg, port=port)
+    first, more = 100, 400
+    assert first > MAX_PENDING
+    async with subscribe(d.url, "/bound") as sub:
+        await wait_subscribers(d.url, 1)
+        redis_server.pause()
+        reader, writer = await asyncio.open_connection(HOST, d.port)
+        try:
+            try:
+                writer.write(b"".join(pub(b"/bound", i) for i in range(first)))
+                await writer.drain()
+                end = asyncio.get_running_loop().time() + 10
+                while (pending := await sample(d, "pypubsub_publish_pending")) < MAX_PENDING:
+                    assert asyncio.get_running_loop().time() < end, pending
+                    await asyncio.sleep(0.02)
+                rest = b"".join(pub(b"/bound", i) for i in range(first, first + more))
+                writer.write(rest)
+                await writer.drain()
+                # not read: the bytes sent after the bound wait in the daemon's receive queue
+                await await_until(lambda: unread_by(d.port) >= len(rest), 10,
+                                  "the daemon to stop reading the publisher")
+                assert MAX_PENDING <= await sample(d, "pypubsub_publish_pending") <= first
+            finally:
+                redis_server.resume()
+            got = [await read_answer(reader, 30) for _ in range(first + more)]
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert statuses(got) == [202] * (first + more)
+        assert [(await sub.next(15))["i"] for _ in range(first + more)] == list(range(first + more))
