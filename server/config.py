@@ -50,6 +50,9 @@ DEFAULT_STREAM_BUFFER = 4 * 1024 * 1024
 DEFAULT_PING_INTERVAL = 5.0
 #: How long shutdown waits for streams and plugins before giving up on them.
 DEFAULT_SHUTDOWN_GRACE = 3.0
+#: Seconds a client has to send a complete request head, from its connection (a total: a
+#: client trickling bytes does not extend it).
+DEFAULT_HEADER_TIMEOUT = 30.0
 #: A replay never sends more than this many events (no request scans forever); 0 = no cap.
 DEFAULT_MAX_REPLAY = 100_000
 #: The Redis Streams key of a cluster's shared log (``server.backlog.stream``).
@@ -291,8 +294,17 @@ class ServerConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     #: send ``X-Subscribers`` on HEAD (it reveals how many clients are connected)
     subscriber_header: bool = True
+    #: origins allowed cross-origin access (CORS, WebSocket handshakes); ("*",) = any origin
+    #: without credentials; () = none (the default: same-origin only)
+    cors_origins: tuple[str, ...] = ()
     #: serve plain publishes and subscriptions through the fast lane (false: aiohttp only)
     fast_lane: bool = True
+    #: open client connections at most, on all listeners together; 0 disables the limit
+    max_connections: int = 0
+    #: open client connections at most from one IP address; 0 disables the limit
+    max_connections_per_ip: int = 0
+    #: seconds to send a complete request head (a total, from the connection)
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
     admin: AdminConfig = field(default_factory=AdminConfig)
     #: ``text`` or ``json`` (one JSON object per line); ``--log-format`` overrides it
     log_format: str = "text"
@@ -357,6 +369,24 @@ def _parse_bind(sec: Section, default: tuple[str, ...] = DEFAULT_BIND) -> tuple[
     return binds
 
 
+_ORIGIN_RE = re.compile(r"^(https?)://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:\d{1,5})?$")
+
+
+def _parse_origins(sec: Section, name: str) -> tuple[str, ...]:
+    """``"*"`` or a list of ``scheme://host[:port]`` origins, normalised to lower case."""
+    raw = sec.strings(name)
+    if raw == ("*",):
+        return raw
+    out = []
+    for i, o in enumerate(raw):
+        norm = o.strip().rstrip("/").lower()
+        if not _ORIGIN_RE.match(norm):
+            raise ConfigError(sec.file, f"{sec.key(name)}[{i}]",
+                              f"{o!r} is not an origin such as https://example.org or \"*\" alone")
+        out.append(norm)
+    return tuple(out)
+
+
 def _parse_admin(srv: Section) -> AdminConfig:
     a = srv.section("admin")
     port = a.port("port", 0) if a.has("port") else None
@@ -418,10 +448,16 @@ def parse_config(data: object, file: str) -> Config:
         ping_interval=srv.duration("ping_interval", DEFAULT_PING_INTERVAL),
         shutdown_grace=srv.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         subscriber_header=srv.typed("subscriber_header", bool, True),
+        cors_origins=_parse_origins(srv, "cors_origins"),
         fast_lane=srv.typed("fast_lane", bool, True),
+        max_connections=srv.integer("max_connections", 0, minimum=0),
+        max_connections_per_ip=srv.integer("max_connections_per_ip", 0, minimum=0),
+        header_timeout=srv.duration("header_timeout", DEFAULT_HEADER_TIMEOUT),
         admin=_parse_admin(srv),
         log_format=log_format,
     )
+    if server.header_timeout <= 0:
+        srv.report("header_timeout", "must be positive")
     if server.ping_interval <= 0:
         srv.report("ping_interval", "must be positive")
     if server.stream_buffer < 65536:
