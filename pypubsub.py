@@ -23,7 +23,7 @@ from server.config import load_config
 from server.errors import ConfigError
 from server.logs import LOG_FORMATS, setup_logging
 from server.run import check_binds, serve
-from wiring import build_daemon
+from wiring import build_daemon, plugin_problems
 
 logger = logging.getLogger("pypubsub")
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if acl_path is None and os.path.exists(DEFAULT_ACL):
         acl_path = DEFAULT_ACL
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, plugin_problems)
         if args.log_format is None and config.server.log_format != "text":
             setup_logging(args.log_level, config.server.log_format)
         app = build_daemon(config, acl_path)

@@ -17,14 +17,30 @@ from aiohttp import web
 
 from plugins import presence
 from server.app import STATE, build_app
-from server.config import Config
+from server.config import Config, Section
 from server.context import PluginContext, plugin_context
+from server.errors import ConfigError
 from server.eventlog import EventLog, MemoryLog
 from server.replay import Replayer
 
-__all__ = ["build_daemon"]
+__all__ = ["build_daemon", "plugin_problems"]
 
 logger = logging.getLogger(__name__)
+
+
+def plugin_problems(ldap: Section | None, sqs: Section | None) -> list[ConfigError]:
+    """Every error in the sections plugins parse, so a file's errors are reported at once
+    (``server.config.load_config``'s ``validate``). Imports a plugin only if it is configured."""
+    errors: list[ConfigError] = []
+    if ldap is not None:
+        from plugins.ldap import parse_ldap
+
+        parse_ldap(ldap.collecting(errors))
+    if sqs is not None:
+        from plugins.sqs import parse_sqs_config
+
+        parse_sqs_config(sqs.collecting(errors))
+    return errors
 
 
 def make_log(config: Config) -> EventLog:

@@ -108,6 +108,8 @@ class Params:
     via_aiohttp: bool = False
     #: Redis' appendfsync for cluster runs (always: no acknowledged event lost)
     redis_fsync: str = "always"
+    #: one daemon whose log is SQLite with fsync on (a persistent backlog of ``events`` events)
+    sqlite: bool = False
 
     @property
     def cluster(self) -> bool:
@@ -231,6 +233,9 @@ def write_config(rundir: Path, port: int, p: Params, redis_url: str | None = Non
     ]
     if redis_url is not None:  # live events only, as the memory runs (no replay backlog)
         lines += [f"    storage: {redis_url}", "    stream: bench"]
+    elif p.sqlite:  # a persistent backlog needs a size: every event of the run is kept
+        lines[-2] = f"    size: {max(p.events or 0, 1000)}"
+        lines += [f"    storage: {rundir / 'backlog.db'}", "    fsync: true"]
     if p.stream_buffer:
         lines.append(f"  stream_buffer: {p.stream_buffer}")
     lines += ["clients:", "  payloaders:", "    - 127.0.0.0/8", "  oldschoolers: []", ""]
@@ -609,9 +614,8 @@ async def run_scenario(p: Params) -> Result:
                  load_cores=len(p.load_cpus))
     deadline = time.monotonic() + p.max_time
     rundir = Path(tempfile.mkdtemp(prefix="pubsub-bench-run-"))
-    res.nodes, res.log = p.nodes, "redis" if p.cluster else "memory"
-    # the fast lane publishes inline only for a synchronous (memory) log
-    res.lane = "aiohttp" if p.via_aiohttp or p.cluster else "fast"
+    res.nodes, res.log = p.nodes, "redis" if p.cluster else "sqlite" if p.sqlite else "memory"
+    res.lane = "aiohttp" if p.via_aiohttp else "fast"
     redis = RedisServer(p, rundir / "redis") if p.cluster else None
     daemons: list[Daemon] = []
     workers: list[Worker] = []
@@ -837,6 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the daemons' log on Redis Streams (implied by --nodes > 1)")
     ap.add_argument("--redis-fsync", choices=("always", "everysec", "no"), default="always",
                     help="Redis' appendfsync in cluster runs (default: always)")
+    ap.add_argument("--sqlite", action="store_true",
+                    help="one daemon with a persistent backlog in SQLite, fsync on (not with --redis)")
     ap.add_argument("--via-aiohttp", action="store_true",
                     help="publish through aiohttp's handler, not the fast lane (what the lane saves)")
     return ap
@@ -862,6 +868,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in a.scenarios:
         if s not in SCENARIOS:
             ap.error(f"unknown scenario {s!r} (choose from {', '.join(SCENARIOS)})")
+    if a.sqlite and (a.redis or a.nodes > 1):
+        ap.error("--sqlite is one daemon without Redis")
     if os.cpu_count() == 1:
         logger.warning("one CPU: daemon and load share it, figures will be low")
     results = []
@@ -872,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
                    stream_buffer=a.stream_buffer, procs=a.procs, probes=a.probes,
                    pub_conns=a.pub_conns, server_cpu=a.server_cpu, load_cpus=a.load_cpus,
                    python=a.python, max_time=a.max_time, nodes=max(1, a.nodes), redis=a.redis,
-                   via_aiohttp=a.via_aiohttp, redis_fsync=a.redis_fsync)
+                   via_aiohttp=a.via_aiohttp, redis_fsync=a.redis_fsync, sqlite=a.sqlite)
         logger.info("running %s over %s", scenario, transport)
         try:
             res = asyncio.run(interruptible(run_scenario(p)))

@@ -77,10 +77,10 @@ class LdapConfig:
 
 def _template(sec: Section, name: str, value: str | None) -> str:
     if not value:
-        raise sec.error(name, "is required")
-    if value.count("%s") != 1:
-        raise sec.error(name, f"must contain %s exactly once (the username), got {value!r}")
-    return value
+        sec.report(name, "is required")
+    elif value.count("%s") != 1:
+        sec.report(name, f"must contain %s exactly once (the username), got {value!r}")
+    return value or ""
 
 
 def _group_acl(sec: Section, group: str) -> Acl:
@@ -92,10 +92,12 @@ def _group_acl(sec: Section, group: str) -> Acl:
         out = set()
         for seg in list(segs.data):
             if not isinstance(segs.raw(str(seg), []), list):
-                raise segs.error(str(seg), "expected a list of topics")
+                segs.report(str(seg), "expected a list of topics")
+                continue
             out.add(frozenset(segs.strings(str(seg))))
         return frozenset(out)
-    raise sec.error(group, "expected a list of topics or a mapping of segment to topics")
+    sec.report(group, "expected a list of topics or a mapping of segment to topics")
+    return frozenset()
 
 
 def _patterns(sec: Section) -> tuple[str, ...]:
@@ -120,13 +122,14 @@ def _patterns(sec: Section) -> tuple[str, ...]:
 
 
 def parse_ldap(sec: Section) -> LdapConfig:
-    """Validate ``clients.ldap``. Raises ConfigError naming the file and key."""
-    uri = sec.string("uri")
-    if not uri or not uri.lower().startswith(("ldap://", "ldaps://", "ldapi://")):
-        raise sec.error("uri", f"must be an ldap://, ldaps:// or ldapi:// URI, got {uri!r}")
-    base = sec.string("base_scope")
+    """Validate ``clients.ldap``. Raises ConfigError naming the file and key (or, for a collecting
+    section, records every error there)."""
+    uri = sec.string("uri") or ""
+    if not uri.lower().startswith(("ldap://", "ldaps://", "ldapi://")):
+        sec.report("uri", f"must be an ldap://, ldaps:// or ldapi:// URI, got {uri!r}")
+    base = sec.string("base_scope") or ""
     if not base:
-        raise sec.error("base_scope", "is required (the search base for groups)")
+        sec.report("base_scope", "is required (the search base for groups)")
     patterns = _patterns(sec)
     for i, p in enumerate(patterns):
         _template(sec, f"membership_patterns[{i}]", p)
@@ -149,9 +152,9 @@ def parse_ldap(sec: Section) -> LdapConfig:
         max_connections=sec.integer("max_connections", DEFAULT_MAX_CONNECTIONS, minimum=1),
     )
     if cfg.timeout <= 0:
-        raise sec.error("timeout", "must be positive")
+        sec.report("timeout", "must be positive")
     if acl and not patterns:
-        raise sec.error("membership_patterns", "is required when acl maps groups")
+        sec.report("membership_patterns", "is required when acl maps groups")
     sec.warn_unknown()
     return cfg
 

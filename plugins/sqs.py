@@ -104,19 +104,19 @@ class QueueConfig:
 
 
 def _parse_queue(sec: Section, name: str) -> QueueConfig:
-    queue = sec.string("queue")
+    queue = sec.string("queue") or ""
     if not queue:
-        raise sec.error("queue", "is required (the queue's name or URL)")
+        sec.report("queue", "is required (the queue's name or URL)")
     key, secret = sec.string("key"), sec.string("secret")
     if (key is None) != (secret is None):
-        raise sec.error("secret" if secret is None else "key",
-                        "key and secret go together (or leave both out to use the AWS credential chain)")
+        sec.report("secret" if secret is None else "key",
+                   "key and secret go together (or leave both out to use the AWS credential chain)")
     endpoint = sec.string("endpoint_url")
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-        raise sec.error("endpoint_url", f"expected an http:// or https:// URL, got {endpoint!r}")
+        sec.report("endpoint_url", f"expected an http:// or https:// URL, got {endpoint!r}")
     max_backoff = sec.duration("max_backoff", DEFAULT_MAX_BACKOFF)
     if max_backoff < INITIAL_BACKOFF:
-        raise sec.error("max_backoff", f"must be at least {INITIAL_BACKOFF}s")
+        sec.report("max_backoff", f"must be at least {INITIAL_BACKOFF}s")
     q = QueueConfig(
         name=name,
         queue=queue,
@@ -139,9 +139,9 @@ def parse_sqs_config(sqs: Section) -> tuple[QueueConfig, ...]:
     queues = []
     for name, entry in sqs.data.items():
         sqs.raw(name)  # mark it read
-        queues.append(_parse_queue(Section(entry, sqs.file, sqs.key(str(name))), str(name)))
+        queues.append(_parse_queue(Section(entry, sqs.file, sqs.key(str(name)), sqs.errors), str(name)))
     if not queues:
-        raise ConfigError(sqs.file, sqs.prefix or "sqs", "names no queue")
+        sqs.report("", "names no queue")
     return tuple(queues)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -167,6 +167,10 @@ class Section:
 
     def section(self, name: str) -> Section:
         return Section(self.raw(name), self.file, self.key(name), self.errors)
+
+    def collecting(self, errors: list[ConfigError]) -> Section:
+        """This section again, recording its errors in ``errors`` instead of raising."""
+        return Section(self.data, self.file, self.prefix, errors)
 
     def detached(self, name: str) -> Section:
         """A sub-section parsed later (by a plugin): its errors raise at once."""
@@ -395,8 +399,14 @@ def _parse_admin(srv: Section) -> AdminConfig:
     return admin
 
 
-def parse_config(data: object, file: str) -> Config:
-    """Validate a parsed YAML document. Raises ConfigErrors naming file and key of every error."""
+#: Validates the sections plugins parse (``clients.ldap``, ``sqs``; None when absent), returning
+#: every error found, so that a file's errors are all reported at once (see wiring.py).
+PluginValidator = Callable[[Section | None, Section | None], list[ConfigError]]
+
+
+def parse_config(data: object, file: str, validate: PluginValidator | None = None) -> Config:
+    """Validate a parsed YAML document. Raises ConfigErrors naming file and key of every error
+    (those of the plugins' sections too, when given their ``validate``)."""
     errors: list[ConfigError] = []
     top = Section(data, file, "", errors)
     srv = top.section("server")
@@ -405,10 +415,10 @@ def parse_config(data: object, file: str) -> Config:
     redis_url = raw_storage if raw_storage.startswith(REDIS_SCHEMES) else None
     stream = bl.string("stream", DEFAULT_STREAM) or ""
     if not stream:
-        raise bl.error("stream", "must name a Redis key")
+        bl.report("stream", "must name a Redis key")
     timeout = bl.duration("timeout", DEFAULT_LOG_TIMEOUT)
     if timeout <= 0:
-        raise bl.error("timeout", "must be more than 0 seconds")
+        bl.report("timeout", "must be more than 0 seconds")
     backlog = BacklogConfig(
         size=bl.integer("size", 0, minimum=0),
         max_age=bl.duration("max_age", 0.0),
@@ -474,6 +484,8 @@ def parse_config(data: object, file: str) -> Config:
     cl.warn_unknown()
     sqs = top.detached("sqs") if top.has("sqs") else None
     top.warn_unknown()
+    if validate is not None:
+        errors.extend(validate(clients.ldap, sqs))
     if errors:
         raise ConfigErrors(errors)
     if not clients.payloaders:
@@ -482,10 +494,10 @@ def parse_config(data: object, file: str) -> Config:
     return Config(file=file, server=server, clients=clients, sqs=sqs)
 
 
-def load_config(path: str | None) -> Config:
+def load_config(path: str | None, validate: PluginValidator | None = None) -> Config:
     """Read and validate ``path``; ``None`` means the embedded defaults."""
     if path is None:
-        return parse_config(yaml.safe_load(DEFAULT_CONFIG_TEXT), "(embedded defaults)")
+        return parse_config(yaml.safe_load(DEFAULT_CONFIG_TEXT), "(embedded defaults)", validate)
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -495,4 +507,4 @@ def load_config(path: str | None) -> Config:
         raise ConfigError(path, "(file)", f"not UTF-8: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(path, "(file)", f"invalid YAML: {e}") from None
-    return parse_config(data, path)
+    return parse_config(data, path, validate)

@@ -8,11 +8,15 @@ for each request head, :func:`server.negotiate.negotiate` decides. The fast lane
   asked for with exactly ``Accept: text/event-stream``) as a stream with no task and no
   request objects: a subscriber costs about 2 KB, not ~13 KB;
 * serves a plain publish (``PUT``/``POST``, HTTP/1.1, ``Content-Length`` within the limit,
-  allow-listed headers and peer, no secure topic, valid JSON object, a log that accepts
-  synchronously) inline, with keep-alive and pipelining: every request of a read is answered
-  (a read is at most the transport's read size, 256 KiB: that bounds the work of one call). A
-  read is parsed whole before any of it is answered, as aiohttp does, so that a read aiohttp
-  would refuse whole is handed to it whole;
+  allow-listed headers and peer, no secure topic, valid JSON object) with keep-alive and
+  pipelining: every request of a read is started (a read is at most the transport's read
+  size, 256 KiB: that bounds the work of one call). A read is parsed whole before any of it is
+  answered, as aiohttp does, so that a read aiohttp would refuse whole is handed to it whole.
+  With a log that keeps events at once (memory) the ``202`` is written inline; with a durable
+  log (SQLite, Redis) the append's future answers it from a done-callback (no task per
+  request), through a per-connection FIFO so that pipelined requests are answered in request
+  order, with what aiohttp's handler answers when the append fails (``503``, ``Retry-After``);
+  a connection with ``MAX_PENDING`` appends unanswered is not read until some are;
 * hands **every other** connection, byte for byte from the first request it did not answer,
   to aiohttp's own ``RequestHandler`` — which then owns it for the rest of its life. Requests
   the parser refuses, auth, replay, other stream formats, chunked uploads, ``Expect``,
@@ -26,15 +30,18 @@ target before any routing work; idle subscribers cost ~14 KB each.
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import httptools
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 
 from hub.topics import TopicError
 from server.app import (
@@ -44,7 +51,8 @@ from server.app import (
     log_stream_end,
     wire_format,
 )
-from server.errors import BadRequest
+from server.errors import BadRequest, PubSubError, ServiceUnavailable
+from server.eventlog import Appended
 from server.formats import SSE
 from server.gate import Gate
 from server.limits import Refusal, fd_of
@@ -73,6 +81,24 @@ SHARED_SIZE = 4096
 
 _T = TypeVar("_T", bytes, str)
 
+#: appends a connection may have unanswered (pipelined to a durable log) before it is no
+#: longer read: at most this many plus one read's worth are ever pending per connection
+MAX_PENDING = 64
+
+#: why a connection is not read (bits of ``FastLane.held``): the peer does not read its
+#: answers; too many appends pending; a hand-over to aiohttp waits for the answers before it;
+#: shutdown waits for the pending answers
+HOLD_WRITE = 1
+HOLD_PENDING = 2
+HOLD_HANDOVER = 4
+HOLD_CLOSING = 8
+
+#: a publish whose answer is due: its append (done already, or a future), method, target,
+#: user agent, start time
+_Pending = tuple["Appended | asyncio.Future[Appended | None]", bytes, bytes, "bytes | None", float]
+
+#: what aiohttp answers when a handler raised something else than a refusal (and it closes)
+_ERROR_500 = b"500 Internal Server Error\n\nServer got itself in trouble"
 
 
 class _Date:
@@ -128,11 +154,15 @@ class Lane:
         return {"fastlane_served_total": self.served, "fastlane_handed_over_total": self.handed_over}
 
     def close_idle(self) -> None:
-        """Shutdown: close keep-alive publisher connections (streams end through their Stream)."""
+        """Shutdown: close keep-alive publisher connections (streams end through their Stream);
+        one with appends pending is read no more and closed once they are answered."""
         self.closing = True
         for c in list(self.conns):
             if c.stream is None and c.transport is not None:
-                c.transport.close()
+                if c.waiting:
+                    c.hold(HOLD_CLOSING, True)
+                else:
+                    c.transport.close()
 
 
 class FastLane(asyncio.Protocol):
@@ -142,8 +172,8 @@ class FastLane(asyncio.Protocol):
     :class:`_Reader`, dropped once the connection is a stream (idle streams are many).
     """
 
-    __slots__ = ("deadline", "in_head", "lane", "peer", "reader", "started", "stream", "target",
-                 "timer", "transport", "ua")
+    __slots__ = ("deadline", "held", "in_head", "lane", "peer", "reader", "started", "stream",
+                 "target", "timer", "transport", "ua", "waiting")
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
@@ -159,6 +189,10 @@ class FastLane(asyncio.Protocol):
         self.started = 0.0
         self.ua = b"-"
         self.target = b""
+        #: publishes started and not yet answered, oldest first (None until the first)
+        self.waiting: deque[_Pending] | None = None
+        #: HOLD_* bits: reading is paused while any is set
+        self.held = 0
 
     # -- connection --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -190,6 +224,9 @@ class FastLane(asyncio.Protocol):
         if self.reader is not None:
             self.reader.close()
             self.reader = None
+        if self.waiting:
+            logger.debug("publisher %s left with %d publish(es) unanswered: their appends complete "
+                         "all the same", self.peer, len(self.waiting))
 
     def _arm(self, delay: float) -> None:
         """Move the deadline; a later one re-arms the timer lazily when it fires (not per
@@ -214,21 +251,40 @@ class FastLane(asyncio.Protocol):
             self.transport.close()
 
     def pause_writing(self) -> None:  # a publisher not reading its responses: stop reading it
-        if self.transport is not None and self.stream is None:
-            self.transport.pause_reading()
+        self.hold(HOLD_WRITE, True)
 
     def resume_writing(self) -> None:
-        if self.transport is not None and self.stream is None:
-            self.transport.resume_reading()
+        self.hold(HOLD_WRITE, False)
+
+    def hold(self, why: int, on: bool) -> None:
+        """Set or clear one reason not to read this connection; reading pauses while any is set."""
+        held = self.held
+        now = held | why if on else held & ~why
+        if now == held:
+            return
+        self.held = now
+        t = self.transport
+        if t is None or self.stream is not None or t.is_closing():
+            return
+        if not held:
+            t.pause_reading()
+        elif not now:
+            t.resume_reading()
 
     # -- bytes in ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         reader = self.reader
         if reader is None:
             return  # a subscriber has nothing more to say
+        if self.held & HOLD_HANDOVER:  # bytes that were on their way: aiohttp's too
+            reader.buf += data
+            return
         pending = reader.feed(data)
         if pending is None:
-            self._hand_over(reader.unanswered())
+            if self.waiting:  # aiohttp answers after the pending answers are out
+                self.hold(HOLD_HANDOVER, True)
+            else:
+                self._hand_over(reader.unanswered())
         elif self.stream is not None:
             reader.close()  # a stream parses nothing more
             self.reader = None
@@ -266,26 +322,125 @@ class FastLane(asyncio.Protocol):
     # -- requests ----------------------------------------------------------------------------
     def publish(self, method: bytes, url: bytes, pub: PublishTarget, body: bytes,
                 ua: bytes | None) -> bool:
-        """Accept one publish inline; False means "let aiohttp handle this request"."""
+        """Accept one publish: answered inline when the log kept it at once, else once its
+        append completes (:meth:`_settle`); False means "let aiohttp handle this request"."""
         try:
             obj = parse_json_object(body)
         except BadRequest:
             return False
         t0 = time.monotonic()
-        lane = self.lane
-        lane.state.ingest.submit_now(pub.path, obj, source=self.peer, parsed=(pub.topics, pub.private))
-        t = self.transport
-        if t is not None:
-            t.write(b"HTTP/1.1 202 Accepted\r\nServer: %s\r\nDate: %s\r\n%s"
-                    % (SERVER_HEADER.encode(), _Date.now(), lane.accepted_tail))
-            lane.served += 1
-            if access_logger.isEnabledFor(logging.INFO):
-                log_access(self.peer, f"{method.decode()} {url.decode('latin-1')} HTTP/1.1", 202,
-                           lane.accepted_len, time.monotonic() - t0, (ua or b"-").decode("latin-1"))
+        done = self.lane.state.ingest.start(pub.path, obj, parsed=(pub.topics, pub.private))
+        waiting = self.waiting
+        if not waiting and isinstance(done, Appended):
+            t = self.transport
+            if t is not None:
+                t.write(self._accepted(method, url, ua, t0))
+            return True
+        if waiting is None:
+            waiting = self.waiting = deque()
+        waiting.append((done, method, url, ua, t0))
+        if not isinstance(done, Appended):
+            done.add_done_callback(self._settle)
+        if len(waiting) >= MAX_PENDING:
+            self.hold(HOLD_PENDING, True)
         return True
+
+    def _accepted(self, method: bytes, url: bytes, ua: bytes | None, t0: float) -> bytes:
+        lane = self.lane
+        lane.served += 1
+        if access_logger.isEnabledFor(logging.INFO):
+            log_access(self.peer, f"{method.decode()} {url.decode('latin-1')} HTTP/1.1", 202,
+                       lane.accepted_len, time.monotonic() - t0, (ua or b"-").decode("latin-1"))
+        return (b"HTTP/1.1 202 Accepted\r\nServer: %s\r\nDate: %s\r\n%s"
+                % (SERVER_HEADER.encode(), _Date.now(), lane.accepted_tail))
+
+    def _settle(self, _fut: object) -> None:
+        """An append completed: write every answer now due, in request order (one write)."""
+        waiting = self.waiting
+        if not waiting:
+            return
+        t = self.transport
+        gone = t is None or t.is_closing()
+        out: list[bytes] = []
+        while waiting:
+            done, method, url, ua, t0 = waiting[0]
+            if not isinstance(done, Appended) and not done.done():
+                break
+            waiting.popleft()
+            if gone:
+                continue  # the publisher left: its event is kept (or refused) all the same
+            answer, close = self._answer(done, method, url, ua, t0)
+            out.append(answer)
+            if close:
+                gone = True  # aiohttp closes after a 500: nothing after it is answered
+                if t is not None:
+                    t.write(b"".join(out))
+                    t.close()
+        if gone or t is None:
+            return
+        if out:
+            t.write(out[0] if len(out) == 1 else b"".join(out))
+            self._arm(KEEPALIVE_TIMEOUT)  # the keep-alive time runs from the last answer
+        if len(waiting) < MAX_PENDING:
+            self.hold(HOLD_PENDING, False)
+        if not waiting and (self.held & (HOLD_HANDOVER | HOLD_CLOSING) or self.lane.closing):
+            self._hand_over_held()
+
+    def _hand_over_held(self) -> None:
+        """Every pending answer is out: close (shutdown) or hand the rest to aiohttp."""
+        t = self.transport
+        held, self.held = self.held, 0
+        if t is None:
+            return
+        if held & HOLD_CLOSING or self.lane.closing:
+            t.close()
+            return
+        if held:
+            t.resume_reading()  # aiohttp reads for itself from now on
+        reader = self.reader
+        self._hand_over(reader.unanswered() if reader is not None else b"")
+
+    def _answer(self, done: Appended | asyncio.Future[Appended | None], method: bytes, url: bytes,
+                ua: bytes | None, t0: float) -> tuple[bytes, bool]:
+        """The answer to one publish whose append completed, as aiohttp's handler would give
+        it; True: close the connection after it (as aiohttp does after a 500)."""
+        if isinstance(done, Appended):
+            return self._accepted(method, url, ua, t0), False
+        exc = None if done.cancelled() else done.exception()
+        if not done.cancelled() and exc is None:
+            return self._accepted(method, url, ua, t0), False
+        state = self.lane.state
+        target = url.decode("latin-1")
+        if isinstance(exc, PubSubError):
+            state.rejected[exc.status] = state.rejected.get(exc.status, 0) + 1
+            logger.info("%s %s %s from %s: %s", exc.status, method.decode(), target[:200], self.peer,
+                        exc.reason)
+            body = (exc.reason + "\n").encode()
+            retry = (b"Retry-After: %d\r\n" % exc.retry_after
+                     if isinstance(exc, ServiceUnavailable) and exc.retry_after is not None else b"")
+            head = (b"HTTP/1.1 %d %s\r\nServer: %s\r\n%sContent-Type: text/plain; charset=utf-8\r\n"
+                    b"Content-Length: %d\r\nDate: %s\r\n\r\n"
+                    % (exc.status, http.HTTPStatus(exc.status).phrase.encode(), SERVER_HEADER.encode(),
+                       retry, len(body), _Date.now()))
+            status, close = exc.status, False
+        else:
+            logger.error("Error handling request from %s", self.peer,
+                         exc_info=exc if exc is not None else asyncio.CancelledError())
+            body = _ERROR_500
+            head = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                    b"Content-Length: %d\r\nDate: %s\r\nServer: %s\r\nConnection: close\r\n\r\n"
+                    % (len(body), _Date.now(), SERVER_SOFTWARE.encode()))
+            status, close = 500, True
+        if access_logger.isEnabledFor(logging.INFO):
+            log_access(self.peer, f"{method.decode()} {target} HTTP/1.1", status, len(body),
+                       time.monotonic() - t0, (ua or b"-").decode("latin-1"))
+        return head + body, close
 
     def subscribe(self, target: bytes, ua: bytes | None, sse: bool = False) -> bool:
         """Turn this connection into a stream; False means "let aiohttp handle it"."""
+        if self.waiting:
+            return False  # behind pending answers (unusual): aiohttp's, once they are out
+        self.waiting = None  # a stream publishes nothing more
         lane = self.lane
         state = lane.state
         if b"?" in target:
@@ -492,8 +647,7 @@ class _Reader:
         lane = conn.lane
         state = lane.state
         cl = int(self.headers[b"content-length"])  # llhttp checked: digits, no overflow
-        if (cl > lane.max_payload or state.closing or not state.ingest.synchronous
-                or not state.allow.allows(conn.peer)):
+        if cl > lane.max_payload or state.closing or not state.allow.allows(conn.peer):
             return None  # (draining: aiohttp answers 503)
         try:
             pub = publish_target(self.url.decode("latin-1"), state.config.clients.secure_topics)

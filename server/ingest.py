@@ -7,14 +7,17 @@ node and a cluster of nodes sharing a log take the same path. Knows nothing of H
 * A log that keeps events synchronously (memory) hands each event to the tail inside
   ``append``: no task, no future; this is the hot path of an in-memory daemon.
 * A durable log returns an awaitable per append; the publisher's 2xx is sent only once it
-  resolves (committed to SQLite, acknowledged by Redis). The log routes in its own order (commit
-  order, stream order). A publisher that disconnects meanwhile does not cancel the append (the
+  resolves (committed to SQLite, acknowledged by Redis): awaited by the aiohttp handler
+  (:meth:`Ingest.submit`), or answered from a done-callback by the fast lane
+  (:meth:`Ingest.start`: no task per publish). The log routes in its own order (commit order,
+  stream order). A publisher that disconnects meanwhile does not cancel the append (the
   event is accepted or failed, never half-done).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -73,15 +76,20 @@ class Ingest:
         self.latency.observe(time.perf_counter() - t0)
         return done
 
-    async def submit(self, path: str, body: Mapping[str, Any], *, source: str = "http",
-                     dedup: str | None = None) -> Appended | None:
-        """Stamp ``body`` as published at ``path``; returns once the event is in the log.
+    def start(self, path: str, body: Mapping[str, Any], *, dedup: str | None = None,
+              parsed: tuple[tuple[str, ...], bool] | None = None
+              ) -> Appended | asyncio.Future[Appended | None]:
+        """Stamp ``body`` as published at ``path`` and start its append, without awaiting.
 
-        Returns None when ``dedup`` names an event the log already has (not appended again).
-        Raises what the log raises when it cannot keep the event (the event is then not routed).
+        Returns the :class:`Appended` when the log kept the event at once (memory), else a
+        future that resolves once it is in the log (None: ``dedup`` named an event the log
+        already has) or fails with what the log raises. Nothing cancels the append: a caller
+        that stops caring (a publisher that left) just drops the future; the event is kept and
+        routed all the same, and the drain waits for it (:meth:`settle`). ``parsed``: the
+        path's ``(topics, private)`` when the caller has them already.
         """
         t0 = time.perf_counter()
-        event = make_event(path, body)
+        event = make_event(path, body, parsed=parsed)
         done = self.log.append(event) if dedup is None else self.log.append(event, dedup=dedup)
         if isinstance(done, Appended):
             self.accepted += 1
@@ -90,10 +98,21 @@ class Ingest:
         fut = asyncio.ensure_future(done)
         self.pending += 1
         self._inflight.add(fut)
-        fut.add_done_callback(self._settled)
+        fut.add_done_callback(functools.partial(self._settled, t0))
+        return fut
+
+    async def submit(self, path: str, body: Mapping[str, Any], *, source: str = "http",
+                     dedup: str | None = None) -> Appended | None:
+        """Stamp ``body`` as published at ``path``; returns once the event is in the log.
+
+        Returns None when ``dedup`` names an event the log already has (not appended again).
+        Raises what the log raises when it cannot keep the event (the event is then not routed).
+        """
+        done = self.start(path, body, dedup=dedup)
+        if isinstance(done, Appended):
+            return done
         # shielded: a publisher that leaves cannot cancel the append
-        result = await asyncio.shield(fut)
-        self.latency.observe(time.perf_counter() - t0)
+        result = await asyncio.shield(done)
         logger.debug("accepted %s from %s", result, source)
         return result
 
@@ -108,7 +127,7 @@ class Ingest:
         if self._inflight:
             await asyncio.wait(list(self._inflight))
 
-    def _settled(self, fut: asyncio.Future[Appended | None]) -> None:
+    def _settled(self, t0: float, fut: asyncio.Future[Appended | None]) -> None:
         self.pending -= 1
         self._inflight.discard(fut)
         if fut.cancelled():
@@ -117,6 +136,7 @@ class Ingest:
         if fut.exception() is not None:  # raised to the publisher too
             self.failed += 1
             return
+        self.latency.observe(time.perf_counter() - t0)
         if fut.result() is None:
             self.duplicates += 1
         else:

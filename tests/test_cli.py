@@ -33,6 +33,26 @@ def test_check_config_reports_every_error_and_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in p.stderr
 
 
+def test_errors_in_plugin_sections_are_reported_with_the_others(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("server:\n  stream_buffer: 1\n"
+                   "clients:\n  ldap:\n    uri: http://x\n    user_dn: uid=nobody\n    timeout: 0\n"
+                   "    acl:\n      admins: 7\n"
+                   "sqs:\n  main:\n    key: k\n    endpoint_url: ftp://x\n")
+    for args in (["--check-config"], []):  # the same answer at start-up
+        p = run(*args, "--config", str(cfg), cwd=tmp_path)
+        assert p.returncode == 2, p.stderr
+        errors = [ln for ln in p.stderr.splitlines() if "configuration error" in ln]
+        keys = ["server.stream_buffer", "clients.ldap.uri", "clients.ldap.base_scope",
+                "clients.ldap.user_dn", "clients.ldap.timeout", "clients.ldap.acl.admins",
+                "clients.ldap.membership_patterns", "sqs.main.queue", "sqs.main.secret",
+                "sqs.main.endpoint_url"]
+        for key in keys:
+            assert any(f"{key}:" in ln for ln in errors), (key, p.stderr)
+        assert len(errors) == len(keys), p.stderr
+        assert "Traceback" not in p.stderr
+
+
 def test_check_config_validates_the_acl_file_too(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("server:\n  port: 2069\n")
