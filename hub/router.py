@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -57,9 +58,12 @@ class Sink(Protocol):
 class Group:
     """Sinks sharing one (spec, format, ACL). A stream keeps its group to leave or move."""
 
-    __slots__ = ("acl", "family", "fmt", "sinks", "spec")
+    __slots__ = ("acl", "family", "fmt", "last_write", "sinks", "spec")
 
     def __init__(self, family: Family, acl: Acl) -> None:
+        #: ``time.monotonic()`` of the last write to every sink of the group (records or ping);
+        #: a sink that joined later was written to (its headers) no earlier than this
+        self.last_write = time.monotonic()
         self.family = family
         self.spec = family.spec
         self.fmt = family.fmt
@@ -241,6 +245,7 @@ class TopicRouter:
             return group
         self._flush_now()  # what was routed under the old ACL is delivered under it
         new = self._group(group.spec, group.fmt, acl)
+        new.last_write = min(new.last_write, group.last_write)  # the sink's silence goes on
         new.sinks[sink] = None
         del group.sinks[sink]
         group.family.changed()
@@ -347,22 +352,23 @@ class TopicRouter:
         self._flush_handle = None
         dirty, self._dirty = self._dirty, []
         sent = 0
+        now = time.monotonic()
         for f in dirty:
             events, f.pending = f.pending, []
             fmt = f.fmt
             if f.visible:
                 visible, f.visible = f.visible, []
-                sent += self._flush_private(f, events, visible)
+                sent += self._flush_private(f, events, visible, now)
             else:
                 data = events[0].wire(fmt) if len(events) == 1 else b"".join([e.wire(fmt) for e in events])
                 for g in list(f.groups.values()):
-                    sent += _send(g, data, events) * len(events)
+                    sent += _send(g, data, events, now) * len(events)
             self.delivered_batches += 1
         self.deliveries += sent
 
     @staticmethod
     def _flush_private(f: Family, events: list[Event],
-                       visible: list[tuple[int, dict[Group, None]]]) -> int:
+                       visible: list[tuple[int, dict[Group, None]]], now: float) -> int:
         """Write a batch holding private events: each group gets the public events and the
         private ones its ACL allows; groups seeing the same subset share one joined bytes."""
         fmt = f.fmt
@@ -374,6 +380,8 @@ class TopicRouter:
             # without a flush): one join for the family, as for a public batch
             data = b"".join([e.wire(fmt) for e in events])
             flat = f.flat_sinks()
+            for g in groups.values():
+                g.last_write = now
             for sink in flat:
                 sink.send(data, events)
             return len(flat) * len(events)
@@ -393,13 +401,13 @@ class TopicRouter:
             if hit is None:
                 evs = events if len(key) == len(events) else [events[i] for i in key]
                 hit = joined[key] = (b"".join([e.wire(fmt) for e in evs]), evs)
-            sent += _send(g, *hit) * len(hit[1])
+            sent += _send(g, hit[0], hit[1], now) * len(hit[1])
         if public:
             evs = [events[i] for i in public]
             data = b"".join([e.wire(fmt) for e in evs])
             for g in list(groups.values()):
                 if g not in seen:
-                    sent += _send(g, data, evs) * len(evs)
+                    sent += _send(g, data, evs, now) * len(evs)
         return sent
 
     def stats(self) -> dict[str, float]:
@@ -408,20 +416,40 @@ class TopicRouter:
                 "delivery_batches_total": self.delivered_batches,
                 "deliveries_total": self.deliveries}
 
-    def broadcast_ping(self, make: Callable[[Framing], bytes]) -> None:
-        """Send a keep-alive record to every sink (bytes built once per format)."""
+    def broadcast_ping(self, make: Callable[[Framing], bytes], idle_since: float | None = None,
+                       now: float | None = None) -> int:
+        """Send a keep-alive record (bytes built once per format) to every sink, or with
+        ``idle_since`` (a ``time.monotonic()`` value) only to the groups not written to after it.
+        Returns how many sinks were pinged."""
+        if now is None:
+            now = time.monotonic()
         cache: dict[Framing, bytes] = {}
+        pinged = 0
         for g in self.groups():
+            if idle_since is not None and g.last_write > idle_since:
+                continue
             data = cache.get(g.fmt)
             if data is None:
                 data = cache[g.fmt] = make(g.fmt)
+            g.last_write = now
             for sink in list(g.sinks):
                 sink.send(data, None)
+                pinged += 1
+        return pinged
+
+    def ping_idle(self, make: Callable[[Framing], bytes], interval: float, step: float) -> int:
+        """One tick of a pinger that runs every ``step`` seconds: ping the streams that would
+        otherwise have been silent for ``interval`` before the next tick. A stream written to
+        within the interval is not pinged, and an idle one is pinged less than ``interval``
+        after its last write; pings spread over the interval as the writes did."""
+        now = time.monotonic()
+        return self.broadcast_ping(make, idle_since=now - interval + step, now=now)
 
 
-def _send(group: Group, data: bytes, events: Sequence[Event]) -> int:
+def _send(group: Group, data: bytes, events: Sequence[Event], now: float) -> int:
     """Write to every sink of ``group``; returns how many sinks were written to."""
     # sinks never leave a group synchronously from send(): safe to iterate the dict
+    group.last_write = now
     sinks = group.sinks
     for sink in sinks:
         sink.send(data, events)
