@@ -147,6 +147,8 @@ METRICS: dict[str, MetricSpec] = {
         "counter", "Cluster: the Redis stream was found deleted or reset (FLUSHALL, failover)."),
     "cluster_outages_total": MetricSpec("counter", "Cluster: times Redis became unreachable."),
     "cluster_redis_up": MetricSpec("gauge", "Cluster: 1 while Redis answers, 0 during an outage."),
+    "cluster_read_lag_seconds": MetricSpec(
+        "gauge", "Cluster: how far this node's reading lags the stream's newest entry (seconds)."),
     "connections": MetricSpec("gauge", "Open client connections, all listeners (server.max_connections)."),
     "connections_refused_total": MetricSpec(
         "counter", "New connections answered 503 (WebSocket: 1013), by the limit reached: "
