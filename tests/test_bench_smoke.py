@@ -105,3 +105,12 @@ def test_bench_cluster_delivers_everything() -> None:
     assert (r["nodes"], r["log"], r["published"], r["expected"]) == (3, "redis", 50, 21 * 50)
     assert r["lost"] == 0 and r["duplicates"] == 0 and r["delivered"] == 21 * 50
     assert not problems(r), r["notes"]
+
+
+def test_acl_bench_delivers_exactly() -> None:
+    """bench/acl_bench.py at a tiny scale: every sink gets exactly what its ACL allows (it checks)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "acl_bench.py"), "-n", "60",
+                           "--repeat", "2", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["ok"] and res["subscribers"] == 60 and len(res["cases"]) == 5
