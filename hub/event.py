@@ -67,9 +67,10 @@ def ping_bytes(fmt: WireFormat, now: float | None = None) -> bytes:
     return frame(orjson.dumps({"stillalive": time.time() if now is None else now}), fmt)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Event:
-    """One published event.
+    """One published event. Immutable by convention (not ``frozen``: a frozen dataclass's
+    ``__init__`` costs a ``object.__setattr__`` per field, a sixth of a publish's stamping).
 
     ``payload`` is the stamped object as subscribers see it; ``json`` its serialisation.
     ``topics`` exclude the ``private`` flag segment; ``path`` keeps it.
