@@ -47,7 +47,7 @@ from server.app import (
     wire_format,
 )
 from server.errors import BadRequest
-from server.logs import log_access
+from server.logs import log_publish
 from server.negotiate import Lane as Via
 from server.negotiate import Outcome, negotiate
 from server.payload import parse_json_object
@@ -235,9 +235,7 @@ class FastLane(asyncio.Protocol):
             t.write(b"HTTP/1.1 202 Accepted\r\nServer: %s\r\nDate: %s\r\n%s"
                     % (SERVER_HEADER.encode(), _Date.now(), lane.accepted_tail))
             lane.served += 1
-            if access_logger.isEnabledFor(logging.INFO):
-                log_access(self.peer, f"{method.decode()} {url.decode('latin-1')} HTTP/1.1", 202,
-                           lane.accepted_len, time.monotonic() - t0, (ua or b"-").decode("latin-1"))
+            log_publish(self.peer, method, url, lane.accepted_len, time.monotonic() - t0, ua or b"-")
         return True
 
     def subscribe(self, target: bytes, ua: bytes | None) -> bool:
