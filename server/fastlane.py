@@ -69,6 +69,9 @@ HEAD_TIMEOUT = 30.0
 #: seconds an idle keep-alive publisher connection is kept (aiohttp's default too)
 KEEPALIVE_TIMEOUT = 75.0
 
+#: distinct publish targets a lane keeps parsed
+TARGET_CACHE = 1024
+
 _CHUNKED = (WireFormat.CHUNKED, WireFormat.CHUNKED_NUL)
 
 
@@ -105,6 +108,28 @@ class Lane:
         self.accepted_tail = (b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(body), body))
         self.accepted_len = len(body)
+        #: parsed publish targets by request target (see :meth:`publish_target`)
+        self.targets: dict[bytes, PublishTarget] = {}
+        self.targets_secure = state.config.clients.secure_topics
+
+    def publish_target(self, url: bytes) -> PublishTarget | None:
+        """:func:`publish_target` of a request target, None if it is not one; parsed once per
+        distinct target (up to :data:`TARGET_CACHE` of them), not per publish."""
+        secure = self.state.config.clients.secure_topics
+        targets = self.targets
+        if secure is not self.targets_secure:  # (the configuration is fixed today: belt and braces)
+            targets.clear()
+            self.targets_secure = secure
+        pub = targets.get(url)
+        if pub is None:
+            try:
+                pub = publish_target(url.decode("latin-1"), secure)
+            except TopicError:
+                return None
+            if len(targets) >= TARGET_CACHE:
+                targets.clear()  # many distinct targets: start over rather than grow
+            targets[url] = pub
+        return pub
 
     def stats(self) -> dict[str, float]:
         """Counters for the metrics collector (``server.metrics`` protocol)."""
@@ -443,12 +468,9 @@ class _Reader:
         if (cl > lane.max_payload or state.closing or not state.ingest.synchronous
                 or not state.allow.allows(conn.peer)):
             return None  # (draining: aiohttp answers 503)
-        try:
-            pub = publish_target(self.url.decode("latin-1"), state.config.clients.secure_topics)
-        except TopicError:
-            return None
-        if pub.secure:
-            return None  # credentials needed: aiohttp's
+        pub = lane.publish_target(self.url)
+        if pub is None or pub.secure:
+            return None  # not a publish target, or credentials needed: aiohttp's
         self.cl = cl
         return pub
 
