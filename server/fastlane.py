@@ -108,9 +108,21 @@ class Lane:
         self.accepted_tail = (b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(body), body))
         self.accepted_len = len(body)
+        self.accepted_sec = -1
+        self.accepted_bytes = b""
         #: parsed publish targets by request target (see :meth:`publish_target`)
         self.targets: dict[bytes, PublishTarget] = {}
         self.targets_secure = state.config.clients.secure_topics
+
+    def accepted(self) -> bytes:
+        """The whole 202 response to a publish, built once per second (its ``Date``)."""
+        sec = int(time.time())
+        if sec != self.accepted_sec:
+            self.accepted_sec = sec
+            self.accepted_bytes = (b"HTTP/1.1 202 Accepted\r\nServer: %s\r\nDate: %s\r\n%s"
+                                   % (SERVER_HEADER.encode(), formatdate(sec, usegmt=True).encode(),
+                                      self.accepted_tail))
+        return self.accepted_bytes
 
     def publish_target(self, url: bytes) -> PublishTarget | None:
         """:func:`publish_target` of a request target, None if it is not one; parsed once per
@@ -257,8 +269,7 @@ class FastLane(asyncio.Protocol):
         lane.state.ingest.submit_now(pub.path, obj, source=self.peer, parsed=(pub.topics, pub.private))
         t = self.transport
         if t is not None:
-            t.write(b"HTTP/1.1 202 Accepted\r\nServer: %s\r\nDate: %s\r\n%s"
-                    % (SERVER_HEADER.encode(), _Date.now(), lane.accepted_tail))
+            t.write(lane.accepted())
             lane.served += 1
             log_publish(self.peer, method, url, lane.accepted_len, time.monotonic() - t0, ua or b"-")
         return True
