@@ -78,6 +78,10 @@ ACCESS_FIELDS = {"remote_address": "peer", "first_request_line": "request",
 #: the message of :func:`log_access` lines: its arguments are the request fields, in order
 ACCESS_MESSAGE = '%s "%s" %d %s %.6f "%s"'
 ACCESS_ARGS = ("peer", "request", "status", "bytes", "seconds", "user_agent")
+#: a whole text access line: FORMAT's time, level and name, then ACCESS_MESSAGE (its request
+#: line as method, target and HTTP/1.1 in _TEXT_PUBLISH)
+_TEXT_ACCESS = f"%s,%03d {_INFO} {ACCESS_LOGGER}: " + ACCESS_MESSAGE
+_TEXT_PUBLISH = _TEXT_ACCESS.replace('"%s"', '"%s %s HTTP/1.1"', 1)
 
 
 def log_access(peer: str, request_line: str, status: int, size: int | str, seconds: float,
@@ -176,6 +180,30 @@ class TextFormatter(CachedTimeFormatter):
             line += "".join(f"\n  {escape(t)}" for t in tb.splitlines())
         return line
 
+    def access_lines(self, raw: list[RawAccess]) -> str:
+        """:meth:`access_line` of each raw access line, each ended by a newline (one ``%`` per
+        line: the time text, the level, the logger's name and the message's fields at once)."""
+        lines = []
+        for created, peer, request, status, n, seconds, ua in raw:
+            sec = int(created)
+            if sec != self._sec:
+                self._sec = sec
+                self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created))
+            ms = int((created - sec) * 1000)
+            if type(ua) is bytes:
+                ua = ua.decode("latin-1")
+            if type(request) is tuple:
+                line = _TEXT_PUBLISH % (self._text, ms, peer, request[0].decode(),
+                                        request[1].decode("latin-1"), status, n, seconds, ua)
+            else:
+                line = _TEXT_ACCESS % (self._text, ms, peer, request, status, n, seconds, ua)
+            if not line.isprintable():  # the time, level and name are: escape the message
+                k = line.index(": ") + 2
+                line = line[:k] + escape(line[k:])
+            lines.append(line)
+        lines.append("")
+        return "\n".join(lines)
+
     def access_line(self, created: float, args: tuple[Any, ...]) -> str:
         """What :meth:`format` makes of an INFO record of the access logger with ``ACCESS_MESSAGE``
         and ``args`` created at ``created`` (for the format :data:`FORMAT` only)."""
@@ -273,6 +301,11 @@ class BufferedLineHandler(logging.Handler):
     def _format_raw(self) -> None:
         raw, self._raw = self._raw, []
         f = _access_formatter(self.formatter)
+        if type(f) is TextFormatter:
+            text = f.access_lines(raw)
+            self._buf.append(text)
+            self._size += len(text)
+            return
         out = self._buf
         size = self._size
         for created, peer, request, status, n, seconds, ua in raw:
