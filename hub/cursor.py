@@ -8,6 +8,7 @@ timestamp in the top bits, so cursors sort by time and survive restarts unchange
 from __future__ import annotations
 
 import os
+import random
 import re
 import time
 import uuid
@@ -18,16 +19,16 @@ _last_ms = 0
 _seq = 0
 _MS_MASK = (1 << 48) - 1
 _LOW48 = (1 << 48) - 1
-_TAIL_MASK = (1 << 62) - 1
-_TAIL_STEP = 0x9E3779B97F4A7C15 & _TAIL_MASK | 1  # odd: every 62-bit value once per cycle
 _VARIANT = 0b10 << 62
-_tail = int.from_bytes(os.urandom(8), "big") & _TAIL_MASK
-#: the millisecond whose ``xxxxxxxx-xxxx-7`` prefix is cached in _prefix
+_random = random.Random(int.from_bytes(os.urandom(16), "big"))
+#: the millisecond whose ``xxxxxxxx-xxxx-7`` prefix and ``-vxxx-xxxxxxxxxxxx`` tail are cached
 _prefix_ms = -1
 _prefix = ""
+_suffix = ""
 # rand_a is 12 bits: up to 4096 cursors per millisecond stay strictly ordered; past that we
 # borrow the next millisecond (time runs slightly ahead rather than ordering breaking).
 _SEQ_MAX = 0xFFF
+_SEQ_HEX = tuple(f"{i:03x}" for i in range(_SEQ_MAX + 1))
 
 
 _UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z", re.I)
@@ -41,10 +42,10 @@ def is_uuid7(cursor: str) -> bool:
 def new_cursor(now: float | None = None) -> str:
     """A new UUIDv7 string, strictly greater than every cursor this process made before.
 
-    For the event loop's thread (no lock: one publish's stamping is its hottest caller). The
-    ``xxxxxxxx-xxxx-7`` prefix is formatted once per millisecond.
+    For the event loop's thread (no lock: one publish's stamping is its hottest caller). All
+    but the 12-bit sequence number is formatted once per millisecond.
     """
-    global _last_ms, _seq, _prefix_ms, _prefix, _tail
+    global _last_ms, _seq, _prefix_ms, _prefix, _suffix
     ms = int((time.time() if now is None else now) * 1000)
     if ms <= _last_ms:
         ms = _last_ms
@@ -59,11 +60,11 @@ def new_cursor(now: float | None = None) -> str:
         _prefix_ms = ms
         h = "%012x" % (ms & _MS_MASK)
         _prefix = f"{h[:8]}-{h[8:]}-7"
-    # uniqueness comes from (ms, seq); the other 62 bits only need to differ between processes,
-    # not to be unguessable (a cursor grants nothing): a random start stepped by an odd constant
-    _tail = (_tail + _TAIL_STEP) & _TAIL_MASK
-    t = _tail | _VARIANT
-    return f"{_prefix}{_seq:03x}-{t >> 48:04x}-{t & _LOW48:012x}"
+        # uniqueness comes from (ms, seq); the other 62 bits only need to differ between
+        # processes, not to be unguessable (a cursor grants nothing): random once per millisecond
+        t = _random.getrandbits(62) | _VARIANT
+        _suffix = f"-{t >> 48:04x}-{t & _LOW48:012x}"
+    return _prefix + _SEQ_HEX[_seq] + _suffix
 
 
 def advance_past(cursor: str) -> None:
