@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 
-from hub.event import Event, WireFormat, make_event
+from hub.event import Event, make_event
 from hub.router import NO_ACL, Acl, TopicRouter
 from hub.topics import parse_subscription
+from server.formats import NDJSON
 
 logger = logging.getLogger("auth_bench")
 
@@ -64,7 +65,7 @@ async def _per_event(router: TopicRouter, sinks: list[CountingSink], path: str, 
 
 async def fanout(subscribers: int, n: int) -> None:
     spec = parse_subscription("/commits")
-    fmt = WireFormat.CHUNKED
+    fmt = NDJSON
     rows = []
 
     # public fan-out: everyone in one group

@@ -4,6 +4,8 @@
     .venv/bin/python bench/pubsub_bench.py                       # every scenario, defaults
     .venv/bin/python bench/pubsub_bench.py broadcast -n 2000     # one scenario, 2000 subscribers
     .venv/bin/python bench/pubsub_bench.py stalled --json        # one JSON object per scenario
+    .venv/bin/python bench/pubsub_bench.py broadcast --transport ndjson,sse,ws --repeat 3
+                                                  # the transports interleaved, medians, ratios
 
 Each scenario starts its own ``pypubsub.py`` (a generated config on a free loopback port, no
 backlog) pinned to one core (``taskset -c 0``), subscriber processes and a publisher
@@ -18,6 +20,9 @@ Scenarios:
   latencies suffer, and is the stalled one disconnected once it owes more than
   ``server.stream_buffer``?
 * ``idle``: N connected subscribers, nothing published but one probe event: RSS per connection.
+
+Every scenario runs with subscribers on any transport of the same URL (``--transport``): chunked
+NDJSON (plain GET), Server-Sent Events (``Accept: text/event-stream``) or WebSocket.
 
 Cluster mode: ``--nodes 3`` starts a ``redis-server`` (AOF, ``appendfsync always``) and three
 daemons sharing one stream (``server.backlog.storage: redis://…``), all pinned to the daemon
@@ -60,6 +65,7 @@ ROOT = HERE.parent
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SCENARIOS = ("broadcast", "selective", "stalled", "idle")
+TRANSPORTS = ("ndjson", "sse", "ws")
 #: Total deliveries a default broadcast run aims at (a few seconds at ~100k/s).
 BROADCAST_DELIVERIES = 1_000_000
 #: Subscribers per bulk worker process (one process is one event loop on the load core).
@@ -80,6 +86,7 @@ class Params:
     """One scenario run; ``None`` fields take the scenario's default (see ``with_defaults``)."""
 
     scenario: str
+    transport: str = "ndjson"
     n: int | None = None
     events: int | None = None
     rate: float | None = None
@@ -126,6 +133,7 @@ class Params:
 @dataclass
 class Result:
     scenario: str
+    transport: str
     n: int
     events: int
     size: int
@@ -482,7 +490,8 @@ def split(seq: list[Any], parts: int) -> list[list[Any]]:
 async def start_subscribers(p: Params, port: int, paths: list[str], expected: list[int],
                             res: Result) -> tuple[list[Worker], int]:
     """The probes in a process of their own, the rest spread over ``p.procs``; (workers, connected)."""
-    cfg = {"host": HOST, "port": port, "cpus": p.load_cpus, "max_time": p.max_time}
+    cfg = {"host": HOST, "port": port, "cpus": p.load_cpus, "max_time": p.max_time,
+           "transport": p.transport}
     k = p.probes
     groups = [(True, paths[:k], expected[:k])] if k else []
     parts = p.procs or 1
@@ -596,7 +605,7 @@ async def run_scenario(p: Params) -> Result:
     figure, only when the daemon or a worker cannot start."""
     p = p.with_defaults()
     assert p.n is not None and p.events is not None and p.rate is not None and p.size is not None
-    res = Result(p.scenario, p.n, p.events, p.size, p.rate, p.stream_buffer or 0,
+    res = Result(p.scenario, p.transport, p.n, p.events, p.size, p.rate, p.stream_buffer or 0,
                  load_cores=len(p.load_cpus))
     deadline = time.monotonic() + p.max_time
     rundir = Path(tempfile.mkdtemp(prefix="pubsub-bench-run-"))
@@ -725,7 +734,8 @@ async def drain(subs: list[Worker], deadline: float) -> list[dict[str, Any]]:
 
 # -- output ---------------------------------------------------------------------------------
 COLUMNS = [
-    ("scenario", "scenario"), ("n", "N"), ("events", "events"), ("rate", "rate/s"),
+    ("scenario", "scenario"), ("transport", "transport"), ("n", "N"), ("events", "events"),
+    ("rate", "rate/s"),
     ("deliveries_per_s", "deliveries/s"), ("events_per_s", "events/s"), ("p50_ms", "p50 ms"),
     ("p99_ms", "p99 ms"), ("max_ms", "max ms"), ("lost", "lost"), ("rss_per_conn_kb", "KB/conn"),
     ("server_cpu_pct", "daemon CPU%"), ("load_cpu_pct", "load CPU%"),
@@ -771,6 +781,34 @@ def cpu_list(text: str) -> tuple[int, ...]:
     return tuple(cpus)
 
 
+def transport_list(text: str) -> tuple[str, ...]:
+    out = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in out if t not in TRANSPORTS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"transports are {', '.join(TRANSPORTS)}, got {text!r}")
+    return out
+
+
+def comparison(results: list[Result]) -> str:
+    """Medians per (scenario, transport) and each transport's ratio to NDJSON's."""
+    med: dict[tuple[str, str], Result] = {}
+    keys = sorted({(r.scenario, r.transport) for r in results}, key=lambda k: (k[0], TRANSPORTS.index(k[1])))
+    for k in keys:
+        runs = sorted((r for r in results if (r.scenario, r.transport) == k),
+                      key=lambda r: r.deliveries_per_s)
+        med[k] = runs[len(runs) // 2]
+    out = ["median per (scenario, transport), over "
+           f"{max(1, len(results) // max(1, len(keys)))} interleaved run(s):"]
+    for (scenario, transport), r in med.items():
+        line = (f"  {scenario:9} {transport:6} deliveries/s {r.deliveries_per_s:>10.0f}  "
+                f"p99 {r.p99_ms} ms  KB/conn {r.rss_per_conn_kb}  lost {r.lost}")
+        base = med.get((scenario, "ndjson"))
+        if base is not None and transport != "ndjson" and base.deliveries_per_s:
+            line += f"  {r.deliveries_per_s / base.deliveries_per_s:.2f}x ndjson"
+        out.append(line)
+    return "\n".join(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("scenarios", nargs="*", metavar="scenario",
@@ -788,6 +826,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cores the load generators are pinned to, e.g. 1 or 1-3 or 1,3 (default: 1)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the daemon and workers")
     ap.add_argument("--max-time", type=float, default=180.0, help="seconds one scenario may take")
+    ap.add_argument("--transport", type=transport_list, default=("ndjson",), metavar="LIST",
+                    help=f"subscribers' transport(s), comma-separated: {', '.join(TRANSPORTS)} "
+                         "(default: ndjson); several are run interleaved")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every (scenario, transport) this many times, interleaved; medians")
     ap.add_argument("--json", action="store_true", help="print one JSON object per scenario")
     ap.add_argument("--nodes", type=int, default=1, help="daemons; more than 1: a cluster on one Redis")
     ap.add_argument("--redis", action="store_true",
@@ -822,13 +865,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.cpu_count() == 1:
         logger.warning("one CPU: daemon and load share it, figures will be low")
     results = []
-    for scenario in a.scenarios or SCENARIOS:
-        p = Params(scenario, n=a.n, events=a.events, rate=a.rate, size=a.size,
+    runs = [(scenario, transport) for _ in range(max(1, a.repeat))
+            for scenario in a.scenarios or SCENARIOS for transport in a.transport]
+    for scenario, transport in runs:
+        p = Params(scenario, transport=transport, n=a.n, events=a.events, rate=a.rate, size=a.size,
                    stream_buffer=a.stream_buffer, procs=a.procs, probes=a.probes,
                    pub_conns=a.pub_conns, server_cpu=a.server_cpu, load_cpus=a.load_cpus,
                    python=a.python, max_time=a.max_time, nodes=max(1, a.nodes), redis=a.redis,
                    via_aiohttp=a.via_aiohttp, redis_fsync=a.redis_fsync)
-        logger.info("running %s", scenario)
+        logger.info("running %s over %s", scenario, transport)
         try:
             res = asyncio.run(interruptible(run_scenario(p)))
         except asyncio.CancelledError:
@@ -839,6 +884,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(asdict(res)), flush=True)
     if not a.json:
         print(table(results))
+        if len(runs) > 1:
+            print(comparison(results))
     return 1 if any(r.lost for r in results) else 0
 
 

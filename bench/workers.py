@@ -3,7 +3,7 @@
 
 Not meant to be run by hand: the orchestrator starts them, pinned to the load core.
 
-    workers.py sub   hold subscriber connections and count what they receive
+    workers.py sub   hold subscriber connections (NDJSON, SSE or WebSocket) and count what they receive
     workers.py pub   publish events, as fast as they are accepted or at a fixed rate
 
 Talking to the orchestrator: the first line on stdin is the JSON configuration (it can be
@@ -93,6 +93,20 @@ class SubTotals:
     latencies_us: list[int] = field(default_factory=list)
 
 
+#: The request each transport's subscriber sends (the same URL: only the headers differ).
+TRANSPORT_HEADERS = {
+    "ndjson": "",
+    "sse": "Accept: text/event-stream\r\n",
+    "ws": ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+           "Sec-WebSocket-Key: cHlwdWJzdWItYmVuY2gtMQ==\r\n"),
+}
+#: The status a transport's stream opens with.
+TRANSPORT_STATUS = {"ndjson": b"200", "sse": b"200", "ws": b"101"}
+#: A server's empty WebSocket ping (aiohttp's heartbeat) and the masked empty pong answering it.
+WS_PING = b"\x89\x00"
+WS_PONG = b"\x8a\x80\x00\x00\x00\x00"
+
+
 #: One receive buffer for every connection of a process (reads happen one at a time): the
 #: event loop reads straight into it and the markers are counted in place, no copy per read.
 RECV_BUFFER = bytearray(256 * 1024)
@@ -102,10 +116,16 @@ RECV_VIEW = memoryview(RECV_BUFFER)
 class Subscriber(asyncio.BufferedProtocol):
     """One streaming GET. Counts markers; a probe also records each event's latency."""
 
-    def __init__(self, totals: SubTotals, request: bytes, probe: bool) -> None:
+    def __init__(self, totals: SubTotals, request: bytes, probe: bool, transport: str = "ndjson") -> None:
         self.totals = totals
         self.request = request
         self.probe = probe
+        self.ws = transport == "ws"
+        self.status = TRANSPORT_STATUS[transport]
+        # where a probe cuts what it has read into complete events: NDJSON and SSE records end
+        # with a newline, a WebSocket text frame with the JSON object's closing brace
+        self.eol = b"}" if self.ws else b"\n"
+        self.ping_split = False
         self.got = 0
         self.head = b""  # response header bytes, until the blank line
         self.in_body = False
@@ -132,7 +152,7 @@ class Subscriber(asyncio.BufferedProtocol):
         status = self.head[9:12]
         rest, self.head = self.head[end + 4:], b""
         self.in_body = True
-        if status != b"200":
+        if status != self.status:
             self._fail(f"HTTP status {status.decode(errors='replace')}")
             return
         self.ready.set_result(None)
@@ -143,6 +163,8 @@ class Subscriber(asyncio.BufferedProtocol):
         # Each marker is counted in the read where it ends: wholly inside this read, or begun
         # in the last SEAM bytes seen before it (shorter than a marker, so never one alone).
         n = buf.count(MARK, 0, nbytes)
+        if self.ws:
+            self._pong(buf, nbytes)
         if self.seam:
             n += (self.seam + buf[:min(SEAM, nbytes)]).count(MARK)
         if nbytes >= SEAM:
@@ -160,9 +182,28 @@ class Subscriber(asyncio.BufferedProtocol):
         if self.probe:
             self._sample(bytes(buf[:nbytes]), time.time_ns())
 
+    def _pong(self, buf: bytes | bytearray, nbytes: int) -> None:
+        """Answer the daemon's protocol pings (it drops a WebSocket peer that does not).
+
+        A one-byte ``find`` is a memchr: a two-byte ``count`` would cost the load core more
+        than the daemon spends writing (JSON text never holds the byte 0x89)."""
+        pings = 1 if self.ping_split and nbytes and buf[0] == 0 else 0
+        self.ping_split = False
+        i = buf.find(WS_PING[0], 0, nbytes)
+        for _ in range(MAX_STEPS):
+            if i < 0:
+                break
+            if i + 1 == nbytes:
+                self.ping_split = True  # its second byte comes with the next read
+            elif buf[i + 1] == 0:
+                pings += 1
+            i = buf.find(WS_PING[0], i + 1, nbytes)
+        if pings and self.transport is not None:
+            self.transport.write(WS_PONG * pings)
+
     def _sample(self, data: bytes, now_ns: int) -> None:
         buf = self.line + data
-        cut = buf.rfind(b"\n") + 1
+        cut = buf.rfind(self.eol) + 1
         self.line = buf[cut:]
         lat = self.totals.latencies_us
         for m in TS_RE.finditer(buf, 0, cut):
@@ -182,7 +223,7 @@ class Subscriber(asyncio.BufferedProtocol):
 
 
 async def connect_all(host: str, port: int, paths: list[str], probe: bool, totals: SubTotals,
-                      deadline: float) -> tuple[list[Subscriber], int, list[str]]:
+                      deadline: float, transport: str = "ndjson") -> tuple[list[Subscriber], int, list[str]]:
     """Open one subscriber per path, CONNECT_BATCH at a time; returns (all, connected, errors)."""
     loop = asyncio.get_running_loop()
     subs: list[Subscriber] = []
@@ -191,8 +232,8 @@ async def connect_all(host: str, port: int, paths: list[str], probe: bool, total
         batch = []
         for path in paths[start:start + CONNECT_BATCH]:
             req = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                   "User-Agent: pypubsub-bench\r\n\r\n").encode()
-            sub = Subscriber(totals, req, probe)
+                   f"User-Agent: pypubsub-bench\r\n{TRANSPORT_HEADERS[transport]}\r\n").encode()
+            sub = Subscriber(totals, req, probe, transport)
             subs.append(sub)
             batch.append(loop.create_connection(lambda s=sub: s, host, port))  # type: ignore[misc]
         pending = asyncio.gather(*batch, return_exceptions=True)
@@ -212,7 +253,8 @@ async def run_subscribers(cfg: dict[str, Any], commands: asyncio.StreamReader) -
     expected: list[int] = cfg["expected"]
     totals = SubTotals()
     subs, ok, errors = await connect_all(cfg["host"], int(cfg["port"]), cfg["paths"],
-                                         bool(cfg["probe"]), totals, deadline)
+                                         bool(cfg["probe"]), totals, deadline,
+                                         str(cfg.get("transport", "ndjson")))
     emit({"ready": ok, "errors": errors[:5], "n_errors": len(errors)})
     for _ in range(MAX_STEPS):
         left = deadline - time.monotonic()

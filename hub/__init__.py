@@ -12,7 +12,7 @@ from hub.api import (
     ThrottledPublisher,
 )
 from hub.cursor import new_cursor
-from hub.event import Event, EventError, WireFormat, make_event, restore_event
+from hub.event import Event, EventError, Framing, make_event, restore_event
 from hub.hub import Hub
 from hub.keyed import KeySubscription, Overflow, SubscriptionClosed
 from hub.keys import Key, WildcardKeyError
@@ -24,6 +24,7 @@ __all__ = [
     "ConsumeQueueNotFoundError",
     "Event",
     "EventError",
+    "Framing",
     "Hub",
     "Key",
     "KeySubscription",
@@ -38,7 +39,6 @@ __all__ = [
     "TopicRouter",
     "TopicSpec",
     "WildcardKeyError",
-    "WireFormat",
     "make_event",
     "new_cursor",
     "parse_publish_path",

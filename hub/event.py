@@ -1,57 +1,43 @@
 """Events: the immutable unit that flows publish → log → hub → streams, and its wire bytes.
 
-Owns stamping (``pubsub_*`` fields, never mutating the caller's dict), serialisation (once per
-wire format, shared by every subscriber) and restoring an event from its stored JSON.
-Knows nothing of HTTP requests, configuration or storage.
+Owns stamping (``pubsub_*`` fields, never mutating the caller's dict), serialisation (JSON once;
+framed bytes once per :class:`Framing`, shared by every subscriber) and restoring an event from
+its stored JSON. Knows nothing of HTTP requests, transports, configuration or storage: a framing
+(HTTP chunks, Server-Sent Events, WebSocket frames) is supplied by whoever streams the event.
 """
 
 from __future__ import annotations
 
-import enum
 import json as _json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from hub.cursor import new_cursor
 from hub.topics import parse_publish_path, remove_dot_segments
 
-__all__ = ["Event", "EventError", "WireFormat", "make_event", "ping_bytes", "restore_event"]
+__all__ = ["Event", "EventError", "Framing", "make_event", "restore_event"]
 
 
 class EventError(ValueError):
     """Stored or supplied data that is not a valid event."""
 
 
-class WireFormat(enum.Enum):
-    """How records are framed on a subscriber's connection."""
+class Framing(Protocol):
+    """How a stream format turns one event into bytes on the wire (hashed by identity).
 
-    #: HTTP/1.1 chunked, one ``JSON\n`` record per chunk (0.7.4's default).
-    CHUNKED = "chunked"
-    #: HTTP/1.1 chunked, one ``JSON\n\0`` record per chunk (``oldschoolers`` User-Agents).
-    CHUNKED_NUL = "chunked-nul"
-    #: HTTP/1.0 close-delimited body of ``JSON\n`` records (an HTTP/1.0 client with a User-Agent).
-    RAW = "raw"
-    #: HTTP/1.0 close-delimited body of ``JSON\n\0`` records (svnpubsub's svnwcsub).
-    RAW_NUL = "raw-nul"
+    The hub groups subscribers by framing and asks :meth:`Event.wire` for each event's bytes,
+    which calls :meth:`frame` once per (event, framing); it never looks inside.
+    """
 
-    @property
-    def nul(self) -> bool:
-        return self is WireFormat.CHUNKED_NUL or self is WireFormat.RAW_NUL
+    #: a short name for logs and metrics (``chunked``, ``sse``, ``websocket``...)
+    name: str
 
-
-def frame(record: bytes, fmt: WireFormat) -> bytes:
-    """Frame one JSON document (no trailing newline) for ``fmt``: exactly one record per chunk."""
-    if fmt is WireFormat.CHUNKED:
-        return b"%x\r\n%s\n\r\n" % (len(record) + 1, record)
-    if fmt is WireFormat.CHUNKED_NUL:
-        return b"%x\r\n%s\n\0\r\n" % (len(record) + 2, record)
-    if fmt is WireFormat.RAW:
-        return record + b"\n"
-    return record + b"\n\0"
+    def frame(self, event: Event) -> bytes:
+        """The framed record for ``event`` (its ``json``, ``cursor``... as the format needs)."""
 
 
 def dumps(obj: Mapping[str, Any]) -> bytes:
@@ -60,11 +46,6 @@ def dumps(obj: Mapping[str, Any]) -> bytes:
         return bytes(memoryview(orjson.dumps(obj)))  # orjson leaves a 4 KiB allocation: copy
     except orjson.JSONEncodeError:
         return _json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def ping_bytes(fmt: WireFormat, now: float | None = None) -> bytes:
-    """A framed ``{"stillalive": <epoch>}`` keep-alive record."""
-    return frame(orjson.dumps({"stillalive": time.time() if now is None else now}), fmt)
 
 
 @dataclass(slots=True, eq=False)
@@ -84,15 +65,15 @@ class Event:
     payload: Mapping[str, Any]
     json: bytes
     topicset: frozenset[str] = field(repr=False)
-    _wire: dict[WireFormat, bytes] = field(default_factory=dict, repr=False)
+    _wire: dict[Framing, bytes] = field(default_factory=dict, repr=False)
     #: where the event sits in its log (opaque, increasing in log order); 0 until a log keeps it
     position: int = field(default=0, repr=False)
 
-    def wire(self, fmt: WireFormat) -> bytes:
+    def wire(self, fmt: Framing) -> bytes:
         """The framed bytes for ``fmt``, computed once and shared by every subscriber."""
         b = self._wire.get(fmt)
         if b is None:
-            b = self._wire[fmt] = frame(self.json, fmt)
+            b = self._wire[fmt] = fmt.frame(self)
         return b
 
     def __repr__(self) -> str:

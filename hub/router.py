@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
-from hub.event import Event, WireFormat
+from hub.event import Event, Framing
 from hub.topics import TopicSpec
 
 __all__ = ["Acl", "Group", "Sink", "TopicRouter", "acl_allows"]
@@ -64,7 +64,7 @@ class Group:
         self.sinks: dict[Sink, None] = {}  # insertion-ordered set
 
     def __repr__(self) -> str:
-        return f"<Group {self.spec} {self.fmt.value} acl={len(self.acl)} sinks={len(self.sinks)}>"
+        return f"<Group {self.spec} {self.fmt.name} acl={len(self.acl)} sinks={len(self.sinks)}>"
 
 
 class Family:
@@ -76,7 +76,7 @@ class Family:
 
     __slots__ = ("anchors", "fmt", "groups", "has_private", "pending", "spec")
 
-    def __init__(self, spec: TopicSpec, fmt: WireFormat) -> None:
+    def __init__(self, spec: TopicSpec, fmt: Framing) -> None:
         self.spec = spec
         self.fmt = fmt
         self.groups: dict[Acl, Group] = {}
@@ -89,10 +89,10 @@ class Family:
         return any(acl and acl_allows(acl, event) for acl in self.groups)
 
     def __repr__(self) -> str:
-        return f"<Family {self.spec} {self.fmt.value} groups={len(self.groups)}>"
+        return f"<Family {self.spec} {self.fmt.name} groups={len(self.groups)}>"
 
 
-FamilyKey = tuple[TopicSpec, WireFormat]
+FamilyKey = tuple[TopicSpec, Framing]
 #: Called after a subscription joins (True) or leaves (False), with the spec's count after it.
 ChangeListener = Callable[[TopicSpec, int, bool], None]
 
@@ -120,7 +120,7 @@ class TopicRouter:
     def remove_listener(self, listener: ChangeListener) -> None:
         self._listeners.remove(listener)
 
-    def _group(self, spec: TopicSpec, fmt: WireFormat, acl: Acl) -> Group:
+    def _group(self, spec: TopicSpec, fmt: Framing, acl: Acl) -> Group:
         fam = self._families.get((spec, fmt))
         if fam is None:
             fam = self._families[(spec, fmt)] = Family(spec, fmt)
@@ -140,7 +140,7 @@ class TopicRouter:
             self._unindex_family(fam)
             self._families.pop((fam.spec, fam.fmt), None)
 
-    def subscribe(self, sink: Sink, spec: TopicSpec, fmt: WireFormat, acl: Acl = NO_ACL) -> Group:
+    def subscribe(self, sink: Sink, spec: TopicSpec, fmt: Framing, acl: Acl = NO_ACL) -> Group:
         """Add ``sink``; returns its group (needed to move or remove it later).
 
         Records routed before this call are written first: a new subscriber never receives an
@@ -295,9 +295,9 @@ class TopicRouter:
                 "delivery_batches_total": self.delivered_batches,
                 "deliveries_total": self.deliveries}
 
-    def broadcast_ping(self, make: Callable[[WireFormat], bytes]) -> None:
+    def broadcast_ping(self, make: Callable[[Framing], bytes]) -> None:
         """Send a keep-alive record to every sink (bytes built once per format)."""
-        cache: dict[WireFormat, bytes] = {}
+        cache: dict[Framing, bytes] = {}
         for g in self.groups():
             data = cache.get(g.fmt)
             if data is None:

@@ -44,7 +44,7 @@ def status_snapshot(state: State) -> dict[str, Any]:
     counts: dict[tuple[str, str], int] = {}
     for g in state.hub.topics.groups():
         if g.sinks:
-            key = (str(g.family.spec), g.fmt.value)
+            key = (str(g.family.spec), g.fmt.name)
             counts[key] = counts.get(key, 0) + len(g.sinks)
     subs = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     metrics = state.metrics.snapshot()

@@ -1,8 +1,10 @@
 """The aiohttp application: thin handlers adapting HTTP to the hub, the ingest path and auth.
 
-Owns request dispatch (GET streams, PUT/POST publish, HEAD health, 405 otherwise), mapping
+Owns request dispatch (GET streams in every format, the live page and WebSocket handshakes,
+PUT/POST publish, HEAD health, CORS preflight, 405 otherwise), mapping
 :class:`~server.errors.PubSubError` to one-line text responses, and the app's state keys.
-Topic rules, framing, validation and routing live in pure modules; this file only adapts.
+Topic rules, formats (``server.formats``), CORS rules, validation and routing live in pure
+modules; this file only adapts.
 """
 
 from __future__ import annotations
@@ -16,27 +18,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
-from hub.event import WireFormat, ping_bytes
 from hub.hub import Hub
-from hub.router import NO_ACL, Acl
+from hub.router import NO_ACL
 from hub.topics import TopicError, TopicSpec
 from server import __version__
 from server.auth import AllowList, Authenticator, NoAuth, Principal, parse_basic_auth
 from server.config import Config
+from server.cors import Cors
 from server.errors import BadRequest, Forbidden, PayloadTooLarge, PubSubError, ServiceUnavailable
 from server.eventlog import EventLog, MemoryLog
+from server.formats import FORMATS, STREAM_CONTENT_TYPE, StreamFormat, stream_format, wire_format
 from server.ingest import Ingest
 from server.logs import access_log_flusher, log_access
 from server.metrics import Registry, StatsSource
-from server.negotiate import Outcome, negotiate
+from server.negotiate import Decision, Outcome, negotiate
+from server.negotiate import StreamFormat as Requested
+from server.page import load_page, page_response
 from server.payload import parse_json_object
-from server.replay import ReplayHook
-from server.stream import Stream, StreamStats
+from server.replay import CURSOR_FOUND_HEADER, CURSOR_HEADER, SINCE_HEADER, TRUNCATED_HEADER, ReplayHook
+from server.stream import Stream, StreamStats, close_stream, open_stream, stream_head
 from server.target import publish_target, subscription_target
 from server.tasks import cancel_and_wait
 
-__all__ = ["ACCEPTED_TEXT", "SERVER_HEADER", "STATE", "State", "build_app"]
+__all__ = ["ACCEPTED_TEXT", "SERVER_HEADER", "STATE", "STREAM_CONTENT_TYPE", "State", "build_app",
+           "wire_format"]
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("pypubsub.access")
@@ -44,9 +51,13 @@ access_logger = logging.getLogger("pypubsub.access")
 SERVER_HEADER = f"PyPubSub/{__version__}"
 #: 0.7.4's answer to an accepted publish; scripts grep for it
 ACCEPTED_TEXT = "Payload received, thank you very much!\n"
-STREAM_CONTENT_TYPE = "application/vnd.pypubsub-stream"
 ALLOW = "GET, HEAD, PUT, POST"
-
+#: the request header an EventSource sends when it reconnects (the last ``id:`` it saw)
+LAST_EVENT_ID_HEADER = "Last-Event-ID"
+#: query parameters with the meaning of X-Fetch-Since-Cursor / X-Fetch-Since (a browser cannot
+#: set headers on a WebSocket or on an EventSource's first request)
+QUERY_CURSOR = "last_event_id"
+QUERY_SINCE = "since"
 
 
 @dataclass
@@ -70,6 +81,7 @@ class State:
     auth_generation: int = 0
     #: requests refused, by status code (every PubSubError answered by ``dispatch``)
     rejected: dict[int, int] = field(default_factory=dict)
+    cors: Cors = field(default_factory=lambda: Cors(()))
     #: requests whose credentials did not authenticate
     auth_failures: int = 0
     #: every part that counts registers here (``server.metrics``); read by /metrics and /status
@@ -94,10 +106,10 @@ class State:
         logger.debug("stream %r ended: %s", stream, why)
 
     def subscribers_by_transport(self) -> dict[str, float]:
-        """Open subscriptions per transport (wire format; ``inprocess``: key subscriptions)."""
-        out: dict[str, float] = dict.fromkeys((f.value for f in WireFormat), 0)
+        """Open subscriptions per transport (stream format; ``inprocess``: key subscriptions)."""
+        out: dict[str, float] = dict.fromkeys(FORMATS, 0)
         for g in self.hub.topics.groups():
-            out[g.fmt.value] = out.get(g.fmt.value, 0) + len(g.sinks)
+            out[g.fmt.name] = out.get(g.fmt.name, 0) + len(g.sinks)
         out["inprocess"] = self.hub.key_subscription_count
         return out
 
@@ -180,15 +192,33 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def wire_format(version: tuple[int, int], ua: str | None, oldschoolers: tuple[str, ...]) -> WireFormat:
-    """The framing a subscriber gets, from its HTTP version and User-Agent (both lanes use it)."""
-    nul = ua is None or any(o in ua for o in oldschoolers)
-    if version < (1, 1):
-        return WireFormat.RAW_NUL if nul else WireFormat.RAW
-    # an HTTP/1.1 client without a User-Agent is not svnwcsub: only the list switches it
-    if ua is not None and nul:
-        return WireFormat.CHUNKED_NUL
-    return WireFormat.CHUNKED
+def replay_request(request: web.Request) -> Mapping[str, str]:
+    """The request's headers as the replay planner reads them: ``Last-Event-ID`` and the
+    ``last_event_id`` / ``since`` query parameters become X-Fetch-Since-Cursor / X-Fetch-Since
+    (an explicit X-Fetch-* header wins, then Last-Event-ID, then the query)."""
+    h = request.headers
+    q = request.rel_url.query
+    if (LAST_EVENT_ID_HEADER not in h and QUERY_CURSOR not in q and QUERY_SINCE not in q):
+        return h
+    out = CIMultiDict(h)
+    if CURSOR_HEADER not in out:
+        cursor = h.get(LAST_EVENT_ID_HEADER) or q.get(QUERY_CURSOR)
+        if cursor:
+            out[CURSOR_HEADER] = cursor
+    if SINCE_HEADER not in out and q.get(QUERY_SINCE):
+        out[SINCE_HEADER] = q[QUERY_SINCE]
+    return out
+
+
+def gap_notice(fmt: StreamFormat, replay_headers: Mapping[str, str], answer: Mapping[str, str]) -> bytes:
+    """The in-band gap notice (SSE ``event: gap``, a WebSocket ``pubsub_gap`` frame) for a replay
+    that cannot be gap-free: an unknown or evicted cursor, or a replay cut to max_replay."""
+    if answer.get(CURSOR_FOUND_HEADER) == "false":
+        return fmt.notice("gap", {"last_event_id": replay_headers.get(CURSOR_HEADER, ""),
+                                  "reason": "unknown or evicted cursor: continuing live"})
+    if answer.get(TRUNCATED_HEADER) == "true":
+        return fmt.notice("gap", {"reason": "more events than max_replay: the oldest were skipped"})
+    return b""
 
 
 # -- handlers -----------------------------------------------------------------------------------
@@ -228,7 +258,8 @@ async def _publish(request: web.Request, state: State) -> web.StreamResponse:
     return _text(202, ACCEPTED_TEXT)
 
 
-async def handle_subscribe(request: web.Request) -> web.StreamResponse:
+async def handle_subscribe(request: web.Request, decision: Decision) -> web.StreamResponse:
+    """A ``GET`` on a subscription path, in the format ``negotiate()`` read from the request."""
     state = request.app[STATE]
     if state.closing:
         return _text(503, "server is shutting down\n", **{"Retry-After": "5"})
@@ -236,10 +267,23 @@ async def handle_subscribe(request: web.Request) -> web.StreamResponse:
         spec = subscription_target(request.raw_path)
     except TopicError as e:
         raise BadRequest(str(e)) from None
+    version = (request.version.major, request.version.minor)
+    kind = decision.format or Requested.NDJSON
+    if kind is Requested.PAGE:
+        page = page_response(SERVER_HEADER)
+        if page is not None:
+            return page
+        kind = Requested.NDJSON  # the page's files are missing: what browsers got before it
+    fmt = stream_format(kind, version, request.headers.get("User-Agent"),
+                        state.config.clients.oldschoolers)
+    if kind is Requested.WEBSOCKET and not state.cors.websocket_allowed(request.headers, request.scheme):
+        raise Forbidden(f"WebSocket handshake from origin {request.headers.get('Origin', '')[:100]!r} "
+                        "is not allowed (server.cors_origins)")
     generation = state.auth_generation
     who = await _principal(state, request)
-    fmt = wire_format((request.version.major, request.version.minor),
-                      request.headers.get("User-Agent"), state.config.clients.oldschoolers)
+    if kind is Requested.WEBSOCKET:
+        from server.websocket import websocket_response
+        return await websocket_response(request, state, spec, who, generation)
     return await stream_response(request, state, spec, fmt, who, generation)
 
 
@@ -247,44 +291,41 @@ async def handle_subscribe(request: web.Request) -> web.StreamResponse:
 MAX_REAUTH = 5
 
 
-async def stream_response(request: web.Request, state: State, spec: TopicSpec, fmt: WireFormat,
-                          who: Principal | None, generation: int) -> web.StreamResponse:
-    """Serve one subscriber until it leaves, overflows or the server shuts down."""
-    resp = web.StreamResponse(status=200, headers={
-        "Server": SERVER_HEADER,
-        "Content-Type": STREAM_CONTENT_TYPE,
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-    })
-    if fmt in (WireFormat.CHUNKED, WireFormat.CHUNKED_NUL):
-        resp.enable_chunked_encoding()
-    else:
-        resp.force_close()  # HTTP/1.0: the body ends when the connection closes
-    # plan the replay first: its headers (cursor found?) must go out with the response's
-    replay = await state.replay(request.headers) if state.replay is not None else None
-    if replay is not None:
-        resp.headers.update(replay.headers)
-        if not replay.needed:
-            replay = None
-    await resp.prepare(request)
-    transport = request.transport
-    if transport is None:  # the client left while we answered
-        return resp
-    stream = Stream(transport, fmt, spec, _peer(request), state.config.server.stream_buffer,
-                    state.stats, who)
-    hub = state.hub
-    state.streams[stream] = None
-    # An ACL reload re-authorises the streams in state.streams; one that landed while this
-    # request was being set up missed this stream: authenticate again (bounded).
+async def reauthenticate(state: State, request: web.Request, who: Principal | None,
+                         generation: int) -> Principal | None:
+    """An ACL reload re-authorises the streams in state.streams; one that landed while this
+    request was being set up missed this one: authenticate again (bounded)."""
     for _ in range(MAX_REAUTH):
         if state.auth_generation == generation:
             break
         generation = state.auth_generation
-        stream.principal = who = await _principal(state, request)
-    acl: Acl = who.acl if who is not None else NO_ACL
-    if replay is not None:
-        stream.hold()  # gap-free: registered (holding live events) before the log snapshot
-    stream.group = hub.topics.subscribe(stream, spec, fmt, acl)
+        who = await _principal(state, request)
+    return who
+
+
+async def stream_response(request: web.Request, state: State, spec: TopicSpec, fmt: StreamFormat,
+                          who: Principal | None, generation: int) -> web.StreamResponse:
+    """Serve one HTTP subscriber (NDJSON, svnpubsub, SSE) until it leaves, overflows or the
+    server shuts down."""
+    # plan the replay first: its headers (cursor found?) must go out with the response's
+    asked = replay_request(request)
+    replay = await state.replay(asked) if state.replay is not None else None
+    answer = replay.headers if replay is not None else {}
+    resp = web.StreamResponse(status=200, headers=CIMultiDict(stream_head(fmt, SERVER_HEADER, answer)))
+    if fmt.chunked:
+        resp.enable_chunked_encoding()
+    else:
+        resp.force_close()  # HTTP/1.0: the body ends when the connection closes
+    if replay is not None and not replay.needed:
+        replay = None
+    await resp.prepare(request)
+    transport = request.transport
+    if transport is None:  # the client left while we answered
+        return resp
+    who = await reauthenticate(state, request, who, generation)
+    stream = open_stream(state, transport, fmt, spec, _peer(request), who,
+                         acl=who.acl if who is not None else NO_ACL,
+                         preamble=gap_notice(fmt, asked, answer), hold=replay is not None)
     why = "gone"
     started = time.monotonic()
     try:
@@ -293,7 +334,7 @@ async def stream_response(request: web.Request, state: State, spec: TopicSpec, f
             stream.release()
         why = await stream.done
     finally:
-        state.forget(stream, why)
+        close_stream(state, stream, why, end_record=False)  # resp.write_eof() ends it
         if why == "gone":  # aiohttp logs no access line for a cancelled handler: we do
             v = request.version
             log_stream_end(stream.peer, f"{request.method} {request.raw_path} HTTP/{v.major}.{v.minor}",
@@ -306,6 +347,16 @@ async def stream_response(request: web.Request, state: State, spec: TopicSpec, f
     return resp
 
 
+async def handle_options(request: web.Request) -> web.StreamResponse:
+    """A CORS preflight from an allowed origin; anything else is refused as before CORS."""
+    state = request.app[STATE]
+    origin = request.headers.get("Origin")
+    if "Access-Control-Request-Method" not in request.headers or not state.cors.allows(origin):
+        return _text(405, "method OPTIONS not allowed\n", Allow=ALLOW)
+    return web.Response(status=204, headers={"Server": SERVER_HEADER, "Allow": ALLOW,
+                                             **state.cors.preflight(origin)})
+
+
 async def handle_head(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     headers = {"Server": SERVER_HEADER}
@@ -315,7 +366,6 @@ async def handle_head(request: web.Request) -> web.StreamResponse:
 
 
 HANDLERS: dict[Outcome, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
-    Outcome.STREAM: handle_subscribe,
     Outcome.PUBLISH: handle_publish,
     Outcome.HEAD: handle_head,
 }
@@ -329,6 +379,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     try:
         if decision.outcome is Outcome.BAD:
             raise BadRequest(decision.reason)
+        if decision.outcome is Outcome.STREAM:
+            return await handle_subscribe(request, decision)
+        if decision.outcome is Outcome.OTHER and request.method == "OPTIONS":
+            return await handle_options(request)
         handler = HANDLERS.get(decision.outcome)
         if handler is None:
             return _text(405, f"method {request.method} not allowed\n", Allow=ALLOW)
@@ -348,8 +402,22 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 
 # -- lifecycle inside the app -------------------------------------------------------------------
-def _ping(fmt: WireFormat, now: float) -> bytes:
-    return ping_bytes(fmt, now)
+def _ping(fmt: StreamFormat, now: float) -> bytes:
+    return fmt.keepalive(now)
+
+
+async def _cors_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """CORS headers on every answer (streams, SSE, publishes, refusals) to an allowed origin."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    state = request.app[STATE]  # type: ignore[attr-defined]
+    for k, v in state.cors.headers(origin).items():
+        if k == "Vary" and "Vary" in response.headers:
+            if "origin" not in response.headers["Vary"].lower():
+                response.headers["Vary"] = response.headers["Vary"] + ", Origin"
+            continue
+        response.headers.setdefault(k, v)
 
 
 async def _pinger(app: web.Application) -> AsyncIterator[None]:
@@ -391,7 +459,8 @@ def build_app(config: Config, *, log: EventLog | None = None, auth: Authenticato
     hub = hub or Hub()
     log = log or MemoryLog(config.server.backlog.size, config.server.backlog.max_age)
     state = State(config=config, hub=hub, log=log, ingest=Ingest(hub, log),
-                  allow=AllowList(config.clients.payloaders), auth=auth or NoAuth())
+                  allow=AllowList(config.clients.payloaders), auth=auth or NoAuth(),
+                  cors=Cors(config.server.cors_origins))
     app = web.Application(client_max_size=config.server.max_payload_size + 1, handler_args={
         "max_field_size": 16384, "max_line_size": 16384})
     app[STATE] = state
@@ -406,8 +475,10 @@ def build_app(config: Config, *, log: EventLog | None = None, auth: Authenticato
     if unready is not None:
         state.readiness.append(unready)
     app.router.add_route("*", "/{tail:.*}", dispatch)
+    load_page()  # read once at start (a missing file is logged now, not at the first visit)
     app.cleanup_ctx.append(access_log_flusher)
     app.cleanup_ctx.append(_eventlog)
     app.cleanup_ctx.append(_pinger)
     app.on_shutdown.append(_end_streams)
+    app.on_response_prepare.append(_cors_headers)
     return app

@@ -291,6 +291,9 @@ class ServerConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     #: send ``X-Subscribers`` on HEAD (it reveals how many clients are connected)
     subscriber_header: bool = True
+    #: origins allowed cross-origin access (CORS, WebSocket handshakes); ("*",) = any origin
+    #: without credentials; () = none (the default: same-origin only)
+    cors_origins: tuple[str, ...] = ()
     #: serve plain publishes and subscriptions through the fast lane (false: aiohttp only)
     fast_lane: bool = True
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -357,6 +360,24 @@ def _parse_bind(sec: Section, default: tuple[str, ...] = DEFAULT_BIND) -> tuple[
     return binds
 
 
+_ORIGIN_RE = re.compile(r"^(https?)://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:\d{1,5})?$")
+
+
+def _parse_origins(sec: Section, name: str) -> tuple[str, ...]:
+    """``"*"`` or a list of ``scheme://host[:port]`` origins, normalised to lower case."""
+    raw = sec.strings(name)
+    if raw == ("*",):
+        return raw
+    out = []
+    for i, o in enumerate(raw):
+        norm = o.strip().rstrip("/").lower()
+        if not _ORIGIN_RE.match(norm):
+            raise ConfigError(sec.file, f"{sec.key(name)}[{i}]",
+                              f"{o!r} is not an origin such as https://example.org or \"*\" alone")
+        out.append(norm)
+    return tuple(out)
+
+
 def _parse_admin(srv: Section) -> AdminConfig:
     a = srv.section("admin")
     port = a.port("port", 0) if a.has("port") else None
@@ -418,6 +439,7 @@ def parse_config(data: object, file: str) -> Config:
         ping_interval=srv.duration("ping_interval", DEFAULT_PING_INTERVAL),
         shutdown_grace=srv.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         subscriber_header=srv.typed("subscriber_header", bool, True),
+        cors_origins=_parse_origins(srv, "cors_origins"),
         fast_lane=srv.typed("fast_lane", bool, True),
         admin=_parse_admin(srv),
         log_format=log_format,

@@ -35,13 +35,10 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from aiohttp import web
 
-from hub.event import WireFormat
-from hub.router import NO_ACL
 from hub.topics import TopicError
 from server.app import (
     ACCEPTED_TEXT,
     SERVER_HEADER,
-    STREAM_CONTENT_TYPE,
     State,
     log_stream_end,
     wire_format,
@@ -51,7 +48,7 @@ from server.logs import log_publish
 from server.negotiate import Lane as Via
 from server.negotiate import Outcome, negotiate
 from server.payload import parse_json_object
-from server.stream import Stream
+from server.stream import Stream, close_stream, open_stream, stream_head
 from server.target import PublishTarget, publish_target, subscription_target
 
 if TYPE_CHECKING:
@@ -71,8 +68,6 @@ KEEPALIVE_TIMEOUT = 75.0
 
 #: distinct publish targets a lane keeps parsed
 TARGET_CACHE = 1024
-
-_CHUNKED = (WireFormat.CHUNKED, WireFormat.CHUNKED_NUL)
 
 
 class _Date:
@@ -278,6 +273,8 @@ class FastLane(asyncio.Protocol):
         """Turn this connection into a stream; False means "let aiohttp handle it"."""
         lane = self.lane
         state = lane.state
+        if b"?" in target:
+            return False  # last_event_id= / since= ask for a replay: aiohttp's
         try:
             spec = subscription_target(target.decode("latin-1"))
         except TopicError:
@@ -289,16 +286,12 @@ class FastLane(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        t.write(b"HTTP/1.1 200 OK\r\nServer: %s\r\nContent-Type: %s\r\nCache-Control: no-cache\r\n"
-                b"X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\nDate: %s\r\n\r\n"
-                % (SERVER_HEADER.encode(), STREAM_CONTENT_TYPE.encode(), _Date.now()))
-        stream = Stream(t, fmt, spec, self.peer, state.config.server.stream_buffer, state.stats, None)
-        self.stream = stream
+        head = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in stream_head(fmt, SERVER_HEADER))
+        t.write(b"HTTP/1.1 200 OK\r\n%sTransfer-Encoding: chunked\r\nDate: %s\r\n\r\n" % (head, _Date.now()))
+        stream = self.stream = open_stream(state, t, fmt, spec, self.peer, None)
         self.started = time.monotonic()
         self.ua = ua or b"-"
         self.target = target
-        state.streams[stream] = None
-        stream.group = state.hub.topics.subscribe(stream, spec, fmt, NO_ACL)
         stream.done.add_done_callback(self._stream_done)
         lane.served += 1
         return True
@@ -307,12 +300,9 @@ class FastLane(asyncio.Protocol):
         stream = self.stream
         if stream is None:
             return
-        why = fut.result()
-        self.lane.state.forget(stream, why)
+        close_stream(self.lane.state, stream, fut.result())  # the terminating chunk at shutdown
         t = stream.transport
         if t is not None and not t.is_closing():
-            if why == "shutdown" and stream.fmt in _CHUNKED:
-                t.write(b"0\r\n\r\n")  # the terminating chunk: a clean end of the stream
             t.close()
         log_stream_end(self.peer, f"GET {self.target.decode('latin-1')} HTTP/1.1", self.started,
                        self.ua.decode("latin-1"))

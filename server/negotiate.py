@@ -13,9 +13,9 @@ The fast lane calls it on every head it parsed; the aiohttp handlers call it to 
 handler, so both lanes read a request the same way. It knows nothing of sockets or aiohttp.
 
 Adding a stream format: add a member to :class:`StreamFormat`, a rule to :func:`_stream_format`
-(the first rule that claims the request wins; NDJSON is the default) and its :class:`Decision`
-constant. The fast lane serves only ``NDJSON``; any other format is answered by aiohttp.
-Until those formats exist, the aiohttp handlers serve NDJSON for them (as they always did).
+(the first rule that claims the request wins; NDJSON is the default), its :class:`Decision`
+constant, and its framing in the registry (:func:`server.formats.stream_format`). The fast lane
+serves only ``NDJSON``; any other format is answered by aiohttp.
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ class Outcome(enum.Enum):
 
 
 class StreamFormat(enum.Enum):
-    """How a stream is framed; NDJSON covers the svnpubsub framing too (see app.wire_format)."""
+    """What kind of stream a subscription asks for; :mod:`server.formats` has the framing of
+    each (NDJSON covers the svnpubsub framing too: see ``formats.wire_format``)."""
 
     NDJSON = "ndjson"
-    #: ``Accept: text/event-stream``: not served yet, aiohttp answers with NDJSON
+    #: ``Accept: text/event-stream``: Server-Sent Events (``formats.SSE``)
     SSE = "sse"
-    #: ``Upgrade: websocket``: not served yet, aiohttp answers with NDJSON
+    #: ``Upgrade: websocket``: a WebSocket (``formats.WEBSOCKET``, server/websocket.py)
     WEBSOCKET = "websocket"
-    #: a browser navigation (``Accept: text/html...``): not served yet, aiohttp answers NDJSON
+    #: a browser navigation (``Accept: text/html...``): the live page (server/page.py)
     PAGE = "page"
 
 

@@ -1,9 +1,12 @@
-"""A subscriber's stream: the daemon's :class:`~hub.router.Sink` for one HTTP connection.
+"""A subscriber's stream: the daemon's :class:`~hub.router.Sink` for one connection, and
+opening one (:func:`open_stream`), whatever the lane or the format.
 
 Owns the connection's outgoing buffer (the transport's, bounded in bytes), the hold-then-flush
 used by gap-free replay, and the end of the stream (clean finish, overflow, client gone).
 The hub only calls :meth:`Stream.send`, which never blocks: a subscriber that falls behind by
 more than its limit is disconnected (logged, counted) and never delays anyone else.
+Every format (NDJSON, svnpubsub, SSE, WebSocket) is a :class:`~server.formats.StreamFormat`;
+this module never looks at one beyond the bytes it supplies.
 """
 
 from __future__ import annotations
@@ -13,18 +16,20 @@ import itertools
 import logging
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hub.event import Event, WireFormat
-from hub.router import Group
+from hub.event import Event
+from hub.router import NO_ACL, Acl, Group
 from hub.topics import TopicSpec
+from server.formats import StreamFormat
 
 if TYPE_CHECKING:
+    from server.app import State
     from server.auth import Principal
 
-__all__ = ["Stream", "StreamStats"]
+__all__ = ["Stream", "StreamStats", "close_stream", "open_stream", "stream_head"]
 
 logger = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -48,6 +53,9 @@ class StreamStats:
         return {"streams_opened_total": self.opened, "disconnects_total": ended}
 
 
+#: Seconds a slow subscriber's connection may take to take its close frame before it is reset.
+OVERFLOW_CLOSE_GRACE = 1.0
+
 #: SO_LINGER on, 0 s: close() sends RST and drops unsent data at once
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -62,6 +70,11 @@ def _reset_on_close(t: asyncio.Transport) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     except OSError as e:  # already gone: nothing left to free
         logger.debug("SO_LINGER on overflow failed: %s", e)
+
+
+def _reset(t: asyncio.Transport) -> None:
+    _reset_on_close(t)
+    t.abort()
 
 
 class Stream:
@@ -84,7 +97,7 @@ class Stream:
         "transport",
     )
 
-    def __init__(self, transport: asyncio.Transport, fmt: WireFormat, spec: TopicSpec, peer: str,
+    def __init__(self, transport: asyncio.Transport, fmt: StreamFormat, spec: TopicSpec, peer: str,
                  limit: int, stats: StreamStats, principal: Principal | None = None) -> None:
         self.id = next(_ids)
         self.transport: asyncio.Transport | None = transport
@@ -106,7 +119,7 @@ class Stream:
         stats.opened += 1
 
     def __repr__(self) -> str:
-        return f"<Stream #{self.id} {self.peer} {self.spec} {self.fmt.value}>"
+        return f"<Stream #{self.id} {self.peer} {self.spec} {self.fmt.name}>"
 
     # -- the hub's side ------------------------------------------------------------------
     def send(self, data: bytes, events: Sequence[Event] | None) -> None:
@@ -126,6 +139,12 @@ class Stream:
         size = t.get_write_buffer_size()
         if size > self.limit:
             self._overflow(size)
+
+    def write_record(self, data: bytes) -> None:
+        """Write an already framed record (opening, notice) now, bypassing any hold."""
+        t = self.transport
+        if t is not None and data and not t.is_closing():
+            t.write(data)
 
     # -- replay support ------------------------------------------------------------------
     def hold(self) -> None:
@@ -176,11 +195,55 @@ class Stream:
         t = self.transport
         self.transport = None
         if t is not None:
-            _reset_on_close(t)
-            t.abort()
+            if self.fmt.overflow and not t.is_closing():
+                # a close frame after what is queued, then a reset if it is not taken in time
+                t.write(self.fmt.overflow)
+                t.close()
+                asyncio.get_running_loop().call_later(OVERFLOW_CLOSE_GRACE, _reset, t)
+            else:
+                _reset(t)
         self.end("overflow")
 
     def end(self, why: str) -> None:
         """Ask the stream's handler to finish (``shutdown``, ``overflow``, ``gone``...)."""
         if not self.done.done():
             self.done.set_result(why)
+
+
+# -- opening and closing a stream (both lanes) ------------------------------------------------
+def stream_head(fmt: StreamFormat, server: str,
+                extra: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """The response headers of a stream in ``fmt`` (Server first, then the format's own)."""
+    head = [("Server", server), *fmt.headers]
+    if extra:
+        head.extend(extra.items())
+    return head
+
+
+def open_stream(state: State, transport: asyncio.Transport, fmt: StreamFormat, spec: TopicSpec,
+                peer: str, principal: Principal | None, *, acl: Acl = NO_ACL, preamble: bytes = b"",
+                hold: bool = False) -> Stream:
+    """Register a subscriber whose response head has been sent: write the format's opening
+    record and ``preamble`` (a notice), enter the open-stream set and the hub.
+
+    With ``hold``, live events are held from the moment of joining until the caller's replay
+    :meth:`~Stream.release` s them (gap-free: joined before the log snapshot is taken).
+    """
+    stream = Stream(transport, fmt, spec, peer, state.config.server.stream_buffer, state.stats,
+                    principal)
+    stream.write_record(fmt.opening + preamble)
+    state.streams[stream] = None
+    if hold:
+        stream.hold()
+    stream.group = state.hub.topics.subscribe(stream, spec, fmt, acl)
+    return stream
+
+
+def close_stream(state: State, stream: Stream, why: str, *, end_record: bool = True) -> None:
+    """Teardown: out of the hub and the open-stream set; at shutdown, the format's clean end
+    record (the terminating chunk) unless the caller's HTTP layer writes it (``end_record``)."""
+    state.forget(stream, why)
+    t = stream.transport
+    if (end_record and why == "shutdown" and t is not None and not t.is_closing()
+            and stream.fmt.ending):
+        t.write(stream.fmt.ending)

@@ -72,6 +72,18 @@ def test_bench_stalled_subscriber_is_cut_off_and_others_lose_nothing() -> None:
     assert problems(r) == [], r
 
 
+def test_bench_sse_and_websocket_subscribers_get_everything() -> None:
+    results = run_bench("broadcast", "idle", "-n", "20", "--events", "50", "--transport", "sse,ws")
+    assert [(r["scenario"], r["transport"]) for r in results] == [
+        ("broadcast", "sse"), ("broadcast", "ws"), ("idle", "sse"), ("idle", "ws")]
+    for r in results:
+        assert r["published"] == 50 and r["lost"] == 0 and r["duplicates"] == 0, r
+        assert r["closed_by_server"] == 0, r
+        assert problems(r) == [], r
+    assert results[0]["delivered"] == results[1]["delivered"] == 20 * 50
+    assert results[0]["latency_samples"] > 0 and results[1]["latency_samples"] > 0
+
+
 def test_backlog_bench_with_any_replay_count() -> None:
     """--replay need not be a multiple of the publishers (the replay waited forever before)."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backlog_bench.py"), "--events", "40",

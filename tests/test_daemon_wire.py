@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -229,6 +230,11 @@ def test_embedded_defaults_run(tmp_path: Path) -> None:
             assert "Traceback" not in text
             return
         assert "listening on http://127.0.0.1:2069" in text, text
+        page = urllib.request.Request("http://127.0.0.1:2069/any/topic",
+                                      headers={"Accept": "text/html,*/*;q=0.8"})
+        with urllib.request.urlopen(page, timeout=10) as r:  # the live page, on the defaults too
+            assert r.headers["Content-Type"] == "text/html; charset=utf-8"
+            assert b"PubSubSubscription" in r.read()
     finally:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)

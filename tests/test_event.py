@@ -1,4 +1,4 @@
-"""Unit tests of events: stamping, framing, restoring, cursors."""
+"""Unit tests of events: stamping, restoring, cursors (framing: test_formats)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 import hub.cursor as cursor_mod
 from hub.cursor import cursor_time, is_uuid7, new_cursor
-from hub.event import WireFormat, frame, make_event, ping_bytes, restore_event
+from hub.event import make_event, restore_event
 
 
 def test_stamping_does_not_mutate_and_server_wins() -> None:
@@ -23,21 +23,6 @@ def test_stamping_does_not_mutate_and_server_wins() -> None:
     assert ev.payload["pubsub_cursor"] == ev.cursor != "forged"
     assert ev.private and ev.topics == ("a", "b")
     assert json.loads(ev.json) == ev.payload
-
-
-def test_one_record_per_chunk() -> None:
-    ev = make_event("/a", {"k": "v"})
-    chunk = ev.wire(WireFormat.CHUNKED)
-    size, _, rest = chunk.partition(b"\r\n")
-    assert int(size, 16) == len(ev.json) + 1
-    assert rest == ev.json + b"\n\r\n"
-    assert ev.wire(WireFormat.CHUNKED) is chunk  # serialised once, shared
-    nul = ev.wire(WireFormat.CHUNKED_NUL)
-    assert nul.endswith(b"\n\0\r\n") and int(nul.split(b"\r\n")[0], 16) == len(ev.json) + 2
-    assert ev.wire(WireFormat.RAW_NUL) == ev.json + b"\n\0"
-    assert ev.wire(WireFormat.RAW) == ev.json + b"\n"
-    assert frame(b"{}", WireFormat.CHUNKED) == b"3\r\n{}\n\r\n"
-    assert json.loads(ping_bytes(WireFormat.RAW, 5.0)) == {"stillalive": 5.0}
 
 
 def test_big_integers_survive() -> None:

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from hub.cursor import cursor_time
-from hub.event import Event, WireFormat, make_event
+from hub.event import Event, make_event
 from hub.hub import Hub
 from hub.topics import parse_subscription
 from plugins.backlog_sqlite import IMPORT_BACKUP_SUFFIX, SqliteLog
 from server.errors import ServiceUnavailable
 from server.eventlog import COMPACT_MIN, Appended, MemoryLog
+from server.formats import NDJSON
 from server.ingest import Ingest
 from server.replay import CURSOR_FOUND_HEADER, TRUNCATED_HEADER, Replayer
 from tests.support import await_until
@@ -265,7 +266,7 @@ class Collect:
 async def test_ingest_routes_only_what_the_tail_hands_back() -> None:
     hub = Hub()
     sink = Collect()
-    hub.topics.subscribe(sink, parse_subscription("/"), WireFormat.CHUNKED)
+    hub.topics.subscribe(sink, parse_subscription("/"), NDJSON)
     log = ParkedLog()
     ingest = Ingest(hub, log)
     assert not ingest.synchronous
@@ -287,7 +288,7 @@ async def test_ingest_routes_only_what_the_tail_hands_back() -> None:
 async def test_sqlite_routes_after_commit_in_position_order(tmp_path: Path) -> None:
     hub = Hub()
     sink = Collect()
-    hub.topics.subscribe(sink, parse_subscription("/"), WireFormat.CHUNKED)
+    hub.topics.subscribe(sink, parse_subscription("/"), NDJSON)
     log = SqliteLog(tmp_path / "b.db", 100)
     ingest = Ingest(hub, log)
     await log.start()
@@ -308,7 +309,7 @@ async def test_sqlite_routes_after_commit_in_position_order(tmp_path: Path) -> N
 async def test_ingest_memory_path_is_synchronous() -> None:
     hub = Hub()
     sink = Collect()
-    hub.topics.subscribe(sink, parse_subscription("/"), WireFormat.CHUNKED)
+    hub.topics.subscribe(sink, parse_subscription("/"), NDJSON)
     log = MemoryLog(10)
     ingest = Ingest(hub, log)
     assert ingest.synchronous

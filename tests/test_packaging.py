@@ -7,6 +7,8 @@ import site
 import subprocess
 import sys
 import tomllib
+import urllib.request
+import zipfile
 from pathlib import Path
 
 from tests.support import HOST, free_port, wait_until
@@ -41,6 +43,10 @@ def test_pip_install_gives_a_working_pypubsub_command(tmp_path: Path) -> None:
     # from the wheel only
     (Path(purelib) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     wheel = next(wheels.glob("pypubsub-*.whl"))
+    with zipfile.ZipFile(wheel) as z:  # the live page's files, the browser client a real copy
+        names = set(z.namelist())
+        assert {"server/static/page.html", "server/static/page.js"} <= names
+        assert b"class PubSubSubscription" in z.read("server/static/pypubsub.js")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "-q", "--no-deps",
                     "--no-index", str(wheel)], check=True, timeout=300, capture_output=True)
     cmd = venv / "bin" / "pypubsub"
@@ -64,6 +70,9 @@ def test_pip_install_gives_a_working_pypubsub_command(tmp_path: Path) -> None:
         where = subprocess.run([str(vpy), "-c", "import server; print(server.__file__)"], cwd=work,
                                capture_output=True, text=True, check=True).stdout
         assert where.startswith(purelib)
+        page = urllib.request.Request(f"http://{HOST}:{port}/t", headers={"Accept": "text/html"})
+        with urllib.request.urlopen(page, timeout=10) as r:  # the live page, from the wheel
+            assert b"PubSubSubscription" in r.read()
     finally:
         p.terminate()
         assert p.wait(15) == 0

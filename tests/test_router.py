@@ -6,9 +6,10 @@ import asyncio
 import random
 from collections.abc import Sequence
 
-from hub.event import Event, WireFormat, make_event
+from hub.event import Event, make_event
 from hub.router import TopicRouter
 from hub.topics import TopicSpec, parse_subscription
+from server.formats import NDJSON, SSE, WEBSOCKET
 
 
 class Recorder:
@@ -33,7 +34,7 @@ def test_index_agrees_with_a_naive_scan() -> None:
         batches = [rnd.sample(words, rnd.randint(0, 3)) for _ in range(rnd.randint(1, 3))]
         spec = TopicSpec.of(batches)
         r = Recorder()
-        router.subscribe(r, spec, WireFormat.CHUNKED)
+        router.subscribe(r, spec, NDJSON)
         subs.append((r, spec))
     for _ in range(500):
         ev = make_event("/" + "/".join(rnd.sample(words, rnd.randint(0, 5))), {})
@@ -46,9 +47,9 @@ async def test_coalesced_and_shared_bytes() -> None:
     router = TopicRouter()
     a, b, c = Recorder(), Recorder(), Recorder()
     spec = parse_subscription("/x")
-    router.subscribe(a, spec, WireFormat.CHUNKED)
-    router.subscribe(b, parse_subscription("/x"), WireFormat.CHUNKED)
-    router.subscribe(c, parse_subscription("/y"), WireFormat.CHUNKED)
+    router.subscribe(a, spec, NDJSON)
+    router.subscribe(b, parse_subscription("/x"), NDJSON)
+    router.subscribe(c, parse_subscription("/y"), NDJSON)
     assert len(list(router.groups())) == 2  # identical specs share a group
     e1, e2 = make_event("/x", {"n": 1}), make_event("/x/y", {"n": 2})
     router.route(e1)
@@ -56,7 +57,7 @@ async def test_coalesced_and_shared_bytes() -> None:
     assert a.data == []  # nothing written until the loop turns
     await asyncio.sleep(0)
     assert len(a.data) == 1 and a.data[0] is b.data[0]  # one write, the same bytes object
-    assert a.data[0] == e1.wire(WireFormat.CHUNKED) + e2.wire(WireFormat.CHUNKED)
+    assert a.data[0] == e1.wire(NDJSON) + e2.wire(NDJSON)
     assert [e.cursor for e in c.events] == [e2.cursor]
 
 
@@ -64,9 +65,9 @@ async def test_private_events_need_an_acl_segment() -> None:
     router = TopicRouter()
     anon, ok, partial = Recorder(), Recorder(), Recorder()
     spec = parse_subscription("/")
-    router.subscribe(anon, spec, WireFormat.CHUNKED)
-    router.subscribe(ok, spec, WireFormat.CHUNKED, frozenset({frozenset({"svn"})}))
-    router.subscribe(partial, spec, WireFormat.CHUNKED, frozenset({frozenset({"svn", "secret"})}))
+    router.subscribe(anon, spec, NDJSON)
+    router.subscribe(ok, spec, NDJSON, frozenset({frozenset({"svn"})}))
+    router.subscribe(partial, spec, NDJSON, frozenset({frozenset({"svn", "secret"})}))
     router.route(make_event("/private/svn/commit", {}))
     await asyncio.sleep(0)
     assert (len(anon.events), len(ok.events), len(partial.events)) == (0, 1, 0)
@@ -77,7 +78,7 @@ async def test_unsubscribe_and_move_keep_counts() -> None:
     seen: list[tuple[str, int, bool]] = []
     router.add_listener(lambda spec, n, joined: seen.append((str(spec), n, joined)))
     r = Recorder()
-    g = router.subscribe(r, parse_subscription("/a"), WireFormat.CHUNKED)
+    g = router.subscribe(r, parse_subscription("/a"), NDJSON)
     g2 = router.move(r, g, frozenset({frozenset({"a"})}))
     assert router.subscriber_count == 1 and g2 is not g
     router.unsubscribe(r, g2)
@@ -87,3 +88,18 @@ async def test_unsubscribe_and_move_keep_counts() -> None:
     router.route(make_event("/a", {}))
     await asyncio.sleep(0)
     assert r.events == []
+
+
+async def test_every_format_shares_one_bytes_object_per_group() -> None:
+    router = TopicRouter()
+    spec = parse_subscription("/a")
+    sinks = {fmt: [Recorder(), Recorder()] for fmt in (NDJSON, SSE, WEBSOCKET)}
+    for fmt, rs in sinks.items():
+        for r in rs:
+            router.subscribe(r, spec, fmt)
+    ev = make_event("/a", {"k": 1})
+    router.route(ev)
+    router.flush()
+    for fmt, (r1, r2) in sinks.items():
+        assert r1.data == [ev.wire(fmt)]
+        assert r1.data[0] is r2.data[0]  # framed once, the same object written to both

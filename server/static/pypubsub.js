@@ -1,0 +1,1 @@
+../../clients/browser/pypubsub.js

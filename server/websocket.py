@@ -1,0 +1,86 @@
+"""WebSocket subscribers: the handshake on a subscription path, and the connection's life.
+
+Owns the aiohttp :class:`~aiohttp.web.WebSocketResponse` (compression off, protocol pings to
+find dead peers, close 1001 at shutdown) and reading what the client sends (nothing is expected:
+control frames are answered by aiohttp, anything else is ignored). Events do not go through
+aiohttp's writer: the hub writes each group's pre-framed text frames (``server.formats.
+WEBSOCKET``) straight to the connection's transport, the same bytes object for every
+subscriber, exactly as it does for HTTP streams (``server.stream``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSMsgType, web
+
+from hub.router import NO_ACL
+from hub.topics import TopicSpec
+from server.app import SERVER_HEADER, State, _peer, gap_notice, reauthenticate, replay_request
+from server.auth import Principal
+from server.formats import WEBSOCKET, WS_GOING_AWAY
+from server.stream import close_stream, open_stream
+from server.tasks import cancel_and_wait
+
+__all__ = ["websocket_response"]
+
+logger = logging.getLogger(__name__)
+
+#: seconds the closing handshake may take (our close frame, the peer's answer)
+CLOSE_TIMEOUT = 2.0
+#: a subscriber has nothing to say: a message larger than this is a protocol error
+MAX_INCOMING = 4096
+
+
+async def websocket_response(request: web.Request, state: State, spec: TopicSpec,
+                             who: Principal | None, generation: int) -> web.StreamResponse:
+    """Serve one WebSocket subscriber until it closes, overflows or the server shuts down."""
+    asked = replay_request(request)
+    replay = await state.replay(asked) if state.replay is not None else None
+    answer = replay.headers if replay is not None else {}
+    ws = web.WebSocketResponse(compress=False, autoping=True, heartbeat=state.config.server.ping_interval,
+                               timeout=CLOSE_TIMEOUT, max_msg_size=MAX_INCOMING)
+    ws.headers.update({"Server": SERVER_HEADER, **answer})
+    if replay is not None and not replay.needed:
+        replay = None
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None:
+        return ws
+    who = await reauthenticate(state, request, who, generation)
+    stream = open_stream(state, transport, WEBSOCKET, spec, _peer(request), who,
+                         acl=who.acl if who is not None else NO_ACL,
+                         preamble=gap_notice(WEBSOCKET, asked, answer), hold=replay is not None)
+    closer: list[asyncio.Task[bool]] = []
+
+    def on_done(fut: asyncio.Future[str]) -> None:
+        # shutdown: the close handshake breaks the receive loop below (aiohttp allows close()
+        # from another task); overflow and a vanished peer end it through the transport
+        if fut.result() == "shutdown" and not ws.closed:
+            closer.append(asyncio.get_running_loop().create_task(
+                ws.close(code=WS_GOING_AWAY, message=b"server shutting down"),
+                name=f"pypubsub-ws-close-{stream.id}"))
+
+    stream.done.add_done_callback(on_done)
+    why = "gone"
+    try:
+        if replay is not None:
+            await replay.run(stream)
+            stream.release()
+        # one task per subscriber: this handler, reading what the peer sends (nothing is
+        # expected; aiohttp answers pings and the closing handshake) until the connection ends
+        async for msg in ws:
+            if msg.type is WSMsgType.ERROR:
+                logger.debug("websocket %r: %s", stream, ws.exception())
+                break
+        why = stream.done.result() if stream.done.done() else "gone"
+    finally:
+        close_stream(state, stream, why)
+        stream.end(why)
+        if closer:  # let the closing handshake finish (bounded), then make sure it is over
+            try:
+                await asyncio.wait(closer, timeout=CLOSE_TIMEOUT + 1.0)
+            finally:
+                await cancel_and_wait(*closer)
+    return ws
