@@ -181,8 +181,9 @@ class TextFormatter(CachedTimeFormatter):
         return line
 
     def access_lines(self, raw: list[RawAccess]) -> str:
-        """:meth:`access_line` of each raw access line, each ended by a newline (one ``%`` per
-        line: the time text, the level, the logger's name and the message's fields at once)."""
+        """What :meth:`format` makes of each raw access line (an INFO record of the access logger
+        with ``ACCESS_MESSAGE``; for the format :data:`FORMAT` only), each ended by a newline:
+        one ``%`` per line, the time text, level, logger's name and message's fields at once."""
         lines = []
         for created, peer, request, status, n, seconds, ua in raw:
             sec = int(created)
@@ -203,16 +204,6 @@ class TextFormatter(CachedTimeFormatter):
             lines.append(line)
         lines.append("")
         return "\n".join(lines)
-
-    def access_line(self, created: float, args: tuple[Any, ...]) -> str:
-        """What :meth:`format` makes of an INFO record of the access logger with ``ACCESS_MESSAGE``
-        and ``args`` created at ``created`` (for the format :data:`FORMAT` only)."""
-        sec = int(created)
-        if sec != self._sec:
-            self._sec = sec
-            self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created))
-        return (f"{self._text},{int((created - sec) * 1000):03d} {_INFO} {ACCESS_LOGGER}: "
-                f"{escape(ACCESS_MESSAGE % args)}")
 
 
 class JsonFormatter(logging.Formatter):
@@ -301,7 +292,7 @@ class BufferedLineHandler(logging.Handler):
     def _format_raw(self) -> None:
         raw, self._raw = self._raw, []
         f = _access_formatter(self.formatter)
-        if type(f) is TextFormatter:
+        if isinstance(f, TextFormatter):
             text = f.access_lines(raw)
             self._buf.append(text)
             self._size += len(text)
