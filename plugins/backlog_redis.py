@@ -208,6 +208,8 @@ class RedisLog:
         self.entries_read = 0
         self.unreadable = 0
         self.resets = 0
+        #: the stream's newest id when the maintainer last looked (for the read lag)
+        self.newest_id = b"0-0"
 
     def __repr__(self) -> str:
         return f"<RedisLog {self.where} {len(self.mirror)}/{self.size}>"
@@ -217,7 +219,14 @@ class RedisLog:
         return {**self.mirror.stats(), "cluster_entries_read_total": self.entries_read,
                 "cluster_unreadable_entries_total": self.unreadable,
                 "cluster_resets_total": self.resets, "cluster_outages_total": self.outage.count,
-                "cluster_redis_up": 0 if self.outage.down else 1}
+                "cluster_redis_up": 0 if self.outage.down else 1,
+                "cluster_read_lag_seconds": self.read_lag()}
+
+    def read_lag(self) -> float:
+        """How far this node's reading is behind the stream: the time between the newest entry
+        the maintainer saw (every ``MAINTAIN_INTERVAL``) and the last entry read back."""
+        behind = _split_id(self.newest_id)[0] - _split_id(self.last_id)[0]
+        return max(behind, 0) / 1000
 
     def unready(self) -> str | None:
         """Why a publish cannot be accepted now (None: it can)."""
@@ -553,6 +562,7 @@ class RedisLog:
             why = "the stream is gone"
         else:
             last = _field(info, "last-generated-id") or b"0-0"
+            self.newest_id = last if isinstance(last, bytes) else str(last).encode()
             if _split_id(last) >= _split_id(self.last_id):
                 return
             why = "the stream is behind what this node read"

@@ -38,7 +38,7 @@ fi
 
 missing=0
 check() { command -v "$1" >/dev/null || { echo "install.sh: $1 is missing after install" >&2; missing=1; }; }
-.venv/bin/python -c "import aiohttp, yaml, netaddr, orjson, uvloop, bonsai, argon2, bcrypt, aiobotocore, redis, hiredis, prometheus_client" \
+.venv/bin/python -c "import aiohttp, httptools, yaml, netaddr, orjson, uvloop, bonsai, argon2, bcrypt, aiobotocore, redis, hiredis, prometheus_client" \
   || missing=1
 if [ $dev = 1 ]; then
   for t in slapd slapadd redis-server node ruby systemd-analyze openssl chromium chromedriver; do check "$t"; done

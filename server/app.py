@@ -31,6 +31,7 @@ from server.errors import BadRequest, Forbidden, PayloadTooLarge, PubSubError, S
 from server.eventlog import EventLog, MemoryLog
 from server.formats import FORMATS, STREAM_CONTENT_TYPE, StreamFormat, stream_format, wire_format
 from server.ingest import Ingest
+from server.limits import Limits
 from server.logs import access_log_flusher, log_access
 from server.metrics import Registry, StatsSource
 from server.negotiate import Decision, Outcome, negotiate
@@ -82,6 +83,8 @@ class State:
     #: requests refused, by status code (every PubSubError answered by ``dispatch``)
     rejected: dict[int, int] = field(default_factory=dict)
     cors: Cors = field(default_factory=lambda: Cors(()))
+    #: open connections and refusals, kept by both lanes (server.limits)
+    limits: Limits = field(default_factory=Limits)
     #: requests whose credentials did not authenticate
     auth_failures: int = 0
     #: every part that counts registers here (``server.metrics``); read by /metrics and /status
@@ -460,11 +463,13 @@ def build_app(config: Config, *, log: EventLog | None = None, auth: Authenticato
     log = log or MemoryLog(config.server.backlog.size, config.server.backlog.max_age)
     state = State(config=config, hub=hub, log=log, ingest=Ingest(hub, log),
                   allow=AllowList(config.clients.payloaders), auth=auth or NoAuth(),
-                  cors=Cors(config.server.cors_origins))
+                  cors=Cors(config.server.cors_origins),
+                  limits=Limits(config.server.max_connections, config.server.max_connections_per_ip,
+                                config.server.header_timeout))
     app = web.Application(client_max_size=config.server.max_payload_size + 1, handler_args={
         "max_field_size": 16384, "max_line_size": 16384})
     app[STATE] = state
-    for source in (StateStats(state), state.stats, hub.topics, state.ingest):
+    for source in (StateStats(state), state.stats, hub.topics, state.ingest, state.limits):
         state.metrics.register(source)
     if isinstance(log, StatsSource):
         state.metrics.register(log)

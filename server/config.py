@@ -50,6 +50,9 @@ DEFAULT_STREAM_BUFFER = 4 * 1024 * 1024
 DEFAULT_PING_INTERVAL = 5.0
 #: How long shutdown waits for streams and plugins before giving up on them.
 DEFAULT_SHUTDOWN_GRACE = 3.0
+#: Seconds a client has to send a complete request head, from its connection (a total: a
+#: client trickling bytes does not extend it).
+DEFAULT_HEADER_TIMEOUT = 30.0
 #: A replay never sends more than this many events (no request scans forever); 0 = no cap.
 DEFAULT_MAX_REPLAY = 100_000
 #: The Redis Streams key of a cluster's shared log (``server.backlog.stream``).
@@ -296,6 +299,12 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     #: serve plain publishes and subscriptions through the fast lane (false: aiohttp only)
     fast_lane: bool = True
+    #: open client connections at most, on all listeners together; 0 disables the limit
+    max_connections: int = 0
+    #: open client connections at most from one IP address; 0 disables the limit
+    max_connections_per_ip: int = 0
+    #: seconds to send a complete request head (a total, from the connection)
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
     admin: AdminConfig = field(default_factory=AdminConfig)
     #: ``text`` or ``json`` (one JSON object per line); ``--log-format`` overrides it
     log_format: str = "text"
@@ -441,9 +450,14 @@ def parse_config(data: object, file: str) -> Config:
         subscriber_header=srv.typed("subscriber_header", bool, True),
         cors_origins=_parse_origins(srv, "cors_origins"),
         fast_lane=srv.typed("fast_lane", bool, True),
+        max_connections=srv.integer("max_connections", 0, minimum=0),
+        max_connections_per_ip=srv.integer("max_connections_per_ip", 0, minimum=0),
+        header_timeout=srv.duration("header_timeout", DEFAULT_HEADER_TIMEOUT),
         admin=_parse_admin(srv),
         log_format=log_format,
     )
+    if server.header_timeout <= 0:
+        srv.report("header_timeout", "must be positive")
     if server.ping_interval <= 0:
         srv.report("ping_interval", "must be positive")
     if server.stream_buffer < 65536:

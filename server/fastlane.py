@@ -44,6 +44,8 @@ from server.app import (
     wire_format,
 )
 from server.errors import BadRequest
+from server.gate import Gate
+from server.limits import Refusal, fd_of
 from server.logs import log_publish
 from server.negotiate import Lane as Via
 from server.negotiate import Outcome, negotiate
@@ -61,9 +63,7 @@ access_logger = logging.getLogger("pypubsub.access")
 
 #: a request head larger than this goes to aiohttp (which enforces its own limits)
 MAX_HEAD = 16 * 1024
-#: seconds a connection may take to send a complete request head
-HEAD_TIMEOUT = 30.0
-#: seconds an idle keep-alive publisher connection is kept (aiohttp's default too)
+#: seconds an idle keep-alive publisher connection is kept (aiohttp's lane is given it too)
 KEEPALIVE_TIMEOUT = 75.0
 
 #: distinct publish targets a lane keeps parsed
@@ -99,6 +99,7 @@ class Lane:
         srv = state.config.server
         self.max_payload = srv.max_payload_size
         self.oldschoolers = state.config.clients.oldschoolers
+        self.limits = state.limits
         body = ACCEPTED_TEXT.encode()
         self.accepted_tail = (b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(body), body))
@@ -157,8 +158,8 @@ class FastLane(asyncio.Protocol):
     :class:`_Reader`, dropped once the connection is a stream (idle streams are many).
     """
 
-    __slots__ = ("deadline", "lane", "peer", "reader", "started", "stream", "target", "timer",
-                 "transport", "ua")
+    __slots__ = ("deadline", "in_head", "lane", "peer", "reader", "started", "stream", "target",
+                 "timer", "transport", "ua")
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
@@ -169,6 +170,8 @@ class FastLane(asyncio.Protocol):
         self.stream: Stream | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
+        #: the deadline is the first request head's (server.header_timeout)
+        self.in_head = False
         self.started = 0.0
         self.ua = b"-"
         self.target = b""
@@ -178,11 +181,22 @@ class FastLane(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # create_server gives a Transport
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "?"
-        self.lane.conns[self] = None
-        self._arm(HEAD_TIMEOUT)
+        lane = self.lane
+        reason = lane.limits.admit(self.peer, fd_of(transport))
+        if reason is not None:
+            self.transport = None
+            if self.reader is not None:
+                self.reader.close()
+                self.reader = None
+            Refusal.take(transport, lane.limits, reason)
+            return
+        lane.conns[self] = None
+        self.in_head = True
+        self._arm(lane.limits.header_timeout)
 
     def connection_lost(self, _exc: Exception | None) -> None:
-        self.lane.conns.pop(self, None)
+        if self.lane.conns.pop(self, 0) is None:  # in conns: admitted, so counted
+            self.lane.limits.release(self.peer)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -194,11 +208,15 @@ class FastLane(asyncio.Protocol):
             self.reader = None
 
     def _arm(self, delay: float) -> None:
-        """Move the idle deadline; the timer is re-armed lazily when it fires (not per request)."""
+        """Move the deadline; a later one re-arms the timer lazily when it fires (not per
+        request), an earlier one (a head's after a keep-alive's) at once."""
         loop = self.lane.loop
-        self.deadline = loop.time() + delay
-        if self.timer is None:
-            self.timer = loop.call_at(self.deadline, self._timeout)
+        self.deadline = d = loop.time() + delay
+        timer = self.timer
+        if timer is None or d < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self.timer = loop.call_at(d, self._timeout)
 
     def _timeout(self) -> None:
         self.timer = None
@@ -207,6 +225,8 @@ class FastLane(asyncio.Protocol):
         if self.lane.loop.time() < self.deadline:
             self.timer = self.lane.loop.call_at(self.deadline, self._timeout)
         else:
+            if self.in_head:
+                self.lane.limits.header_timeouts += 1
             self.transport.close()
 
     def pause_writing(self) -> None:  # a publisher not reading its responses: stop reading it
@@ -229,7 +249,14 @@ class FastLane(asyncio.Protocol):
             reader.close()  # a stream parses nothing more
             self.reader = None
         elif self.transport is not None:
-            self._arm(KEEPALIVE_TIMEOUT if not pending else HEAD_TIMEOUT)
+            if not pending or not reader.in_head or reader.answered:
+                # idle, a body on its way, or requests answered: the keep-alive time from now
+                self.in_head = False
+                self._arm(KEEPALIVE_TIMEOUT)
+            # else a head on its way: its deadline is a total, its bytes do not move it (the
+            # first head's is server.header_timeout from the connection; a later one's the
+            # keep-alive time from the last answer, as aiohttp's)
+            reader.answered = False
 
     def _hand_over(self, buf: bytes) -> None:
         """Give this connection, and every byte not yet answered, to aiohttp."""
@@ -237,19 +264,20 @@ class FastLane(asyncio.Protocol):
         if self.reader is not None:
             self.reader.close()
             self.reader = None
-        self.lane.conns.pop(self, None)
+        lane = self.lane
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.transport = None
+        if lane.conns.pop(self, 0) is not None:
+            return  # not in conns (not counted): already closed or handed over
         if t is None or t.is_closing():
+            lane.limits.release(self.peer)
             return
-        self.lane.handed_over += 1
-        handler = self.lane.fallback()
-        t.set_protocol(handler)
-        handler.connection_made(t)
-        if buf:
-            handler.data_received(buf)
+        lane.handed_over += 1
+        # the Gate keeps the count and the head's deadline; aiohttp serves the connection
+        deadline = self.deadline if self.in_head else lane.loop.time() + lane.limits.header_timeout
+        Gate.adopt(t, lane.limits, lane.fallback, self.peer, buf, deadline)
 
     # -- requests ----------------------------------------------------------------------------
     def publish(self, method: bytes, url: bytes, pub: PublishTarget, body: bytes,
@@ -318,8 +346,8 @@ class _Reader:
     with everything after it, once the requests before it are answered.
     """
 
-    __slots__ = ("body", "buf", "cl", "conn", "dup", "head_end", "headers", "in_head", "method",
-                 "mstart", "parser", "pos", "pub", "ready", "stop", "url")
+    __slots__ = ("answered", "body", "buf", "cl", "conn", "dup", "head_end", "headers", "in_head",
+                 "method", "mstart", "parser", "pos", "pub", "ready", "stop", "url")
 
     def __init__(self, conn: FastLane) -> None:
         self.conn = conn
@@ -328,6 +356,8 @@ class _Reader:
         #: bytes received and not yet answered start at ``buf[pos]``
         self.buf = b""
         self.pos = 0
+        #: requests were answered since the connection last looked (a new head began)
+        self.answered = False
         #: complete requests of this read, to answer once it parsed whole:
         #: (publish target or None for a stream, method, target, body, user agent, end offset)
         self.ready: list[tuple[PublishTarget | None, bytes, bytes, bytes, bytes | None, int]] = []
@@ -378,6 +408,7 @@ class _Reader:
         buf = self.buf
         pos = self.pos
         if pos:  # keep only what is not answered yet
+            self.answered = True
             buf = self.buf = buf[pos:] if pos < len(buf) else b""
             self.mstart -= pos
             if self.head_end:

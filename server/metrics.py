@@ -147,6 +147,17 @@ METRICS: dict[str, MetricSpec] = {
         "counter", "Cluster: the Redis stream was found deleted or reset (FLUSHALL, failover)."),
     "cluster_outages_total": MetricSpec("counter", "Cluster: times Redis became unreachable."),
     "cluster_redis_up": MetricSpec("gauge", "Cluster: 1 while Redis answers, 0 during an outage."),
+    "cluster_read_lag_seconds": MetricSpec(
+        "gauge", "Cluster: how far this node's reading lags the stream's newest entry (seconds)."),
+    "connections": MetricSpec("gauge", "Open client connections, all listeners (server.max_connections)."),
+    "connections_refused_total": MetricSpec(
+        "counter", "New connections answered 503 (WebSocket: 1013), by the limit reached: "
+        "max_connections, max_connections_per_ip, file_descriptors.", "reason"),
+    "header_timeouts_total": MetricSpec(
+        "counter", "Connections closed for not sending a complete request head within "
+        "server.header_timeout."),
+    "accept_errors_total": MetricSpec(
+        "counter", "accept() calls that failed for lack of a resource (descriptors, memory)."),
     "uptime_seconds": MetricSpec("gauge", "Seconds since the daemon started."),
     "draining": MetricSpec("gauge", "1 while the daemon drains for shutdown."),
 }

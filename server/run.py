@@ -32,7 +32,9 @@ from server.admin import build_admin_app
 from server.app import STATE, State
 from server.config import Config, TlsConfig
 from server.errors import ConfigError
-from server.fastlane import FastLaneSite, Lane
+from server.fastlane import KEEPALIVE_TIMEOUT, FastLaneSite, Lane
+from server.gate import GateSite
+from server.limits import AcceptErrorLog
 from server.notify import Notifier
 from server.tasks import cancel_and_wait
 
@@ -229,11 +231,15 @@ async def serve(config: Config, app: web.Application,
         for e in bad:
             logger.error("configuration error: %s", e)
         return 2
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=access_logger,
+    # keepalive_timeout: the fast lane's, so both lanes close an idle connection alike
+    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=KEEPALIVE_TIMEOUT,
+                           access_log=access_logger,
                            access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=srv.shutdown_grace)
     admin_runner: web.AppRunner | None = None
     ssl_ctx = make_ssl_context(srv.tls, config.file) if srv.tls else None
     await runner.setup()
+    limits = state.limits
+    loop.set_exception_handler(AcceptErrorLog(limits))
     sites: list[web.BaseSite] = []
     admin_sites: list[web.BaseSite] = []
     lanes: list[FastLaneSite] = []
@@ -245,11 +251,11 @@ async def serve(config: Config, app: web.Application,
                 lanes.append(lane)
                 sites.append(lane)
             else:
-                sites.append(web.TCPSite(runner, h, srv.port, backlog=LISTEN_BACKLOG,
-                                         reuse_address=True))
+                sites.append(GateSite(runner, h, srv.port, limits, backlog=LISTEN_BACKLOG,
+                                      reuse_address=True))
             if srv.tls is not None and ssl_ctx is not None:
-                sites.append(web.TCPSite(runner, h, srv.tls.port, ssl_context=ssl_ctx,
-                                         backlog=LISTEN_BACKLOG, reuse_address=True))
+                sites.append(GateSite(runner, h, srv.tls.port, limits, ssl_context=ssl_ctx,
+                                      backlog=LISTEN_BACKLOG, reuse_address=True))
         if srv.admin.port is not None:
             admin_runner = web.AppRunner(build_admin_app(state), access_log=None)
             await admin_runner.setup()

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -76,7 +77,8 @@ class Daemon:
 
     def __init__(self, workdir: Path, config: dict[str, Any] | None = None,
                  acl: dict[str, Any] | None = None, args: list[str] | None = None,
-                 port: int | None = None, env: dict[str, str] | None = None) -> None:
+                 port: int | None = None, env: dict[str, str] | None = None,
+                 nofile: int | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -87,6 +89,8 @@ class Daemon:
         self.log_path = workdir / "daemon.log"
         self.args = args or []
         self.env = env or {}
+        #: the daemon's soft RLIMIT_NOFILE (None: inherited)
+        self.nofile = nofile
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
         self.write_files(acl)
@@ -107,11 +111,17 @@ class Daemon:
         self.proc = subprocess.Popen(
             [PYTHON, str(ROOT / "pypubsub.py"), "--config", str(self.config_path),
              "--acl", str(self.acl_path), "--log-level", "debug", *self.args],
-            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            preexec_fn=self._limit_files if self.nofile is not None else None)
         log.close()
         if wait:
             self.wait_ready()
         return self
+
+    def _limit_files(self) -> None:
+        """In the child, before exec: lower the soft open-file limit."""
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile or 0, hard))
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         def ready() -> bool:

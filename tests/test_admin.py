@@ -294,6 +294,7 @@ async def test_cluster_node_is_not_ready_while_redis_is_down(daemon_factory: Dae
         await wait_sample(d, "pypubsub_cluster_entries_read_total", 1)
         assert (await get(url + "/readyz"))[0] == 200
         assert await sample(d, "pypubsub_cluster_redis_up") == 1
+        assert await sample(d, "pypubsub_cluster_read_lag_seconds") == 0  # it has read everything
         redis.kill()
         assert (await publish(d.url, "/t", {"n": 2}))[0] == 503  # the outage is noticed
         await wait_sample(d, "pypubsub_cluster_redis_up", 0)

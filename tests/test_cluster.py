@@ -176,6 +176,17 @@ def test_redis_url_password_never_logged() -> None:
     assert "s3cret" not in repr(log)
 
 
+def test_read_lag_is_the_distance_from_the_newest_entry() -> None:
+    log = RedisLog("redis://127.0.0.1:6390/0", "s", 10)
+    assert log.read_lag() == 0 and log.stats()["cluster_read_lag_seconds"] == 0
+    log.newest_id, log.last_id = b"1700000002500-3", b"1700000001000-0"
+    assert log.read_lag() == 1.5 and log.stats()["cluster_read_lag_seconds"] == 1.5
+    log.last_id = b"1700000002500-3"  # caught up
+    assert log.read_lag() == 0
+    log.newest_id = b"1700000000000-0"  # a stale look at the stream: never negative
+    assert log.read_lag() == 0
+
+
 def test_redis_storage_config_keys() -> None:
     from server.config import parse_config
     from server.errors import ConfigError

@@ -73,6 +73,11 @@ def test_bench_style_nulls_are_accepted() -> None:
     ({"server": {"tls": {"port": 443}}}, "server.tls.cert"),
     ({"server": {"ping_interval": 0}}, "server.ping_interval"),
     ({"server": {"subscriber_header": "maybe"}}, "server.subscriber_header"),
+    ({"server": {"max_connections": -1}}, "server.max_connections"),
+    ({"server": {"max_connections": "many"}}, "server.max_connections"),
+    ({"server": {"max_connections_per_ip": 1.5}}, "server.max_connections_per_ip"),
+    ({"server": {"header_timeout": 0}}, "server.header_timeout"),
+    ({"server": {"header_timeout": "soon"}}, "server.header_timeout"),
     (["a", "list"], "(top level)"),
 ])
 def test_errors_name_file_and_key(data: object, key: str) -> None:
@@ -97,6 +102,15 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("server: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(str(bad))
+
+
+def test_limits() -> None:
+    c = parse_config({"server": {"max_connections": 5000, "max_connections_per_ip": 50,
+                                 "header_timeout": "10s"}}, "conf.yaml")
+    assert (c.server.max_connections, c.server.max_connections_per_ip, c.server.header_timeout) == (
+        5000, 50, 10.0)
+    d = load_config(None).server
+    assert (d.max_connections, d.max_connections_per_ip, d.header_timeout) == (0, 0, 30.0)
 
 
 def test_a_bad_size_unit_is_a_config_error() -> None:

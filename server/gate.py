@@ -1,0 +1,156 @@
+"""The gate in front of aiohttp's connections: limits and the request-head deadline.
+
+Owns :class:`Gate`, a thin protocol between a transport and aiohttp's ``RequestHandler`` that
+counts the connection in :class:`server.limits.Limits` (at connection made and lost, as the fast
+lane does), hands a connection over a limit to :class:`~server.limits.Refusal`, and closes a
+connection whose first request head is not complete within ``server.header_timeout`` (a total,
+not re-armed by each byte: aiohttp has no such deadline of its own). Every connection aiohttp
+serves passes through one: TLS sites, sites without the fast lane, and the connections the fast
+lane hands over. Also owns :class:`GateSite`, the site that puts a Gate in front of each
+connection. It knows nothing of requests beyond the end of the first head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from aiohttp import web
+
+from server.limits import HeadScan, Limits, Refusal, fd_of
+
+if TYPE_CHECKING:
+    from aiohttp.web_protocol import RequestHandler
+
+__all__ = ["Gate", "GateSite"]
+
+
+class Gate(asyncio.Protocol):
+    """Forwards everything to its aiohttp handler; counts the connection while it is open."""
+
+    __slots__ = ("factory", "handler", "limits", "peer", "scan", "timer", "transport")
+
+    def __init__(self, limits: Limits, factory: Callable[[], RequestHandler]) -> None:
+        self.limits = limits
+        self.factory = factory
+        self.handler: RequestHandler | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        #: None once the first head is complete (nothing more is timed)
+        self.scan: HeadScan | None = HeadScan()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else "?"
+        reason = self.limits.admit(self.peer, fd_of(transport))
+        if reason is not None:
+            Refusal.take(transport, self.limits, reason)
+            return
+        self._start(transport, asyncio.get_running_loop().time() + self.limits.header_timeout)
+
+    @classmethod
+    def adopt(cls, transport: asyncio.Transport, limits: Limits, factory: Callable[[], RequestHandler],
+              peer: str, data: bytes, deadline: float) -> None:
+        """Take a connection ``limits`` already counts (the fast lane's), with the bytes it has
+        not answered; the first head must be complete by ``deadline`` (loop time)."""
+        gate = cls(limits, factory)
+        gate.peer = peer
+        transport.set_protocol(gate)
+        gate._start(transport, deadline)
+        if data:
+            gate.data_received(data)
+
+    def _start(self, transport: asyncio.BaseTransport, deadline: float) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.timer = asyncio.get_running_loop().call_at(deadline, self._head_timeout)
+        handler = self.handler = self.factory()
+        handler.connection_made(transport)
+
+    def _head_timeout(self) -> None:
+        self.timer = None
+        if self.scan is not None and self.transport is not None:
+            self.limits.header_timeouts += 1
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        scan = self.scan
+        if scan is not None and scan.feed(data):
+            self.scan = None
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+        if self.handler is not None:
+            self.handler.data_received(data)
+
+    def eof_received(self) -> None:
+        if self.handler is not None:
+            self.handler.eof_received()  # aiohttp's keeps the connection half-open as it decides
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None:
+            self.transport = None
+            self.limits.release(self.peer)
+        handler = self.handler
+        self.handler = None
+        if handler is not None:
+            handler.connection_lost(exc)
+
+
+class GateSite(web.BaseSite):
+    """A TCP (optionally TLS) site whose connections are served by aiohttp behind a :class:`Gate`.
+
+    Built on aiohttp's public ``BaseSite``, as :class:`server.fastlane.FastLaneSite` is.
+    """
+
+    def __init__(self, runner: web.BaseRunner, host: str | None, port: int, limits: Limits, *,
+                 ssl_context: ssl.SSLContext | None = None, backlog: int = 128,
+                 reuse_address: bool = True) -> None:
+        super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
+        self._host = host
+        self._port = port
+        self._reuse_address = reuse_address
+        self._limits = limits
+        self._listener: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (``port: 0`` picks a free one), else the one asked for."""
+        if self._listener is not None:
+            for sock in self._listener.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    return int(sock.getsockname()[1])
+        return self._port
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        host = self._host or "0.0.0.0"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        if server is None:
+            raise RuntimeError("runner not set up")
+        limits = self._limits
+        loop = asyncio.get_running_loop()
+        self._server = self._listener = await loop.create_server(
+            lambda: Gate(limits, server), self._host, self._port, ssl=self._ssl_context,
+            backlog=self._backlog, reuse_address=self._reuse_address)
