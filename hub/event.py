@@ -48,9 +48,10 @@ def dumps(obj: Mapping[str, Any]) -> bytes:
         return _json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Event:
-    """One published event.
+    """One published event. Immutable by convention (not ``frozen``: a frozen dataclass's
+    ``__init__`` costs a ``object.__setattr__`` per field, a sixth of a publish's stamping).
 
     ``payload`` is the stamped object as subscribers see it; ``json`` its serialisation.
     ``topics`` exclude the ``private`` flag segment; ``path`` keeps it.

@@ -10,6 +10,9 @@ Cost model (the point of this module):
 * each batch of a group is indexed under one *anchor* topic, the least used one when it joined,
   so a publish looks only at groups anchored on the event's own topics: O(matching groups),
   never O(all subscribers);
+* a private event finds the groups allowed to see it through a per-family index of ACL
+  segments (each filed under one of its topics), so its cost is O(matching segments), not
+  O(groups);
 * routing only appends the event to each matching group's pending list; one callback per loop
   iteration joins a group's pending records into one ``bytes`` and hands the same object to every
   sink of the group (one socket write per subscriber per iteration, however many events). That
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -54,9 +58,12 @@ class Sink(Protocol):
 class Group:
     """Sinks sharing one (spec, format, ACL). A stream keeps its group to leave or move."""
 
-    __slots__ = ("acl", "family", "fmt", "sinks", "spec")
+    __slots__ = ("acl", "family", "fmt", "last_write", "sinks", "spec")
 
     def __init__(self, family: Family, acl: Acl) -> None:
+        #: ``time.monotonic()`` of the last write to every sink of the group (records or ping);
+        #: a sink that joined later was written to (its headers) no earlier than this
+        self.last_write = time.monotonic()
         self.family = family
         self.spec = family.spec
         self.fmt = family.fmt
@@ -74,19 +81,80 @@ class Family:
     private event is pending does each group get its own ACL-filtered join.
     """
 
-    __slots__ = ("anchors", "fmt", "groups", "has_private", "pending", "spec")
+    __slots__ = ("_flat", "anchors", "fmt", "groups", "pending", "segments", "spec", "visible")
 
     def __init__(self, spec: TopicSpec, fmt: Framing) -> None:
         self.spec = spec
         self.fmt = fmt
         self.groups: dict[Acl, Group] = {}
         self.pending: list[Event] = []
-        self.has_private = False
+        #: for each pending private event, its index in ``pending`` and the groups that see it
+        self.visible: list[tuple[int, dict[Group, None]]] = []
         self.anchors: list[tuple[str, frozenset[str]]] = []
+        #: ACL segment index: anchor topic (the segment's least topic, "" for an empty segment)
+        #: -> segment -> the groups whose ACL holds it. A segment that is a subset of an event's
+        #: topics has its anchor among them, so only the event's own topics are looked up.
+        self.segments: dict[str, dict[frozenset[str], dict[Group, None]]] = {}
+        self._flat: list[Sink] | None = None
+
+    def flat_sinks(self) -> list[Sink]:
+        """Every sink of every group, cached until membership changes (:meth:`changed`)."""
+        flat = self._flat
+        if flat is None:
+            flat = self._flat = [s for g in self.groups.values() for s in g.sinks]
+        return flat
+
+    def changed(self) -> None:
+        self._flat = None
+
+    def add_group(self, group: Group) -> None:
+        self.groups[group.acl] = group
+        segments = self.segments
+        for seg in group.acl:
+            anchor = min(seg) if seg else ""
+            segments.setdefault(anchor, {}).setdefault(seg, {})[group] = None
+
+    def remove_group(self, group: Group) -> None:
+        if self.groups.get(group.acl) is not group:
+            return
+        del self.groups[group.acl]
+        segments = self.segments
+        for seg in group.acl:
+            anchor = min(seg) if seg else ""
+            by_seg = segments.get(anchor)
+            if by_seg is None:
+                continue
+            holders = by_seg.get(seg)
+            if holders is not None:
+                holders.pop(group, None)
+                if not holders:
+                    del by_seg[seg]
+                    if not by_seg:
+                        del segments[anchor]
+
+    def seeing(self, event: Event) -> dict[Group, None]:
+        """The groups of this family allowed to see the private ``event`` (exactly
+        :func:`acl_allows` over every group, in O(segments anchored on the event's topics))."""
+        segments = self.segments
+        out: dict[Group, None] = {}
+        if not segments:
+            return out
+        ts = event.topicset
+        by_seg = segments.get("")
+        if by_seg:
+            for holders in by_seg.values():
+                out.update(holders)
+        for t in event.topics:
+            by_seg = segments.get(t)
+            if by_seg:
+                for seg, holders in by_seg.items():
+                    if seg <= ts:
+                        out.update(holders)
+        return out
 
     def may_see(self, event: Event) -> bool:
         """Could any group of this family see this private event?"""
-        return any(acl and acl_allows(acl, event) for acl in self.groups)
+        return bool(self.seeing(event))
 
     def __repr__(self) -> str:
         return f"<Family {self.spec} {self.fmt.name} groups={len(self.groups)}>"
@@ -127,15 +195,15 @@ class TopicRouter:
             self._index_family(fam)
         g = fam.groups.get(acl)
         if g is None:
-            g = fam.groups[acl] = Group(fam, acl)
+            g = Group(fam, acl)
+            fam.add_group(g)
         return g
 
     def _drop_if_empty(self, group: Group) -> None:
         if group.sinks:
             return
         fam = group.family
-        if fam.groups.get(group.acl) is group:
-            del fam.groups[group.acl]
+        fam.remove_group(group)
         if not fam.groups:
             self._unindex_family(fam)
             self._families.pop((fam.spec, fam.fmt), None)
@@ -149,6 +217,7 @@ class TopicRouter:
         self._flush_now()
         g = self._group(spec, fmt, acl)
         g.sinks[sink] = None
+        g.family.changed()
         self.subscriber_count += 1
         n = self._spec_counts[spec] = self._spec_counts.get(spec, 0) + 1
         self._notify(spec, n, True)
@@ -159,6 +228,7 @@ class TopicRouter:
         if sink not in group.sinks:
             return
         del group.sinks[sink]
+        group.family.changed()
         self.subscriber_count -= 1
         spec = group.spec
         n = self._spec_counts[spec] - 1
@@ -175,8 +245,10 @@ class TopicRouter:
             return group
         self._flush_now()  # what was routed under the old ACL is delivered under it
         new = self._group(group.spec, group.fmt, acl)
+        new.last_write = min(new.last_write, group.last_write)  # the sink's silence goes on
         new.sinks[sink] = None
         del group.sinks[sink]
+        group.family.changed()
         self._drop_if_empty(group)
         return new
 
@@ -214,8 +286,7 @@ class TopicRouter:
     def spec_counts(self) -> dict[TopicSpec, int]:
         return dict(self._spec_counts)
 
-    def matching_families(self, event: Event) -> list[Family]:
-        """Families whose spec matches ``event`` (and, if private, one of whose ACLs allows it)."""
+    def _spec_matches(self, event: Event) -> dict[Family, None]:
         ts = event.topicset
         found: dict[Family, None] = dict(self._match_all)
         index = self._index
@@ -225,34 +296,51 @@ class TopicRouter:
                 for fam, batch in entries:
                     if batch <= ts:
                         found[fam] = None
+        return found
+
+    def _private_matches(self, event: Event) -> list[tuple[Family, dict[Group, None]]]:
+        out = []
+        for f in self._spec_matches(event):
+            seeing = f.seeing(event)
+            if seeing:
+                out.append((f, seeing))
+        return out
+
+    def matching_families(self, event: Event) -> list[Family]:
+        """Families whose spec matches ``event`` (and, if private, one of whose ACLs allows it)."""
         if event.private:
-            return [f for f in found if f.may_see(event)]
-        return list(found)
+            return [f for f, _ in self._private_matches(event)]
+        return list(self._spec_matches(event))
 
     def matching_groups(self, event: Event) -> list[Group]:
         """The groups that would receive ``event``."""
-        out = []
-        for fam in self.matching_families(event):
-            for g in fam.groups.values():
-                if not event.private or (g.acl and acl_allows(g.acl, event)):
-                    out.append(g)
-        return out
+        if event.private:
+            return [g for _, seeing in self._private_matches(event) for g in seeing]
+        return [g for f in self._spec_matches(event) for g in f.groups.values()]
 
     # -- fan-out -------------------------------------------------------------------------
     def route(self, event: Event) -> int:
         """Queue ``event`` for every matching family; returns their number. Never blocks."""
-        fams = self.matching_families(event)
         dirty = self._dirty
-        private = event.private
-        for f in fams:
-            if not f.pending:
-                dirty.append(f)
-            f.pending.append(event)
-            if private:
-                f.has_private = True
+        if event.private:
+            matches = self._private_matches(event)
+            for f, seeing in matches:
+                pending = f.pending
+                if not pending:
+                    dirty.append(f)
+                f.visible.append((len(pending), seeing))
+                pending.append(event)
+            n = len(matches)
+        else:
+            fams = self._spec_matches(event)
+            for f in fams:
+                if not f.pending:
+                    dirty.append(f)
+                f.pending.append(event)
+            n = len(fams)
         if dirty and self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
-        return len(fams)
+        return n
 
     def _flush_now(self) -> None:
         if self._flush_handle is not None:
@@ -264,30 +352,63 @@ class TopicRouter:
         self._flush_handle = None
         dirty, self._dirty = self._dirty, []
         sent = 0
+        now = time.monotonic()
         for f in dirty:
             events, f.pending = f.pending, []
             fmt = f.fmt
-            if f.has_private:
-                f.has_private = False
-                # groups that may see the same subset share one joined bytes object
-                joined: dict[tuple[int, ...], tuple[bytes, Sequence[Event]]] = {}
-                for g in list(f.groups.values()):
-                    acl = g.acl
-                    seen = tuple(i for i, e in enumerate(events)
-                                 if not e.private or (acl and acl_allows(acl, e)))
-                    if not seen:
-                        continue
-                    hit = joined.get(seen)
-                    if hit is None:
-                        evs = events if len(seen) == len(events) else [events[i] for i in seen]
-                        hit = joined[seen] = (b"".join([e.wire(fmt) for e in evs]), evs)
-                    sent += _send(g, *hit) * len(hit[1])
+            if f.visible:
+                visible, f.visible = f.visible, []
+                sent += self._flush_private(f, events, visible, now)
             else:
                 data = events[0].wire(fmt) if len(events) == 1 else b"".join([e.wire(fmt) for e in events])
                 for g in list(f.groups.values()):
-                    sent += _send(g, data, events) * len(events)
+                    sent += _send(g, data, events, now) * len(events)
             self.delivered_batches += 1
         self.deliveries += sent
+
+    @staticmethod
+    def _flush_private(f: Family, events: list[Event],
+                       visible: list[tuple[int, dict[Group, None]]], now: float) -> int:
+        """Write a batch holding private events: each group gets the public events and the
+        private ones its ACL allows; groups seeing the same subset share one joined bytes."""
+        fmt = f.fmt
+        groups = f.groups
+        sent = 0
+        n_groups = len(groups)
+        if len(visible) == len(events) and all(len(s) == n_groups for _, s in visible):
+            # every group sees every event (membership cannot change between route and flush
+            # without a flush): one join for the family, as for a public batch
+            data = b"".join([e.wire(fmt) for e in events])
+            flat = f.flat_sinks()
+            for g in groups.values():
+                g.last_write = now
+            for sink in flat:
+                sink.send(data, events)
+            return len(flat) * len(events)
+        public = [i for i, e in enumerate(events) if not e.private]
+        seen: dict[Group, list[int]] = {}
+        for i, seeing in visible:
+            for g in seeing:
+                got = seen.get(g)
+                if got is None:
+                    seen[g] = [i]
+                else:
+                    got.append(i)
+        joined: dict[tuple[int, ...], tuple[bytes, Sequence[Event]]] = {}
+        for g, priv in seen.items():
+            key = tuple(sorted(public + priv)) if public else tuple(priv)
+            hit = joined.get(key)
+            if hit is None:
+                evs = events if len(key) == len(events) else [events[i] for i in key]
+                hit = joined[key] = (b"".join([e.wire(fmt) for e in evs]), evs)
+            sent += _send(g, hit[0], hit[1], now) * len(hit[1])
+        if public:
+            evs = [events[i] for i in public]
+            data = b"".join([e.wire(fmt) for e in evs])
+            for g in list(groups.values()):
+                if g not in seen:
+                    sent += _send(g, data, evs, now) * len(evs)
+        return sent
 
     def stats(self) -> dict[str, float]:
         """Counters for the metrics collector (``server.metrics`` protocol)."""
@@ -295,20 +416,40 @@ class TopicRouter:
                 "delivery_batches_total": self.delivered_batches,
                 "deliveries_total": self.deliveries}
 
-    def broadcast_ping(self, make: Callable[[Framing], bytes]) -> None:
-        """Send a keep-alive record to every sink (bytes built once per format)."""
+    def broadcast_ping(self, make: Callable[[Framing], bytes], idle_since: float | None = None,
+                       now: float | None = None) -> int:
+        """Send a keep-alive record (bytes built once per format) to every sink, or with
+        ``idle_since`` (a ``time.monotonic()`` value) only to the groups not written to after it.
+        Returns how many sinks were pinged."""
+        if now is None:
+            now = time.monotonic()
         cache: dict[Framing, bytes] = {}
+        pinged = 0
         for g in self.groups():
+            if idle_since is not None and g.last_write > idle_since:
+                continue
             data = cache.get(g.fmt)
             if data is None:
                 data = cache[g.fmt] = make(g.fmt)
+            g.last_write = now
             for sink in list(g.sinks):
                 sink.send(data, None)
+                pinged += 1
+        return pinged
+
+    def ping_idle(self, make: Callable[[Framing], bytes], interval: float, step: float) -> int:
+        """One tick of a pinger that runs every ``step`` seconds: ping the streams that would
+        otherwise have been silent for ``interval`` before the next tick. A stream written to
+        within the interval is not pinged, and an idle one is pinged less than ``interval``
+        after its last write; pings spread over the interval as the writes did."""
+        now = time.monotonic()
+        return self.broadcast_ping(make, idle_since=now - interval + step, now=now)
 
 
-def _send(group: Group, data: bytes, events: Sequence[Event]) -> int:
+def _send(group: Group, data: bytes, events: Sequence[Event], now: float) -> int:
     """Write to every sink of ``group``; returns how many sinks were written to."""
     # sinks never leave a group synchronously from send(): safe to iterate the dict
+    group.last_write = now
     sinks = group.sinks
     for sink in sinks:
         sink.send(data, events)

@@ -34,7 +34,7 @@ import yaml
 from hub.router import Acl
 from plugins.credcache import CredentialCache, Lookup
 from server.auth import Principal
-from server.config import Section
+from server.config import ConfigErrors, Section
 from server.errors import ConfigError
 
 __all__ = [
@@ -216,7 +216,8 @@ def _segments(sec: Section, name: str) -> Acl:
         if v is None:
             v = []
         if not isinstance(v, list):
-            raise acl.error(str(seg), f"expected a list of topics, got {v!r}")
+            acl.report(str(seg), f"expected a list of topics, got {v!r}")
+            continue
         out.add(frozenset(acl.strings(str(seg))))
     return frozenset(out)
 
@@ -233,26 +234,30 @@ def _check_hash(u: Section, password: str) -> None:
         try:
             argon2.extract_parameters(password)
         except argon2.exceptions.InvalidHashError:
-            raise u.error("password", "is a malformed argon2id hash") from None
+            u.report("password", "is a malformed argon2id hash")
     elif scheme == "bcrypt" and not _BCRYPT_RE.match(password):
-        raise u.error("password", "is a malformed bcrypt hash")
+        u.report("password", "is a malformed bcrypt hash")
 
 
 def parse_acl(data: object, path: str) -> AclFile:
-    """Validate a parsed ACL document. Raises ConfigError naming the file and the user's key.
+    """Validate a parsed ACL document. Raises ConfigErrors naming the file and the key of every
+    error in it (all of them at once).
 
     The decoy hash is made here (it can take a tenth of a second): call off the event loop.
     """
-    top = Section(data, path, "")
+    errors: list[ConfigError] = []
+    top = Section(data, path, "", errors)
     users: dict[str, FileUser] = {}
     names: list[object] = list(top.data)
     for name in names:
         if isinstance(name, bool) or not isinstance(name, (str, int)) or str(name) == "":
-            raise ConfigError(path, str(name), "a user name must be a non-empty string")
+            errors.append(ConfigError(path, str(name), "a user name must be a non-empty string"))
+            continue
         u = top.section(str(name))
         password = u.string("password")
         if not password:
-            raise u.error("password", "is required (a hash from --hash-password, or plaintext)")
+            u.report("password", "is required (a hash from --hash-password, or plaintext)")
+            continue
         _check_hash(u, password)
         users[str(name)] = FileUser(
             name=str(name),
@@ -261,6 +266,8 @@ def parse_acl(data: object, path: str) -> AclFile:
             topics=frozenset(u.strings("topics")),
         )
         u.warn_unknown()
+    if errors:
+        raise ConfigErrors(errors)
     acl = AclFile(path=path, users=users, decoys=_decoys([u.password for u in users.values()]))
     hashed = sorted(s for s in acl.decoys if s != "plaintext")
     if len(hashed) > MANY_SHAPES:

@@ -405,6 +405,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 
 # -- lifecycle inside the app -------------------------------------------------------------------
+#: keep-alive ticks per ``ping_interval``
+PING_SLICES = 8
+
+
 def _ping(fmt: StreamFormat, now: float) -> bytes:
     return fmt.keepalive(now)
 
@@ -424,14 +428,19 @@ async def _cors_headers(request: web.BaseRequest, response: web.StreamResponse) 
 
 
 async def _pinger(app: web.Application) -> AsyncIterator[None]:
-    """Owns the keep-alive task: one timer for all streams, bytes built once per format."""
+    """Owns the keep-alive task: one timer for all streams, bytes built once per format.
+
+    It ticks PING_SLICES times per interval and pings only the streams that would otherwise stay
+    silent for a whole interval: busy streams are not pinged, idle ones are pinged less than
+    ``ping_interval`` after their last write, and the pings spread over the interval."""
     state = app[STATE]
     interval = state.config.server.ping_interval
+    step = interval / PING_SLICES
 
     async def loop() -> None:
         for _ in iter(int, 1):  # runs until cancelled
-            await asyncio.sleep(interval)
-            state.hub.topics.broadcast_ping(functools.partial(_ping, now=time.time()))
+            await asyncio.sleep(step)
+            state.hub.topics.ping_idle(functools.partial(_ping, now=time.time()), interval, step)
 
     task = asyncio.get_running_loop().create_task(loop(), name="pypubsub-pinger")
     yield

@@ -56,7 +56,7 @@ from server.eventlog import Appended
 from server.formats import SSE
 from server.gate import Gate
 from server.limits import Refusal, fd_of
-from server.logs import log_access
+from server.logs import log_access, log_publish
 from server.negotiate import Lane as Via
 from server.negotiate import Outcome, negotiate
 from server.negotiate import StreamFormat as Requested
@@ -100,6 +100,9 @@ _Pending = tuple["Appended | asyncio.Future[Appended | None]", bytes, bytes, "by
 #: what aiohttp answers when a handler raised something else than a refusal (and it closes)
 _ERROR_500 = b"500 Internal Server Error\n\nServer got itself in trouble"
 
+#: distinct publish targets a lane keeps parsed
+TARGET_CACHE = 1024
+
 
 class _Date:
     """The ``Date`` header value, formatted once per second."""
@@ -135,9 +138,43 @@ class Lane:
         self.accepted_tail = (b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(body), body))
         self.accepted_len = len(body)
+        self.accepted_sec = -1
+        self.accepted_bytes = b""
+        #: parsed publish targets by request target (see :meth:`publish_target`)
+        self.targets: dict[bytes, PublishTarget] = {}
+        self.targets_secure = state.config.clients.secure_topics
         #: request targets, user agents and peers kept by streams, one object per distinct value
         #: (idle subscribers are many and mostly alike; bounded: cleared when full)
         self.shared: dict[object, object] = {}
+
+    def accepted(self) -> bytes:
+        """The whole 202 response to a publish, built once per second (its ``Date``)."""
+        sec = int(time.time())
+        if sec != self.accepted_sec:
+            self.accepted_sec = sec
+            self.accepted_bytes = (b"HTTP/1.1 202 Accepted\r\nServer: %s\r\nDate: %s\r\n%s"
+                                   % (SERVER_HEADER.encode(), formatdate(sec, usegmt=True).encode(),
+                                      self.accepted_tail))
+        return self.accepted_bytes
+
+    def publish_target(self, url: bytes) -> PublishTarget | None:
+        """:func:`publish_target` of a request target, None if it is not one; parsed once per
+        distinct target (up to :data:`TARGET_CACHE` of them), not per publish."""
+        secure = self.state.config.clients.secure_topics
+        targets = self.targets
+        if secure is not self.targets_secure:  # (the configuration is fixed today: belt and braces)
+            targets.clear()
+            self.targets_secure = secure
+        pub = targets.get(url)
+        if pub is None:
+            try:
+                pub = publish_target(url.decode("latin-1"), secure)
+            except TopicError:
+                return None
+            if len(targets) >= TARGET_CACHE:
+                targets.clear()  # many distinct targets: start over rather than grow
+            targets[url] = pub
+        return pub
 
     def share(self, value: _T) -> _T:
         """``value``, or the equal object an earlier stream already keeps."""
@@ -348,11 +385,8 @@ class FastLane(asyncio.Protocol):
     def _accepted(self, method: bytes, url: bytes, ua: bytes | None, t0: float) -> bytes:
         lane = self.lane
         lane.served += 1
-        if access_logger.isEnabledFor(logging.INFO):
-            log_access(self.peer, f"{method.decode()} {url.decode('latin-1')} HTTP/1.1", 202,
-                       lane.accepted_len, time.monotonic() - t0, (ua or b"-").decode("latin-1"))
-        return (b"HTTP/1.1 202 Accepted\r\nServer: %s\r\nDate: %s\r\n%s"
-                % (SERVER_HEADER.encode(), _Date.now(), lane.accepted_tail))
+        log_publish(self.peer, method, url, lane.accepted_len, time.monotonic() - t0, ua or b"-")
+        return lane.accepted()
 
     def _settle(self, _fut: object) -> None:
         """An append completed: write every answer now due, in request order (one write)."""
@@ -649,12 +683,9 @@ class _Reader:
         cl = int(self.headers[b"content-length"])  # llhttp checked: digits, no overflow
         if cl > lane.max_payload or state.closing or not state.allow.allows(conn.peer):
             return None  # (draining: aiohttp answers 503)
-        try:
-            pub = publish_target(self.url.decode("latin-1"), state.config.clients.secure_topics)
-        except TopicError:
-            return None
-        if pub.secure:
-            return None  # credentials needed: aiohttp's
+        pub = lane.publish_target(self.url)
+        if pub is None or pub.secure:
+            return None  # not a publish target, or credentials needed: aiohttp's
         self.cl = cl
         return pub
 

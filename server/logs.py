@@ -32,8 +32,10 @@ __all__ = [
     "JsonFormatter",
     "TextFormatter",
     "access_log_flusher",
+    "access_sink",
     "escape",
     "log_access",
+    "log_publish",
     "setup_logging",
 ]
 
@@ -43,6 +45,9 @@ ACCESS_FLUSH_INTERVAL = 0.5
 #: characters buffered before a write regardless of the timer
 ACCESS_BUFFER_MAX = 64 * 1024
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_INFO = logging.getLevelName(logging.INFO)
+#: raw access lines kept before they are formatted into the buffer
+_RAW_MAX = 512
 LOG_FORMATS = ("text", "json")
 
 
@@ -73,14 +78,67 @@ ACCESS_FIELDS = {"remote_address": "peer", "first_request_line": "request",
 #: the message of :func:`log_access` lines: its arguments are the request fields, in order
 ACCESS_MESSAGE = '%s "%s" %d %s %.6f "%s"'
 ACCESS_ARGS = ("peer", "request", "status", "bytes", "seconds", "user_agent")
+#: a whole text access line: FORMAT's time, level and name, then ACCESS_MESSAGE (its request
+#: line as method, target and HTTP/1.1 in _TEXT_PUBLISH)
+_TEXT_ACCESS = f"%s,%03d {_INFO} {ACCESS_LOGGER}: " + ACCESS_MESSAGE
+_TEXT_PUBLISH = _TEXT_ACCESS.replace('"%s"', '"%s %s HTTP/1.1"', 1)
 
 
 def log_access(peer: str, request_line: str, status: int, size: int | str, seconds: float,
                user_agent: str) -> None:
     """One access line (fast lane, streams) in aiohttp's format. The fields travel as the
     record's arguments only (no ``extra`` dict per request): the JSON formatter names them."""
-    if access_logger.isEnabledFor(logging.INFO):
+    sink = access_sink()
+    if sink is not None:
+        sink.add_access((time.time(), peer, request_line, status, size, seconds, user_agent))
+    elif access_logger.isEnabledFor(logging.INFO):
         access_logger.info(ACCESS_MESSAGE, peer, request_line, status, size, seconds, user_agent)
+
+
+def log_publish(peer: str, method: bytes, target: bytes, size: int, seconds: float,
+                user_agent: bytes) -> None:
+    """The access line of a publish the fast lane answered 202 (HTTP/1.1): the same line as
+    :func:`log_access` writes, its request line and user agent decoded only when written."""
+    sink = access_sink()
+    if sink is not None:
+        sink.add_access((time.time(), peer, (method, target), 202, size, seconds, user_agent))
+    elif access_logger.isEnabledFor(logging.INFO):
+        access_logger.info(ACCESS_MESSAGE, peer, _request_line((method, target)), 202, size, seconds,
+                           user_agent.decode("latin-1"))
+
+
+def _request_line(request: tuple[bytes, bytes]) -> str:
+    return f"{request[0].decode()} {request[1].decode('latin-1')} HTTP/1.1"
+
+
+#: an access line kept raw until its handler writes it:
+#: (created, peer, request line or (method, target), status, size, seconds, user agent)
+RawAccess = tuple[float, str, "str | tuple[bytes, bytes]", int, "int | str", float, "str | bytes"]
+
+
+def access_sink() -> BufferedLineHandler | None:
+    """The handler that takes access lines raw (formatted when written, not per request), or None
+    when the access logger's configuration needs each line to go through ``logging``: a level
+    above INFO, filters, propagation, another handler or a formatter of unknown format."""
+    lg = access_logger
+    if lg.filters or lg.propagate or lg.disabled or not lg.isEnabledFor(logging.INFO):
+        return None
+    hs = lg.handlers
+    if len(hs) != 1:
+        return None
+    h = hs[0]
+    if type(h) is not BufferedLineHandler or h.filters or h.level > logging.INFO:
+        return None
+    return h if _access_formatter(h.formatter) is not None else None
+
+
+def _access_formatter(f: logging.Formatter | None) -> TextFormatter | JsonFormatter | None:
+    """``f`` if it can format raw access lines itself (our text format, or JSON), else None."""
+    if type(f) is JsonFormatter:
+        return f
+    if type(f) is TextFormatter and f._fmt == FORMAT and type(f._style) is logging.PercentStyle:
+        return f
+    return None
 
 
 access_logger = logging.getLogger(ACCESS_LOGGER)
@@ -122,6 +180,31 @@ class TextFormatter(CachedTimeFormatter):
             line += "".join(f"\n  {escape(t)}" for t in tb.splitlines())
         return line
 
+    def access_lines(self, raw: list[RawAccess]) -> str:
+        """What :meth:`format` makes of each raw access line (an INFO record of the access logger
+        with ``ACCESS_MESSAGE``; for the format :data:`FORMAT` only), each ended by a newline:
+        one ``%`` per line, the time text, level, logger's name and message's fields at once."""
+        lines = []
+        for created, peer, request, status, n, seconds, ua in raw:
+            sec = int(created)
+            if sec != self._sec:
+                self._sec = sec
+                self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created))
+            ms = int((created - sec) * 1000)
+            if type(ua) is bytes:
+                ua = ua.decode("latin-1")
+            if type(request) is tuple:
+                line = _TEXT_PUBLISH % (self._text, ms, peer, request[0].decode(),
+                                        request[1].decode("latin-1"), status, n, seconds, ua)
+            else:
+                line = _TEXT_ACCESS % (self._text, ms, peer, request, status, n, seconds, ua)
+            if not line.isprintable():  # the time, level and name are: escape the message
+                k = line.index(": ") + 2
+                line = line[:k] + escape(line[k:])
+            lines.append(line)
+        lines.append("")
+        return "\n".join(lines)
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (ISO 8601, UTC), level, logger, message, the request
@@ -159,10 +242,31 @@ class JsonFormatter(logging.Formatter):
         tb = _traceback(self, record)
         if tb:
             obj["traceback"] = escape(tb)
-        try:
-            return orjson.dumps(obj, default=str).decode()
-        except TypeError:  # a value orjson cannot encode: never lose the line
-            return orjson.dumps({k: escape(str(v)) for k, v in obj.items()}).decode()
+        return _json_line(obj)
+
+    def access_line(self, created: float, args: tuple[Any, ...]) -> str:
+        """What :meth:`format` makes of an INFO record of the access logger with ``ACCESS_MESSAGE``
+        and ``args`` created at ``created``."""
+        sec = int(created)
+        if sec != self._sec:
+            self._sec = sec
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        obj: dict[str, Any] = {
+            "time": f"{self._text}.{int((created - sec) * 1000):03d}Z",
+            "level": _INFO,
+            "logger": ACCESS_LOGGER,
+            "message": escape(ACCESS_MESSAGE % args),
+        }
+        for field, v in zip(ACCESS_ARGS, args, strict=True):
+            obj[field] = escape(v) if isinstance(v, str) else v
+        return _json_line(obj)
+
+
+def _json_line(obj: dict[str, Any]) -> str:
+    try:
+        return orjson.dumps(obj, default=str).decode()
+    except TypeError:  # a value orjson cannot encode: never lose the line
+        return orjson.dumps({k: escape(str(v)) for k, v in obj.items()}).decode()
 
 
 class BufferedLineHandler(logging.Handler):
@@ -173,8 +277,53 @@ class BufferedLineHandler(logging.Handler):
         self.stream = stream
         self._buf: list[str] = []
         self._size = 0
+        #: access lines taken raw (:meth:`add_access`), formatted in order before anything else
+        self._raw: list[RawAccess] = []
+
+    def add_access(self, item: RawAccess) -> None:
+        """Keep an access line raw (see :func:`access_sink`); it is formatted when written."""
+        raw = self._raw
+        raw.append(item)
+        if len(raw) >= _RAW_MAX:
+            self._format_raw()
+            if self._size >= ACCESS_BUFFER_MAX:
+                self.flush()
+
+    def _format_raw(self) -> None:
+        raw, self._raw = self._raw, []
+        f = _access_formatter(self.formatter)
+        if isinstance(f, TextFormatter):
+            text = f.access_lines(raw)
+            self._buf.append(text)
+            self._size += len(text)
+            return
+        out = self._buf
+        size = self._size
+        for created, peer, request, status, n, seconds, ua in raw:
+            if type(request) is tuple:
+                request = _request_line(request)
+            if type(ua) is bytes:
+                ua = ua.decode("latin-1")
+            args = (peer, request, status, n, seconds, ua)
+            if f is not None:
+                line = f.access_line(created, args) + "\n"
+            else:  # the format changed since: the formatter's own way, as logging would
+                record = access_logger.makeRecord(ACCESS_LOGGER, logging.INFO, "", 0, ACCESS_MESSAGE,
+                                                  args, None)
+                record.created = created
+                record.msecs = int((created - int(created)) * 1000) + 0.0
+                try:
+                    line = self.format(record) + "\n"
+                except (TypeError, ValueError):
+                    self.handleError(record)
+                    continue
+            out.append(line)
+            size += len(line)
+        self._size = size
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self._raw:
+            self._format_raw()  # lines stay in the order they were logged
         try:
             line = self.format(record) + "\n"
         except (TypeError, ValueError):
@@ -186,6 +335,8 @@ class BufferedLineHandler(logging.Handler):
             self.flush()
 
     def flush(self) -> None:
+        if self._raw:
+            self._format_raw()
         if not self._buf:
             return
         data, self._buf, self._size = "".join(self._buf), [], 0

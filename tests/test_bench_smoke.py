@@ -6,11 +6,15 @@ never reads is cut off once it owes more than ``server.stream_buffer``. No figur
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from tests.support import HOST, DaemonFactory, subscribe, wait_subscribers
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "pubsub_bench.py"
@@ -105,3 +109,55 @@ def test_bench_cluster_delivers_everything() -> None:
     assert (r["nodes"], r["log"], r["published"], r["expected"]) == (3, "redis", 50, 21 * 50)
     assert r["lost"] == 0 and r["duplicates"] == 0 and r["delivered"] == 21 * 50
     assert not problems(r), r["notes"]
+
+
+def test_acl_bench_delivers_exactly() -> None:
+    """bench/acl_bench.py at a tiny scale: every sink gets exactly what its ACL allows (it checks)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "acl_bench.py"), "-n", "60",
+                           "--repeat", "2", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["ok"] and res["subscribers"] == 60 and len(res["cases"]) == 5
+
+async def _publisher(port: int, path: bytes, first: int, count: int, in_flight: int) -> int:
+    """``count`` publishes on one keep-alive connection, ``in_flight`` at a time; the 202s seen."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    accepted = 0
+    try:
+        for start in range(first, first + count, in_flight):
+            batch = range(start, min(start + in_flight, first + count))
+            for i in batch:
+                body = b'{"seq": %d, "pad": "%s"}' % (i, b"x" * 200)
+                writer.write(b"PUT %s HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (path, len(body), body))
+            for _ in batch:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                accepted += head.startswith(b"HTTP/1.1 202 ")
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return accepted
+
+
+async def test_ingest_loses_nothing_and_logs_every_publish(daemon_factory: DaemonFactory) -> None:
+    """The harness's ingest shape at a tiny scale (16 keep-alive publishers, access log on, one
+    subscriber): every publish is answered 202, delivered once, and has its access line when the
+    daemon stops. Correctness only: no figure is asserted."""
+    d = daemon_factory()
+    conns, each = 16, 150
+    async with subscribe(d.url, "/bench/ingest") as sub:
+        await wait_subscribers(d.url, 1)
+        accepted = await asyncio.gather(*(_publisher(d.port, b"/bench/ingest", c * each, each, 1 + c % 3)
+                                          for c in range(conns)))
+        assert accepted == [each] * conns
+        seqs = [(await sub.next(10))["seq"] for _ in range(conns * each)]
+        await sub.expect_none(0.2)  # no duplicates
+    assert sorted(seqs) == list(range(conns * each))
+    assert d.proc is not None and d.proc.poll() is None, "the daemon died"
+    assert d.stop() == 0
+    log = d.log()
+    assert log.count('"PUT /bench/ingest HTTP/1.1" 202 ') == conns * each
+    assert log.count('"GET /bench/ingest HTTP/1.1" 200 - ') == 1  # the stream's end line

@@ -63,6 +63,21 @@ def test_check_config_validates_the_acl_file_too(tmp_path: Path) -> None:
     assert "acl.yaml: bob" in p.stderr
 
 
+def test_every_error_of_the_acl_file_is_reported_at_once(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("server:\n  port: 2069\n")
+    acl = tmp_path / "acl.yaml"
+    acl.write_text("bob:\n  acl: []\n"  # no password
+                   "eve:\n  password: $2b$12$short\n"  # a malformed bcrypt hash
+                   "amy:\n  password: pw\n  acl:\n    seg: 5\n")  # a segment that is no list
+    p = run("--check-config", "--config", str(cfg), "--acl", str(acl), cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if "configuration error" in ln]
+    for key in ("bob.password", "eve.password", "amy.acl.seg"):
+        assert any(f"acl.yaml: {key}:" in ln for ln in errors), (key, p.stderr)
+    assert len(errors) == 3, p.stderr
+
+
 def test_check_config_resolves_bind_names(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("server:\n  bind: no-such-host.invalid\n")

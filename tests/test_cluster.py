@@ -43,6 +43,7 @@ from tests.support import (
     subscribe,
     wait_subscribers,
 )
+from tests.test_transports import NO_TIMEOUT, SseReader, sse, ws_next
 
 __all__ = ["redis_server"]  # the fixture, re-exported for pytest
 
@@ -92,6 +93,20 @@ async def until_sentinel(sub: Subscription) -> list[dict[str, Any]]:
         if ev["pubsub_path"] == SENTINEL:
             return out
         out.append(ev)
+
+
+async def sse_until_sentinel(reader: SseReader) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    while (ev := await reader.event(EVENT_TIMEOUT))["pubsub_path"] != SENTINEL:
+        out.append(ev)
+    return out
+
+
+async def ws_until_sentinel(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    while (ev := await ws_next(ws, EVENT_TIMEOUT))["pubsub_path"] != SENTINEL:
+        out.append(ev)
+    return out
 
 
 class SvnSubscriber:
@@ -267,13 +282,20 @@ async def test_every_node_delivers_every_event_once_in_one_order(
     await log.start()
     svn = [await SvnSubscriber.open(d.port) for d in nodes]
     try:
-        async with subscribers(nodes, others=1) as subs:
-            n = 60
-            await publish_spread(nodes, n)
-            await put(nodes[1], SENTINEL, {})
-            ndjson = [await until_sentinel(s) for s in subs]
-            svnpubsub = [await s.until_sentinel() for s in svn]
-            await await_until(lambda: keyed and keyed[-1].path == SENTINEL, EVENT_TIMEOUT)
+        async with contextlib.AsyncExitStack() as stack:
+            # Server-Sent Events and WebSocket subscribers on every node too
+            sses = [await stack.enter_async_context(sse(d.url, "/")) for d in nodes]
+            session = await stack.enter_async_context(aiohttp.ClientSession(timeout=NO_TIMEOUT))
+            wss = [await stack.enter_async_context(session.ws_connect(d.url + "/")) for d in nodes]
+            async with subscribers(nodes, others=3) as subs:
+                n = 60
+                await publish_spread(nodes, n)
+                await put(nodes[1], SENTINEL, {})
+                ndjson = [await until_sentinel(s) for s in subs]
+                svnpubsub = [await s.until_sentinel() for s in svn]
+                server_sent = [await sse_until_sentinel(r) for r in sses]
+                websocket = [await ws_until_sentinel(w) for w in wss]
+                await await_until(lambda: keyed and keyed[-1].path == SENTINEL, EVENT_TIMEOUT)
     finally:
         for s in svn:
             await s.close()
@@ -282,7 +304,7 @@ async def test_every_node_delivers_every_event_once_in_one_order(
     assert len(reference) == n and len(set(reference)) == n
     assert sorted(e["n"] for e in ndjson[0]) == list(range(n))
     assert reference == sorted(reference)  # ordered as the stream is
-    for got in ndjson + svnpubsub:
+    for got in ndjson + svnpubsub + server_sent + websocket:
         assert cursors(got) == reference  # the same events, once, in the same order
     assert [e.cursor for e in keyed[:-1]] == reference
     assert [e.payload for e in keyed[:-1]] == ndjson[0]
@@ -324,15 +346,23 @@ async def test_replay_on_any_node_with_a_cursor_from_another_while_others_publis
                 await put(nodes[1 + i % 2], "/t/more", {"n": 100 + i})
             await put(nodes[1], SENTINEL, {})
 
+        async def resumed_by_event_source(url: str, cursor: str) -> list[dict[str, Any]]:
+            """What EventSource does when it reconnects to another node: Last-Event-ID."""
+            async with sse(url, "/", {"Last-Event-ID": cursor}) as reader:
+                return await sse_until_sentinel(reader)
+
         publishing = asyncio.create_task(others())
-        # resumed on node 2 and by time on node 1, while nodes 1 and 2 keep publishing
-        (h_cur, by_cursor), (_, by_time) = await asyncio.gather(
+        # resumed on node 2 (by cursor, and as an EventSource would) and by time on node 1,
+        # while nodes 1 and 2 keep publishing
+        (h_cur, by_cursor), (_, by_time), by_last_event_id = await asyncio.gather(
             replay(nodes[2].url, {CURSOR_HEADER: resume_after["pubsub_cursor"]}),
-            replay(nodes[1].url, {SINCE_HEADER: str(first[6]["pubsub_timestamp"])}))
+            replay(nodes[1].url, {SINCE_HEADER: str(first[6]["pubsub_timestamp"])}),
+            resumed_by_event_source(nodes[2].url, resume_after["pubsub_cursor"]))
         await publishing
         everything = first + await until_sentinel(ref)
     assert h_cur[CURSOR_FOUND_HEADER] == "true"
     assert cursors(by_cursor) == cursors(everything[5:])  # gap-free, no duplicate
+    assert cursors(by_last_event_id) == cursors(everything[5:])
     since = first[6]["pubsub_timestamp"]  # by time: the events stamped later, in stream order
     assert cursors(by_time) == cursors([e for e in everything if e["pubsub_timestamp"] > since])
     assert len(everything) == 50

@@ -23,6 +23,7 @@ from tests.support import (
     PYTHON,
     ROOT,
     Daemon,
+    await_until,
     base_config,
     free_port,
     publish,
@@ -314,3 +315,40 @@ def test_cli_flags() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "pypubsub.py"), "--help"], capture_output=True,
                          text=True, timeout=30, check=True).stdout
     assert "--config" in out and "--acl" in out and "--log-level" in out
+
+
+async def test_keepalive_goes_to_idle_streams_not_busy_ones(daemon_factory: Callable[..., Daemon]) -> None:
+    """An idle stream is pinged every ping_interval; a stream that gets events is not pinged."""
+    port = free_port()
+    d = daemon_factory(config=base_config(port, ping_interval="0.4"), port=port)
+    async with subscribe(d.url, "/idle") as idle, subscribe(d.url, "/busy") as busy:
+        await wait_subscribers(d.url, 2)
+        stop = asyncio.Event()
+
+        async def read_busy() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await busy.next(0.2)
+
+        async def read_idle() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await idle.next(0.2, pings=True)
+
+        readers = [asyncio.create_task(read_busy()), asyncio.create_task(read_idle())]
+        try:
+            sent = 0
+            end = time.monotonic() + 2.4  # six intervals, publishing back to back
+            while time.monotonic() < end:
+                status, _ = await publish(d.url, "/busy", {"n": sent})
+                assert status == 202
+                sent += 1
+            await await_until(lambda: len(busy.events) == sent, what="every busy event")
+            stop.set()
+            await asyncio.gather(*readers)
+        finally:
+            for t in readers:
+                t.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+    assert len(idle.pings) >= 3, idle.pings  # ~6 expected: one per interval
+    assert len(busy.pings) <= 1, busy.pings  # 0 expected (1 only if the loop stalled 0.35 s)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 
-from hub.cursor import cursor_time, new_cursor
+import pytest
+
+import hub.cursor as cursor_mod
+from hub.cursor import cursor_time, is_uuid7, new_cursor
 from hub.event import make_event, restore_event
 
 
@@ -45,9 +49,59 @@ def test_cursors_are_unique_ordered_and_timed() -> None:
     assert cursor_time("not-a-uuid") is None
 
 
-def test_is_uuid7_one_definition() -> None:
-    from hub.cursor import is_uuid7
+@pytest.fixture
+def far_clock() -> Iterator[None]:
+    """Cursors stamped with far-future times, the process's cursor state restored after."""
+    saved = cursor_mod._last_ms, cursor_mod._seq
+    cursor_mod._last_ms = cursor_mod._seq = 0
+    yield
+    cursor_mod._last_ms, cursor_mod._seq = saved
 
+
+def _check_cursors(cs: list[str], times: list[float]) -> None:
+    assert len(set(cs)) == len(cs)
+    assert cs == sorted(cs)
+    for c, t in zip(cs, times, strict=True):
+        assert is_uuid7(c)
+        u = uuid.UUID(c)
+        assert u.version == 7 and u.variant == uuid.RFC_4122
+        ct = cursor_time(c)
+        assert ct is not None and ct >= int(t * 1000) / 1000  # never behind its clock
+
+
+@pytest.mark.usefixtures("far_clock")
+def test_cursors_within_one_millisecond_at_high_rate() -> None:
+    # 5 000 cursors stamped in the same millisecond: past 4 096 they borrow the next ms
+    now = 4_000_000_000.0005
+    cs = [new_cursor(now) for _ in range(5000)]
+    _check_cursors(cs, [now] * len(cs))
+    assert cursor_time(cs[0]) == 4_000_000_000.0
+    assert cursor_time(cs[-1]) == 4_000_000_000.001  # the 4 097th on: the next millisecond
+
+
+@pytest.mark.usefixtures("far_clock")
+def test_cursors_across_millisecond_boundaries() -> None:
+    base = 4_100_000_000.0
+    times = [base + i * 0.0004 for i in range(3000)]  # 2-3 cursors per ms, each ms boundary
+    cs = [new_cursor(t) for t in times]
+    _check_cursors(cs, times)
+    assert {cursor_time(c) for c in cs} == {round(int(t * 1000) / 1000, 3) for t in times}
+    # the clock stepping back: still strictly greater, on the last millisecond seen
+    back = new_cursor(base)
+    assert back > cs[-1] and cursor_time(back) == cursor_time(cs[-1])
+
+
+@pytest.mark.usefixtures("far_clock")
+def test_cursors_after_advance_past() -> None:
+    from hub.cursor import advance_past
+
+    stored = new_cursor(4_200_000_000.0)
+    advance_past(stored)
+    later = new_cursor(1_800_000_000.0)  # a clock behind the stored cursor
+    assert later > stored and is_uuid7(later)
+
+
+def test_is_uuid7_one_definition() -> None:
     assert is_uuid7(new_cursor())
     assert not is_uuid7(str(uuid.uuid4()))  # 0.7.4's cursors
     assert not is_uuid7("x" * 14 + "7" + "x" * 21)  # 36 characters with a 7 in place: not a UUID

@@ -7,7 +7,16 @@ import contextlib
 import json
 import re
 
-from tests.support import HOST, Daemon, DaemonFactory, base_config, publish, subscribe, wait_subscribers
+from tests.support import (
+    HOST,
+    Daemon,
+    DaemonFactory,
+    base_config,
+    free_port,
+    publish,
+    subscribe,
+    wait_subscribers,
+)
 
 
 async def exchange(port: int, data: bytes, until: bytes, timeout: float = 5.0) -> bytes:
@@ -94,3 +103,25 @@ async def test_port_zero_logs_the_bound_port(daemon_factory: DaemonFactory) -> N
     assert port != 0
     d.port = port
     assert (await publish(d.url, "/t", {"bound": port}))[0] == 202
+
+
+async def test_many_publish_targets_each_routed_to_its_own_path(daemon_factory: DaemonFactory) -> None:
+    """Publish targets are parsed once per distinct target (a bounded cache): more distinct
+    targets than it keeps, repeats, dot-segments and a secure topic each still go where they say."""
+    port = free_port()
+    cfg = base_config(port)
+    cfg["clients"]["secure_topics"] = ["secret"]
+    d = daemon_factory(config=cfg, port=port)
+    targets = [f"/many/t{i % 1100}" for i in range(2300)] + ["/many/x/../y", "/many/y"]
+    body = b"{}"
+    req = b"".join(b"PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n%s" % (t.encode(), body)
+                   for t in targets)
+    secret = b"PUT /secret/a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    async with subscribe(d.url, "/many") as sub:
+        await wait_subscribers(d.url, 1)
+        out = await exchange(port, req + secret, b"HTTP/1.1 403", timeout=20)
+        assert out.count(b"HTTP/1.1 202 Accepted") == len(targets)
+        again = await exchange(port, secret, b"HTTP/1.1 403")  # the same secure target: still refused
+        assert again.startswith(b"HTTP/1.1 403")
+        paths = [(await sub.next(10))["pubsub_path"] for _ in targets]
+    assert paths == [*targets[:-2], "/many/y", "/many/y"]

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 
-from server.logs import JsonFormatter, TextFormatter, escape, log_access
+from server.logs import (
+    ACCESS_LOGGER,
+    FORMAT,
+    BufferedLineHandler,
+    JsonFormatter,
+    TextFormatter,
+    access_sink,
+    escape,
+    log_access,
+    log_publish,
+)
 from tests.support import HOST, Daemon, DaemonFactory, put
 
 HOSTILE = ["a\nFORGED 2026-01-01 00:00:00,000 INFO x: y", "\r\x00\x1b[2J\x7f\x85", "\u2028\u2029",
@@ -114,3 +127,103 @@ async def test_server_log_format_json_from_the_config(daemon_factory: DaemonFact
     assert d.stop() == 0
     objs = [json.loads(ln) for ln in d.log().splitlines()]
     assert any(o["message"].startswith("PyPubSub listening on") for o in objs)
+
+
+# -- access lines taken raw (formatted when written): the same lines as through logging ----------
+@pytest.fixture
+def access_buffer(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[logging.Logger, BufferedLineHandler,
+                                                                      io.StringIO]]:
+    """The access logger with one buffered handler on a StringIO (restored after), the clock fixed."""
+    lg = logging.getLogger(ACCESS_LOGGER)
+    saved = lg.handlers[:], lg.filters[:], lg.propagate, lg.level
+    out = io.StringIO()
+    h = BufferedLineHandler(out)
+    lg.handlers[:] = [h]
+    lg.filters[:] = []
+    lg.propagate = False
+    lg.setLevel(logging.INFO)
+    fixed_clock(monkeypatch)
+    yield lg, h, out
+    lg.handlers[:], lg.filters[:], lg.propagate = saved[0], saved[1], saved[2]
+    lg.setLevel(saved[3])
+
+
+def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """time.time() (logging's clock too) from a fixed start, a third of a second per call."""
+    now = iter(1_780_000_000.0 + i * 0.3337 for i in range(1000))
+    monkeypatch.setattr(time, "time", lambda: next(now))
+
+
+def some_access_lines() -> None:
+    for text in HOSTILE:
+        raw_text = text.encode("utf-8", "surrogateescape")
+        log_publish("127.0.0.1", b"PUT", b"/t/" + raw_text, 39, 0.000123, raw_text)
+        log_access("::1", f"GET /s/{text} HTTP/1.1", 200, "-", 12.5, text)
+    log_publish("127.0.0.1", b"POST", b"/a/b", 39, 1e-7, b"-")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_raw_access_lines_equal_the_logging_ones(
+        access_buffer: tuple[logging.Logger, BufferedLineHandler, io.StringIO], fmt: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lg, h, out = access_buffer
+    lg.handlers[:] = [h]  # without pytest's capture handlers, added for the test's call
+    h.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(FORMAT))
+    assert access_sink() is h
+    some_access_lines()
+    assert out.getvalue() == ""  # kept raw, in memory
+    h.flush()
+    fast = out.getvalue()
+    out.seek(0)
+    out.truncate()
+    lg.addFilter(logging.Filter())  # a filter: every line through logging, as before
+    fixed_clock(monkeypatch)
+    assert access_sink() is None
+    some_access_lines()
+    h.flush()
+    assert out.getvalue() == fast
+    assert len(fast.splitlines()) == 2 * len(HOSTILE) + 1 and "\x1b" not in fast
+    if fmt == "json":
+        assert all(json.loads(ln)["logger"] == ACCESS_LOGGER for ln in fast.splitlines())
+
+
+def test_raw_access_lines_keep_their_order_and_follow_the_format(
+        access_buffer: tuple[logging.Logger, BufferedLineHandler, io.StringIO]) -> None:
+    lg, h, out = access_buffer
+    lg.handlers[:] = [h]  # without pytest's capture handlers, added for the test's call
+    h.setFormatter(TextFormatter(FORMAT))
+    log_publish("p1", b"PUT", b"/1", 39, 0.1, b"-")
+    lg.info("between")  # through logging: written after the raw line before it
+    log_publish("p2", b"PUT", b"/2", 39, 0.1, b"-")
+    h.setFormatter(logging.Formatter("%(levelname)s|%(message)s"))  # a format changed meanwhile
+    assert access_sink() is None  # a formatter we do not know: logging's way from now on
+    log_publish("p3", b"PUT", b"/3", 39, 0.1, b"-")
+    h.flush()
+    lines = out.getvalue().splitlines()
+    assert [ln.split("pypubsub.access: ")[-1] for ln in lines[:2]] == [
+        'p1 "PUT /1 HTTP/1.1" 202 39 0.100000 "-"', "between"]
+    assert lines[2:] == ['INFO|p2 "PUT /2 HTTP/1.1" 202 39 0.100000 "-"',
+                         'INFO|p3 "PUT /3 HTTP/1.1" 202 39 0.100000 "-"']
+
+
+def test_no_raw_access_lines_unless_the_configuration_allows(
+        access_buffer: tuple[logging.Logger, BufferedLineHandler, io.StringIO]) -> None:
+    lg, h, out = access_buffer
+    lg.handlers[:] = [h]  # without pytest's capture handlers, added for the test's call
+    h.setFormatter(TextFormatter(FORMAT))
+    assert access_sink() is h
+    lg.setLevel(logging.WARNING)
+    assert access_sink() is None
+    log_publish("p", b"PUT", b"/quiet", 39, 0.1, b"-")
+    lg.setLevel(logging.INFO)
+    lg.propagate = True
+    assert access_sink() is None
+    lg.propagate = False
+    h.addFilter(logging.Filter("elsewhere"))  # refuses every access line
+    assert access_sink() is None
+    log_publish("p", b"PUT", b"/filtered", 39, 0.1, b"-")
+    h.filters.clear()
+    lg.addHandler(logging.NullHandler())
+    assert access_sink() is None
+    h.flush()
+    assert out.getvalue() == ""

@@ -103,3 +103,107 @@ async def test_every_format_shares_one_bytes_object_per_group() -> None:
     for fmt, (r1, r2) in sinks.items():
         assert r1.data == [ev.wire(fmt)]
         assert r1.data[0] is r2.data[0]  # framed once, the same object written to both
+
+
+async def test_acl_segment_index_agrees_with_acl_allows() -> None:
+    """Random ACLs, batches mixing public and private events, ACL moves and departures between
+    batches: every sink gets exactly the public events and the private ones its ACL allows."""
+    from hub.router import NO_ACL, Acl, acl_allows
+    rnd = random.Random(11)
+    words = ["a", "b", "c", "d", "e"]
+
+    def rand_acl() -> Acl:
+        if rnd.random() < 0.2:
+            return NO_ACL
+        return frozenset(frozenset(rnd.sample(words, rnd.randint(0, 2))) for _ in range(rnd.randint(1, 3)))
+
+    router = TopicRouter()
+    spec = parse_subscription("/")
+    sinks = [Recorder() for _ in range(40)]
+    acls = {s: rand_acl() for s in sinks}
+    groups = {s: router.subscribe(s, spec, NDJSON, acls[s]) for s in sinks}
+    for _ in range(30):
+        for s in rnd.sample(list(groups), 4):  # ACL reload
+            acls[s] = rand_acl()
+            groups[s] = router.move(s, groups[s], acls[s])
+        if rnd.random() < 0.3 and len(groups) > 5:
+            gone = rnd.choice(list(groups))
+            router.unsubscribe(gone, groups.pop(gone))
+        for s in sinks:
+            s.events.clear()
+        batch = []
+        for _ in range(rnd.randint(1, 5)):
+            topics = "/".join(rnd.sample(words, rnd.randint(1, 3)))
+            batch.append(make_event(("/private/" if rnd.random() < 0.6 else "/") + topics, {}))
+            router.route(batch[-1])
+        await asyncio.sleep(0)  # the flush runs once per loop iteration
+        for s in sinks:
+            acl = acls[s]
+            want = [e for e in batch if not e.private or (acl and acl_allows(acl, e))] if s in groups else []
+            assert s.events == want
+
+
+async def test_private_event_everyone_sees_skips_departed_sinks() -> None:
+    """The all-see path's cached sink list follows departures."""
+    router = TopicRouter()
+    spec = parse_subscription("/x")
+    acl = frozenset({frozenset({"x"})})
+    a, b = Recorder(), Recorder()
+    ga = router.subscribe(a, spec, NDJSON, acl)
+    router.subscribe(b, spec, NDJSON, frozenset({frozenset()}))
+    router.route(make_event("/private/x", {}))
+    await asyncio.sleep(0)
+    router.unsubscribe(a, ga)
+    router.route(make_event("/private/x/y", {}))
+    await asyncio.sleep(0)
+    assert len(a.events) == 1 and len(b.events) == 2
+
+
+async def test_keepalive_pings_idle_streams_only() -> None:
+    """A pinger ticking every interval/8 pings an idle stream less than one interval after its
+    last write, every interval, and never pings a stream written to within the interval."""
+    import time
+    router = TopicRouter()
+    idle, busy = Recorder(), Recorder()
+    router.subscribe(idle, parse_subscription("/idle"), NDJSON)
+    router.subscribe(busy, parse_subscription("/busy"), NDJSON)
+    interval, step = 1.0, 0.125
+    t0 = time.monotonic()
+    pings: list[float] = []
+    for tick in range(1, 8 * 4 + 1):  # four intervals of simulated ticks, one event per tick
+        now = t0 + tick * step
+        router.route(make_event("/busy", {"tick": tick}))
+        router._flush_now()
+        for g in router.groups():  # the event was written at ``now`` in simulated time
+            if busy in g.sinks:
+                g.last_write = now
+        before = len(idle.data)
+        router.broadcast_ping(lambda _fmt: b"ping\n", idle_since=now - interval + step, now=now)
+        if len(idle.data) > before:
+            pings.append(now)
+    assert all(d != b"ping\n" for d in busy.data) and len(busy.events) == 32
+    assert len(pings) == 4  # once per interval
+    gaps = [b - a for a, b in zip([t0, *pings], pings, strict=False)]
+    assert all(g <= interval for g in gaps), gaps
+
+
+async def test_keepalive_every_format_and_moved_stream_keeps_its_silence() -> None:
+    """ping_idle builds one keep-alive per format; a stream moved to a new ACL group is still
+    due (its silence began before the move)."""
+    router = TopicRouter()
+    sinks = {fmt: Recorder() for fmt in (NDJSON, SSE, WEBSOCKET)}
+    groups = {fmt: router.subscribe(s, parse_subscription("/t"), fmt) for fmt, s in sinks.items()}
+    for g in groups.values():
+        g.last_write -= 10.0
+    moved = router.move(sinks[SSE], groups[SSE], frozenset({frozenset({"t"})}))
+    assert moved.last_write <= groups[SSE].last_write
+    built: list[object] = []
+
+    def make(fmt: object) -> bytes:
+        built.append(fmt)
+        return b"ka"
+
+    assert router.ping_idle(make, interval=5.0, step=5.0 / 8) == 3
+    assert sorted(map(id, built)) == sorted(map(id, (NDJSON, SSE, WEBSOCKET)))
+    assert all(s.data == [b"ka"] for s in sinks.values())
+    assert router.ping_idle(make, interval=5.0, step=5.0 / 8) == 0  # just pinged: not due
