@@ -273,7 +273,7 @@ def parse_acl(data: object, path: str) -> AclFile:
     if len(hashed) > MANY_SHAPES:
         logger.warning("%s: passwords are hashed %d different ways (%s); every login verifies one "
                        "hash of each, so that unknown users cost the same as known ones: re-hash "
-                       "them alike (python3 pypubsub.py --hash-password)", path, len(hashed),
+                       "them alike (pypubsub.py --hash-password)", path, len(hashed),
                        ", ".join(hashed))
     return acl
 
@@ -340,7 +340,7 @@ class FileAuthenticator:
         plain = self.acl.plaintext_users
         if plain:
             logger.warning("%s: plaintext password(s) for user(s) %s; store hashes instead "
-                           "(python3 pypubsub.py --hash-password)", self.acl.path, ", ".join(plain))
+                           "(pypubsub.py --hash-password)", self.acl.path, ", ".join(plain))
 
     async def authenticate(self, username: str, password: str) -> FilePrincipal | None:
         p = await self.cache.get(username, password, lambda: self._lookup(username, password))
