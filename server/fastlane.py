@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -54,7 +53,7 @@ from server.app import (
 from server.errors import BadRequest, PubSubError, ServiceUnavailable
 from server.eventlog import Appended
 from server.formats import SSE
-from server.gate import Gate
+from server.gate import Gate, ListenerSite
 from server.limits import Refusal, fd_of
 from server.logs import log_access, log_publish
 from server.negotiate import Lane as Via
@@ -690,7 +689,7 @@ class _Reader:
         return pub
 
 
-class FastLaneSite(web.BaseSite):
+class FastLaneSite(ListenerSite):
     """A TCP site whose connections enter through the fast lane (plain TCP only, not TLS).
 
     Built on aiohttp's public ``BaseSite`` (register with the runner, ``_server`` closed by
@@ -699,29 +698,9 @@ class FastLaneSite(web.BaseSite):
 
     def __init__(self, runner: web.BaseRunner, host: str | None, port: int, lane_state: State, *,
                  backlog: int = 128, reuse_address: bool = True) -> None:
-        super().__init__(runner, backlog=backlog)
-        self._host = host
-        self._port = port
-        self._reuse_address = reuse_address
+        super().__init__(runner, host, port, backlog=backlog, reuse_address=reuse_address)
         self._lane_state = lane_state
-        self._listener: asyncio.Server | None = None
         self.lane: Lane | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port once started (``port: 0`` picks a free one), else the one asked for."""
-        if self._listener is not None:
-            for sock in self._listener.sockets:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    return int(sock.getsockname()[1])
-        return self._port
-
-    @property
-    def name(self) -> str:
-        host = self._host or "0.0.0.0"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
         await super().start()

@@ -25,7 +25,7 @@ from server.limits import HeadScan, Limits, Refusal, fd_of
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
 
-__all__ = ["Gate", "GateSite"]
+__all__ = ["Gate", "GateSite", "ListenerSite"]
 
 
 class Gate(asyncio.Protocol):
@@ -111,20 +111,17 @@ class Gate(asyncio.Protocol):
             handler.connection_lost(exc)
 
 
-class GateSite(web.BaseSite):
-    """A TCP (optionally TLS) site whose connections are served by aiohttp behind a :class:`Gate`.
+class ListenerSite(web.BaseSite):
+    """A site on one host and port that opens its own listener (``_listener``), built on
+    aiohttp's public ``BaseSite``; names the port actually bound."""
 
-    Built on aiohttp's public ``BaseSite``, as :class:`server.fastlane.FastLaneSite` is.
-    """
-
-    def __init__(self, runner: web.BaseRunner, host: str | None, port: int, limits: Limits, *,
+    def __init__(self, runner: web.BaseRunner, host: str | None, port: int, *,
                  ssl_context: ssl.SSLContext | None = None, backlog: int = 128,
                  reuse_address: bool = True) -> None:
         super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
         self._host = host
         self._port = port
         self._reuse_address = reuse_address
-        self._limits = limits
         self._listener: asyncio.Server | None = None
 
     @property
@@ -143,6 +140,20 @@ class GateSite(web.BaseSite):
         if ":" in host:
             host = f"[{host}]"
         return f"{scheme}://{host}:{self.port}"
+
+
+class GateSite(ListenerSite):
+    """A TCP (optionally TLS) site whose connections are served by aiohttp behind a :class:`Gate`.
+
+    Built on aiohttp's public ``BaseSite``, as :class:`server.fastlane.FastLaneSite` is.
+    """
+
+    def __init__(self, runner: web.BaseRunner, host: str | None, port: int, limits: Limits, *,
+                 ssl_context: ssl.SSLContext | None = None, backlog: int = 128,
+                 reuse_address: bool = True) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=backlog,
+                         reuse_address=reuse_address)
+        self._limits = limits
 
     async def start(self) -> None:
         await super().start()
