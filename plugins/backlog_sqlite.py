@@ -5,32 +5,35 @@ one-time import of a PyPubSub 0.7.4 JSON-lines backlog file. Reads are served fr
 in-memory mirror (:class:`~server.eventlog.MemoryLog`) of what was committed: replays never
 touch the disk and see exactly the committed events, in order.
 
-Durability: an append resolves only after its transaction is committed (and, with ``fsync``,
-synced: ``synchronous=FULL``). Appends that arrive while a commit is in progress wait for the
-next one, which takes them all: concurrent publishers share one fsync (group commit). A kill -9
-at any moment loses no acknowledged event; SQLite's WAL discards a torn last transaction on the
+Durability: an append resolves only after its transaction is committed and, with ``fsync``,
+the WAL synced to disk (``fdatasync``, in a thread, once per batch). Appends that arrive while a
+sync is in progress wait for the next batch, which takes them all: concurrent publishers share
+one commit and one fsync (group commit). A kill -9 at any moment loses no acknowledged event,
+nor does a power loss with ``fsync`` on; SQLite's WAL discards a torn last transaction on the
 next open. 0.7.4 rewrote its whole file every 10 s instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import logging
 import os
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from hub.cursor import advance_past, is_uuid7, new_cursor
 from hub.event import Event, EventError, restore_event
 from hub.topics import TopicError, parse_publish_path
+from plugins.aiosync import AioSync
 from server.errors import ConfigError, ServiceUnavailable
 from server.eventlog import Appended, Located, MemoryLog, TailConsumer, place
 from server.tasks import cancel_and_wait
@@ -47,6 +50,15 @@ MAX_BATCH = 8192
 #: (bounded so a short max_age is honoured promptly and a long one costs nothing).
 MIN_EVICT_INTERVAL = 1.0
 MAX_EVICT_INTERVAL = 60.0
+#: WAL bytes (an estimate) after which the thread copies the WAL into the database (a
+#: checkpoint): SQLite's own default (1000 pages). The WAL is then written again from its start,
+#: over blocks the file already has: syncing a WAL that does not grow is cheaper.
+CHECKPOINT_BYTES = 1000 * 4096
+#: What a row adds to the WAL besides its JSON (cursor, timestamp, path, cell), roughly
+_ROW_OVERHEAD = 96
+#: What a commit adds to the WAL besides its rows: the pages it rewrites whole (the last leaf,
+#: its parents, the first leaf when trimming), roughly
+_COMMIT_OVERHEAD = 3 * 4096
 #: Suffix of the copy kept of an imported 0.7.4 backlog file.
 IMPORT_BACKUP_SUFFIX = ".0.7.4-backup"
 
@@ -60,6 +72,15 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+_INSERT = "INSERT INTO events(seq, cursor, ts, path, json) VALUES (?, ?, ?, ?, ?)"
+#: fdatasync where the platform has it (the WAL's data and size; what SQLite itself uses)
+_datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+_T = TypeVar("_T")
+#: a job for the writer thread: what to run, and what to call on the loop when it ended
+_Job = tuple[Callable[[], object], Callable[[BaseException | None], None]]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -79,12 +100,15 @@ def _row_event(seq: int, cursor: str, ts: float, path: str, data: bytes) -> Even
                  payload=payload, json=bytes(data), topicset=topicset, position=seq)
 
 
-def _connect(path: Path, fsync: bool) -> sqlite3.Connection:
+def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
-    # FULL: the WAL is synced at each commit (power-loss safe); NORMAL: survives a process
-    # crash (kill -9) but may lose the last commits on power loss.
-    db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+    # NORMAL: a commit writes the WAL without syncing it (it survives a process crash, kill -9);
+    # with fsync on, SqliteLog syncs the WAL itself before it answers (what FULL would do at
+    # each commit, in a thread, once per batch). Checkpoints sync the WAL and the database.
+    db.execute("PRAGMA synchronous=NORMAL")
+    # checkpoints run in the writer thread (SqliteLog._sync), never inside a commit on the loop
+    db.execute("PRAGMA wal_autocheckpoint=0")
     db.executescript(_SCHEMA)
     db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
     return db
@@ -93,6 +117,16 @@ def _connect(path: Path, fsync: bool) -> sqlite3.Connection:
 def _is_sqlite(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC
+
+
+def _wal_path(path: Path) -> str:
+    return str(path) + "-wal"
+
+
+def _fail(futs: list[asyncio.Future[Appended | None]], why: str) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_exception(ServiceUnavailable(why))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -214,13 +248,84 @@ def import_074(path: Path, fsync: bool = True) -> int:
     return len(events)
 
 
+class _Worker:
+    """One long-lived thread that runs jobs in order, each completion called on the event loop.
+
+    Cheaper than an executor round trip per job: a job is a queue entry; its result comes back
+    with one ``call_soon_threadsafe``. The log owns it: :meth:`stop` ends and joins the thread.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], object], done: Callable[[BaseException | None], None]) -> None:
+        """Run ``fn`` in the thread, then ``done(error or None)`` on the loop."""
+        self._jobs.put((fn, done))
+
+    def call(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
+        """Run ``fn`` in the thread; the future has its result."""
+        fut: asyncio.Future[_T] = self._loop.create_future()
+        box: list[_T] = []
+
+        def job() -> None:
+            box.append(fn())
+
+        def done(err: BaseException | None) -> None:
+            if fut.done():
+                return
+            if err is None:
+                fut.set_result(box[0])
+            else:
+                fut.set_exception(err)
+
+        self.submit(job, done)
+        return fut
+
+    async def stop(self) -> None:
+        """Run what is queued, then end the thread and wait for it."""
+        last = self.call(lambda: None)
+        self._jobs.put(None)
+        await last
+        self._thread.join()  # it has nothing left to do but return
+
+    def _run(self) -> None:
+        jobs = self._jobs
+        loop = self._loop
+        while (item := jobs.get()) is not None:
+            fn, done = item
+            err: BaseException | None = None
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - thread boundary: handed to the loop, which reports it
+                err = e
+            try:
+                loop.call_soon_threadsafe(done, err)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                return
+
+
 class SqliteLog:
-    """A durable event log: SQLite on disk, a :class:`MemoryLog` mirror for reads."""
+    """A durable event log: SQLite on disk, a :class:`MemoryLog` mirror for reads.
+
+    Writing, on the event loop's thread: the events appended during one loop turn are inserted
+    and committed together (``synchronous=NORMAL``: the commit only writes the WAL, no fsync);
+    then one thread syncs the WAL (``fdatasync``) and, every :data:`CHECKPOINT_BYTES`, copies it
+    into the database (checkpoint). Only when that sync is done are the batch's appends resolved
+    and its events routed: a 2xx is never sent for an event that is not on disk. Events appended
+    while a sync runs wait for the next batch, committed as soon as the sync ends: concurrent
+    publishers share one fsync (group commit). The loop never touches the database while the
+    thread does, so they share one connection.
+    """
 
     synchronous = False
 
     def __init__(self, path: Path, size: int, max_age: float = 0.0, *, fsync: bool = True,
-                 clock: Callable[[], float] = time.time, config_file: str = "?") -> None:
+                 clock: Callable[[], float] = time.time, config_file: str = "?",
+                 aio: bool = True) -> None:
+        """``aio=False``: sync in the writer thread even where Linux AIO could do it."""
         if size <= 0:
             raise ValueError("a persistent backlog needs size > 0")
         self.path = path
@@ -228,37 +333,55 @@ class SqliteLog:
         self.max_age = max_age
         self.fsync = fsync
         self.config_file = config_file
+        self.use_aio = aio
         self.mirror = MemoryLog(size, max_age, clock=clock)
         self._db: sqlite3.Connection | None = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._queue: list[tuple[Event, asyncio.Future[Appended | None]]] = []
-        #: the batch being committed (failed too if the writer dies)
-        self._batch: list[tuple[Event, asyncio.Future[Appended | None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: _Worker | None = None
+        #: syncs the WAL without the thread (Linux AIO), when the system can
+        self._aio: AioSync | None = None
+        self._wal_fd = -1
+        #: appended, not yet committed: events and their futures (parallel lists)
+        self._events: list[Event] = []
+        self._futs: list[asyncio.Future[Appended | None]] = []
+        #: committed, waiting for the WAL sync (resolved, or failed, when it ends)
+        self._held_events: list[Event] = []
+        self._held_futs: list[asyncio.Future[Appended | None]] = []
         #: the next row's seq (= log position): assigned here, so the tail knows it at commit
         self._next_seq = 1
         self._consumer: TailConsumer | None = None
         self._trim = 0
-        self._wake: asyncio.Event | None = None
-        self._writer: asyncio.Task[None] | None = None
+        #: the next batch's commit, scheduled for the end of this loop turn
+        self._flush_handle: asyncio.Handle | None = None
+        #: a sync or checkpoint is running in the thread: the loop keeps off the database
+        self._busy = False
+        #: bytes written to the WAL since its last checkpoint (roughly: the events' JSON)
+        self._wal_bytes = 0
         self._evictor: asyncio.Task[None] | None = None
         self._closing = False
-        #: transactions committed and events written (for the benchmark and tests)
+        #: why publishing is refused until restart (the WAL could not be synced)
+        self._failed: str | None = None
+        self._drained: asyncio.Future[None] | None = None
+        #: transactions committed, events written and WAL syncs done (benchmark, tests)
         self.commits = 0
         self.written = 0
+        self.syncs = 0
 
     def __repr__(self) -> str:
         return f"<SqliteLog {self.path} {len(self.mirror)}/{self.size} fsync={self.fsync}>"
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pypubsub-sqlite")
+        loop = self._loop = asyncio.get_running_loop()
+        worker = _Worker(loop, "pypubsub-sqlite")
         try:
-            events, self._next_seq = await loop.run_in_executor(self._pool, self._open)
+            events, self._next_seq = await worker.call(self._open)
         except BaseException:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+            await worker.stop()
             raise
+        self._worker = worker
+        if self._aio is not None:
+            self._aio.attach(loop)
         for ev in events:
             self.mirror.keep(ev)
         newest = self.mirror.newest()
@@ -266,14 +389,12 @@ class SqliteLog:
             if is_uuid7(ev.cursor):
                 advance_past(ev.cursor)
                 break
-        trim = self.mirror.take_dropped()
-        if trim:
-            await loop.run_in_executor(self._pool, self._write, [], trim)
-        logger.info("backlog %s: %d event(s) retained (newest %s)", self.path, len(self.mirror),
-                    newest.cursor if newest else "none")
-        self._wake = asyncio.Event()
-        self._writer = loop.create_task(self._write_loop(), name="pypubsub-sqlite-writer")
-        self._writer.add_done_callback(self._writer_ended)
+        self._trim = self.mirror.take_dropped()
+        self._schedule()
+        logger.info("backlog %s: %d event(s) retained (newest %s); %s", self.path, len(self.mirror),
+                    newest.cursor if newest else "none",
+                    "no fsync" if not self.fsync else
+                    "fsync by Linux AIO" if self._aio is not None else "fsync in a thread")
         if self.max_age:
             self._evictor = loop.create_task(self._evict_loop(), name="pypubsub-sqlite-evictor")
 
@@ -286,11 +407,13 @@ class SqliteLog:
             p.parent.mkdir(parents=True, exist_ok=True)
             if p.exists() and p.stat().st_size > 0 and not _is_sqlite(p):
                 import_074(p, self.fsync)
-            db = self._db = _connect(p, self.fsync)
+            db = self._db = _connect(p)
             rows = db.execute("SELECT seq, cursor, ts, path, json FROM events ORDER BY seq DESC LIMIT ?",
                               (self.size,)).fetchall()
             # positions order one process's reads: the next after the newest row is enough
             next_seq = (rows[0][0] if rows else 0) + 1
+            if self.fsync:  # what SQLite's own first WAL sync would do: the WAL's name is durable
+                _fsync_dir(p.parent)
         except (sqlite3.DatabaseError, OSError) as e:
             raise ConfigError(self.config_file, "server.backlog.storage",
                               f"{str(p)!r} cannot be opened as a backlog: {e}") from e
@@ -305,22 +428,38 @@ class SqliteLog:
                 # deleted, so that the rows on disk stay exactly the mirror's events
                 logger.warning("backlog %s: dropping an unreadable stored event %s (%s)", p, cursor, e)
                 db.execute("DELETE FROM events WHERE seq = ?", (seq,))
+        if self.fsync:  # the deletes above are synced by the probe, or here
+            self._wal_fd = os.open(_wal_path(p), os.O_RDONLY | os.O_CLOEXEC)
+            self._aio = AioSync.open(self._wal_fd) if self.use_aio else None
+            if self._aio is None:
+                _datasync(self._wal_fd)
         return events, next_seq
 
     async def close(self) -> None:
-        """Commit what is queued, stop the tasks, close the database."""
+        """Commit and sync what is queued, stop the thread, close the database."""
         self._closing = True
         await cancel_and_wait(self._evictor)
-        if self._writer is not None and self._wake is not None:
-            self._wake.set()
-            # ends once the queue is empty; a writer that failed was logged when it ended
-            await asyncio.wait([self._writer])
-        if self._pool is not None:
-            if self._db is not None:
-                await asyncio.get_running_loop().run_in_executor(self._pool, self._db.close)
-            self._pool.shutdown(wait=True)
+        loop = asyncio.get_running_loop()
+        if self._worker is not None and self._failed is None and not self._idle():
+            self._drained = loop.create_future()
+            self._schedule()
+            await self._drained  # resolved by _flush/_synced once nothing is left
+        worker, self._worker = self._worker, None
+        if self._aio is not None:
+            self._aio.close()
+            self._aio = None
+        if worker is not None:
+            db = self._db
+            if db is not None:
+                try:
+                    await worker.call(db.close)  # the last connection: checkpoints the WAL
+                except sqlite3.Error as e:
+                    logger.error("backlog %s: cannot close the database cleanly: %s", self.path, e)
+            await worker.stop()
         self._db = None
-        self._pool = None
+        if self._wal_fd >= 0:
+            os.close(self._wal_fd)
+            self._wal_fd = -1
         logger.info("backlog %s closed: %d event(s) written in %d commit(s) since start",
                     self.path, self.written, self.commits)
 
@@ -330,6 +469,8 @@ class SqliteLog:
 
     def unready(self) -> str | None:
         """Why a publish cannot be accepted now (None: it can)."""
+        if self._failed is not None:
+            return self._failed
         return f"backlog {self.path} is not accepting events" if self._closing else None
 
     # -- writing ------------------------------------------------------------------------
@@ -338,90 +479,101 @@ class SqliteLog:
 
     def append(self, event: Event, *,
                dedup: str | None = None) -> asyncio.Future[Appended | None]:  # noqa: ARG002
-        """Queue ``event`` for the next commit; resolves once it is committed (and routed).
+        """Queue ``event`` for this loop turn's commit; resolves once it is on disk (and routed).
 
         ``dedup`` is ignored: one process has one SQS consumer per queue, which de-duplicates.
         """
-        fut: asyncio.Future[Appended | None] = asyncio.get_running_loop().create_future()
-        if self._closing or self._wake is None:
+        loop = self._loop
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Appended | None] = loop.create_future()
+        if self._closing or self._worker is None or self._failed is not None:
             fut.set_exception(ServiceUnavailable("the backlog is closed: event not stored"))
             return fut
-        self._queue.append((event, fut))
-        self._wake.set()
+        self._events.append(event)
+        self._futs.append(fut)
+        if self._flush_handle is None and not self._busy:
+            self._flush_handle = loop.call_soon(self._flush)
         return fut
 
-    async def _write_loop(self) -> None:
-        """Owns the writer thread's work: one transaction per batch, batches taken whole."""
-        if self._wake is None or self._pool is None:
-            raise RuntimeError("SqliteLog._write_loop runs only after start()")
-        loop = asyncio.get_running_loop()
-        wake = self._wake
-        while True:
-            if not self._queue and not self._trim:
-                if self._closing:
-                    return
-                await wake.wait()
-                wake.clear()
-                continue
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            self._batch = batch
-            trim, self._trim = self._trim, 0
-            seq = self._next_seq
-            rows = [(seq + i, e.cursor, e.timestamp, e.path, e.json) for i, (e, _) in enumerate(batch)]
-            try:
-                await loop.run_in_executor(self._pool, self._write, rows, trim)
-            except (sqlite3.Error, OSError) as e:
-                logger.error("backlog %s: cannot commit %d event(s): %s", self.path, len(batch), e)
-                self._trim += trim
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(ServiceUnavailable("the event could not be stored"))
-                self._batch = []
-                if self._closing:
-                    return  # the pending trim is retried at the next start
-                if not self._queue:  # retry the trim with the next append, not in a busy loop
-                    await wake.wait()
-                    wake.clear()
-                continue
-            self._next_seq = seq + len(batch)
-            mirror = self.mirror
-            consumer = self._consumer
-            for i, (ev, fut) in enumerate(batch):
-                place(ev, seq + i)
-                mirror.keep(ev)
-                if consumer is not None:
-                    try:
-                        consumer(ev)  # routed in commit (= position) order
-                    except Exception:  # task boundary: routing must not stop the writer
-                        logger.exception("backlog %s: %r committed but not routed", self.path, ev)
-                if not fut.done():
-                    fut.set_result(Appended(ev.position, ev.cursor))
-            self._trim += mirror.take_dropped()
-            self._batch = []
+    def _idle(self) -> bool:
+        return not (self._events or self._trim or self._busy)
 
-    def _writer_ended(self, task: asyncio.Task[None]) -> None:
-        """If the writer died, refuse appends (503) instead of leaving publishers waiting."""
-        if task.cancelled() or task.exception() is None:
+    def _schedule(self) -> None:
+        """Commit what is queued at the end of this loop turn (unless the thread is busy: then
+        right after it)."""
+        if self._flush_handle is None and not self._busy and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Commit one batch (what this loop turn appended), then sync it in the thread."""
+        self._flush_handle = None
+        worker = self._worker
+        if self._busy or worker is None or self._failed is not None:
             return
-        logger.error("backlog %s: the writer failed; publishing is refused until restart",
-                     self.path, exc_info=task.exception())
-        self._closing = True
-        queued, self._queue = self._batch + self._queue, []
-        self._batch = []
-        for _, fut in queued:
-            if not fut.done():
-                fut.set_exception(ServiceUnavailable("the backlog writer failed: event not stored"))
+        events, futs = self._events, self._futs
+        if len(events) > MAX_BATCH:
+            self._events, self._futs = events[MAX_BATCH:], futs[MAX_BATCH:]
+            events, futs = events[:MAX_BATCH], futs[:MAX_BATCH]
+        else:
+            self._events, self._futs = [], []
+        trim, self._trim = self._trim, 0
+        if events or trim:
+            seq = self._next_seq
+            try:
+                size = self._commit(seq, events, trim)
+            except (sqlite3.Error, OSError) as e:
+                logger.error("backlog %s: cannot commit %d event(s): %s", self.path, len(events), e)
+                self._trim += trim  # retried with the next commit
+                _fail(futs, "the event could not be stored")
+                if self._events:  # a trim alone waits for the next append (no busy loop)
+                    self._schedule()
+                elif self._drained is not None and not self._drained.done():
+                    self._drained.set_result(None)  # closing: the trim is retried at the next start
+                return
+            self._next_seq = seq + len(events)
+            self._wal_bytes += size
+        checkpoint = self._wal_bytes >= CHECKPOINT_BYTES
+        if checkpoint:
+            self._wal_bytes = 0
+        if self.fsync and events and not checkpoint and self._aio is not None:
+            self._busy = True
+            self._held_events, self._held_futs = events, futs
+            self._aio.submit(self._aio_synced)
+            return
+        if (self.fsync and events) or checkpoint:
+            self._busy = True
+            if self.fsync:
+                self._held_events, self._held_futs = events, futs
+            else:
+                self._deliver(events, futs)
+            worker.submit(functools.partial(self._sync, self.fsync and bool(events), checkpoint),
+                          self._synced)
+            return
+        self._deliver(events, futs)
+        self._next()
 
-    def _write(self, rows: list[tuple[int, str, float, str, bytes]], trim: int) -> None:
-        """(writer thread) One transaction: insert ``rows``, delete the ``trim`` oldest rows."""
+    def _next(self) -> None:
+        """After a batch: the next one, or the end of a drain."""
+        if self._events or self._trim:
+            self._schedule()
+        elif self._drained is not None and not self._busy and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _commit(self, seq: int, events: list[Event], trim: int) -> int:
+        """(event loop) One transaction: insert ``events`` from row ``seq`` on, delete the
+        ``trim`` oldest rows. Returns the bytes of JSON inserted."""
         db = self._db
         if db is None:
             raise sqlite3.OperationalError("database is closed")
         db.execute("BEGIN IMMEDIATE")
         try:
-            if rows:
-                db.executemany("INSERT INTO events(seq, cursor, ts, path, json) VALUES (?, ?, ?, ?, ?)",
-                               rows)
+            if events:
+                rows = []
+                for s, e in enumerate(events, seq):
+                    place(e, s)  # nobody sees it before it is delivered
+                    rows.append((s, e.cursor, e.timestamp, e.path, e.json))
+                db.executemany(_INSERT, rows)
             if trim:
                 db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT ?)",
                            (trim,))
@@ -431,7 +583,61 @@ class SqliteLog:
                 db.execute("ROLLBACK")
             raise
         self.commits += 1
-        self.written += len(rows)
+        self.written += len(events)
+        return sum(len(e.json) for e in events) + _ROW_OVERHEAD * len(events) + _COMMIT_OVERHEAD
+
+    def _sync(self, sync: bool, checkpoint: bool) -> None:
+        """(thread) Make the committed WAL durable; copy it into the database when it is long."""
+        if sync:
+            _datasync(self._wal_fd)
+        if checkpoint and self._db is not None:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as e:  # not fatal: the WAL grows until the next one works
+                logger.warning("backlog %s: WAL checkpoint failed: %s", self.path, e)
+
+    def _aio_synced(self, err: int) -> None:
+        self._synced(OSError(err, os.strerror(err)) if err else None)
+
+    def _synced(self, err: BaseException | None) -> None:
+        """(event loop) The thread's sync ended: resolve and route the held batch, or refuse."""
+        self._busy = False
+        events, futs = self._held_events, self._held_futs
+        self._held_events, self._held_futs = [], []
+        if err is not None:
+            # committed but perhaps not on disk: nothing can be promised any more (an fsync
+            # error may have dropped the dirty pages), so nothing more is accepted
+            self._failed = f"backlog {self.path} cannot be synced to disk: {err}"
+            logger.error("backlog %s: cannot sync the WAL (%s); publishing is refused until restart",
+                         self.path, err)
+            _fail(futs + self._futs, "the event could not be stored")
+            self._events, self._futs = [], []
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+            return
+        if events:
+            self.syncs += 1
+            self._deliver(events, futs)
+        if self._events or self._trim:
+            self._flush()  # what arrived during the sync: committed now, synced next
+        else:
+            self._next()
+
+    def _deliver(self, events: list[Event], futs: list[asyncio.Future[Appended | None]]) -> None:
+        """``events`` (placed at commit) are on disk: mirror and route them in position order,
+        then answer their appends."""
+        mirror = self.mirror
+        consumer = self._consumer
+        for ev, fut in zip(events, futs, strict=True):
+            mirror.keep(ev)
+            if consumer is not None:
+                try:
+                    consumer(ev)  # routed in commit (= position) order
+                except Exception:  # batch boundary: routing one event must not stop the rest
+                    logger.exception("backlog %s: %r committed but not routed", self.path, ev)
+            if not fut.done():
+                fut.set_result(Appended(ev.position, ev.cursor))
+        self._trim += mirror.take_dropped()
 
     async def _evict_loop(self) -> None:
         """Delete events older than max_age from disk even when nothing is published."""
@@ -440,9 +646,9 @@ class SqliteLog:
             await asyncio.sleep(interval)
             self.mirror.evict()
             n = self.mirror.take_dropped()  # includes what reads evicted meanwhile
-            if n and self._wake is not None:
+            if n:
                 self._trim += n
-                self._wake.set()
+                self._schedule()
 
     # -- reading (from the mirror of what is committed) ----------------------------------
     async def locate(self, *, cursor: str | None = None, since: float | None = None) -> Located | None:

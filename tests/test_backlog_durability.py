@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import aiohttp
 
 from server.replay import CURSOR_FOUND_HEADER
 from tests.support import (
+    HOST,
     Daemon,
     DaemonFactory,
     Subscription,
@@ -26,6 +28,7 @@ from tests.support import (
     publish,
     subscribe,
 )
+from tests.test_fastlane_async import pub, read_answer
 
 ALICE = {"alice": {"password": "alice-pw", "acl": {"foo": ["foo"]}}}
 #: Rounds of the kill -9 loop and the publishers in each (kept small: the suite stays fast)
@@ -139,6 +142,44 @@ async def test_kill9_loop_loses_no_acknowledged_event(daemon_factory: DaemonFact
                 if i + 1 < len(got):
                     assert (await sub.next())["pubsub_cursor"] == cursors[i + 1]
     assert len(acked) >= KILL_ROUNDS * 30
+
+
+async def test_kill9_right_after_a_pipelined_burst_loses_no_202(daemon_factory: DaemonFactory) -> None:
+    """Publishers pipelining many publishes each (the fast lane's asynchronous answers, group
+    commits shared by all of them); SIGKILL as soon as half of them are answered 202: after a
+    restart every event answered 202 is replayed, each connection's in its request order."""
+    d = durable_daemon(daemon_factory)
+    conns, per_conn = 8, 60
+    acked: dict[int, int] = {}  # connection -> how many of its publishes were answered 202
+    killed = asyncio.Event()
+
+    async def publisher(c: int) -> None:
+        reader, writer = await asyncio.open_connection(HOST, d.port)
+        try:
+            writer.write(b"".join(pub(b"/burst/%d" % c, c * 1000 + i) for i in range(per_conn)))
+            await writer.drain()
+            for i in range(per_conn):
+                status, _, _ = await read_answer(reader, 20)
+                assert status == b"HTTP/1.1 202 Accepted", status
+                acked[c] = i + 1  # answers come in request order
+                if sum(acked.values()) >= conns * per_conn // 2 and not killed.is_set():
+                    killed.set()
+                    d.kill()  # SIGKILL, with the other answers still being written
+        except (asyncio.IncompleteReadError, ConnectionError):
+            assert killed.is_set()  # the daemon is gone
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    await asyncio.gather(*[publisher(c) for c in range(conns)])
+    assert killed.is_set()
+    d.start()
+    got = [e["i"] for e in await read_all(d) if "i" in e]
+    for c in range(conns):
+        mine = [i - c * 1000 for i in got if i // 1000 == c]
+        assert mine == list(range(len(mine))), f"connection {c}: replayed out of order or with gaps"
+        assert len(mine) >= acked.get(c, 0), f"connection {c}: {acked[c]} answered 202, {len(mine)} kept"
 
 
 async def test_torn_wal_tail_is_recovered(daemon_factory: DaemonFactory) -> None:
