@@ -80,14 +80,23 @@ class AioSync:
         if not sys.platform.startswith("linux") or nrs is None or not hasattr(os, "eventfd"):
             logger.debug("no Linux AIO on %s/%s", sys.platform, platform.machine())
             return None
-        libc = ctypes.CDLL(None, use_errno=True)
-        syscall = libc.syscall
-        syscall.restype = ctypes.c_long
-        ctx = ctypes.c_ulong(0)
-        if syscall(ctypes.c_long(nrs[0]), ctypes.c_uint(1), ctypes.byref(ctx)) != 0:
-            logger.debug("io_setup: %s", os.strerror(ctypes.get_errno()))
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            syscall = libc.syscall
+            syscall.restype = ctypes.c_long
+            ctx = ctypes.c_ulong(0)
+            if syscall(ctypes.c_long(nrs[0]), ctypes.c_uint(1), ctypes.byref(ctx)) != 0:
+                logger.debug("io_setup: %s", os.strerror(ctypes.get_errno()))
+                return None
+        except (OSError, AttributeError) as e:  # no libc to call through
+            logger.debug("no syscall(): %s", e)
             return None
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        except OSError as e:
+            syscall(ctypes.c_long(nrs[1]), ctx)
+            logger.debug("eventfd: %s", e)
+            return None
         aio = cls(fd, syscall, nrs, ctx, efd)
         try:
             err = aio._probe()

@@ -312,12 +312,13 @@ class SqliteLog:
 
     Writing, on the event loop's thread: the events appended during one loop turn are inserted
     and committed together (``synchronous=NORMAL``: the commit only writes the WAL, no fsync);
-    then one thread syncs the WAL (``fdatasync``) and, every :data:`CHECKPOINT_BYTES`, copies it
-    into the database (checkpoint). Only when that sync is done are the batch's appends resolved
-    and its events routed: a 2xx is never sent for an event that is not on disk. Events appended
-    while a sync runs wait for the next batch, committed as soon as the sync ends: concurrent
-    publishers share one fsync (group commit). The loop never touches the database while the
-    thread does, so they share one connection.
+    then the WAL is synced (``fdatasync``: by Linux AIO, :mod:`plugins.aiosync`, else in the
+    writer thread), and every :data:`CHECKPOINT_BYTES` the writer thread copies it into the
+    database (a checkpoint). Only when the sync is done are the batch's appends resolved and its
+    events routed: a 2xx is never sent for an event that is not on disk. Events appended while a
+    sync runs wait for the next batch, committed as soon as the sync ends: concurrent publishers
+    share one commit and one fsync (group commit), and no executor round trip is paid per batch.
+    The loop never touches the database while the thread does, so they share one connection.
     """
 
     synchronous = False
@@ -428,11 +429,15 @@ class SqliteLog:
                 # deleted, so that the rows on disk stay exactly the mirror's events
                 logger.warning("backlog %s: dropping an unreadable stored event %s (%s)", p, cursor, e)
                 db.execute("DELETE FROM events WHERE seq = ?", (seq,))
-        if self.fsync:  # the deletes above are synced by the probe, or here
-            self._wal_fd = os.open(_wal_path(p), os.O_RDONLY | os.O_CLOEXEC)
-            self._aio = AioSync.open(self._wal_fd) if self.use_aio else None
-            if self._aio is None:
-                _datasync(self._wal_fd)
+        if self.fsync:  # the deletes above are synced by AioSync's probe, or here
+            try:
+                self._wal_fd = os.open(_wal_path(p), os.O_RDONLY | os.O_CLOEXEC)
+                self._aio = AioSync.open(self._wal_fd) if self.use_aio else None
+                if self._aio is None:
+                    _datasync(self._wal_fd)
+            except OSError as e:
+                raise ConfigError(self.config_file, "server.backlog.storage",
+                                  f"cannot sync {_wal_path(p)!r}: {e}") from e
         return events, next_seq
 
     async def close(self) -> None:
@@ -562,7 +567,7 @@ class SqliteLog:
 
     def _commit(self, seq: int, events: list[Event], trim: int) -> int:
         """(event loop) One transaction: insert ``events`` from row ``seq`` on, delete the
-        ``trim`` oldest rows. Returns the bytes of JSON inserted."""
+        ``trim`` oldest rows. Returns about how many bytes it added to the WAL."""
         db = self._db
         if db is None:
             raise sqlite3.OperationalError("database is closed")

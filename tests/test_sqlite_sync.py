@@ -67,6 +67,8 @@ async def burst(tmp_path: Path, *, fsync: bool, aio: bool) -> list[int]:
 
     log.tail(at_delivery)
     await log.start()
+    # Linux (x86_64, aarch64) syncs by native AIO; the thread when asked to, or without fsync
+    assert (log._aio is not None) == (aio and fsync)
     try:
         for r in range(30):
             done = await asyncio.gather(*[log.append(make_event("/t", {"r": r, "n": i, "pad": "x" * 300}))
