@@ -19,6 +19,7 @@ import pytest
 
 from hub.event import Event, make_event
 from plugins.backlog_sqlite import SqliteLog
+from server.errors import ServiceUnavailable
 from server.eventlog import Appended
 
 #: cachestat(2) on x86_64 and aarch64 (the generic system call table)
@@ -89,3 +90,30 @@ async def test_appends_resolve_only_after_the_wal_is_on_disk(tmp_path: Path, aio
 async def test_without_fsync_the_probe_sees_the_wal_in_memory_only(tmp_path: Path) -> None:
     seen = await burst(tmp_path, fsync=False, aio=False)
     assert max(seen) > 0  # the check above can fail: it sees pages the kernel has not written
+
+
+@pytest.mark.parametrize("aio", [True, False], ids=["linux-aio", "thread"])
+async def test_a_failed_sync_refuses_publishing_until_restart(tmp_path: Path, aio: bool) -> None:
+    """The WAL cannot be synced (here: its descriptor now names /dev/null, which the kernel
+    refuses to sync): that batch and every later append fail, none is routed, the log says why."""
+    path = tmp_path / "b.db"
+    log = SqliteLog(path, 1000, aio=aio)
+    routed: list[Event] = []
+    log.tail(routed.append)
+    await log.start()
+    try:
+        assert isinstance(await log.append(make_event("/t", {"n": 0})), Appended)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            os.dup2(devnull, log._wal_fd)
+        finally:
+            os.close(devnull)
+        with pytest.raises(ServiceUnavailable):
+            await log.append(make_event("/t", {"n": 1}))
+        why = log.unready()
+        assert why is not None and "cannot be synced" in why
+        with pytest.raises(ServiceUnavailable):
+            await log.append(make_event("/t", {"n": 2}))
+        assert [e.payload["n"] for e in routed] == [0]
+    finally:
+        await log.close()
