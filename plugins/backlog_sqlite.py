@@ -559,7 +559,7 @@ class SqliteLog:
         self._next()
 
     def _next(self) -> None:
-        """After a batch: the next one, or the end of a drain."""
+        """After a batch: the next one (unless one is being synced), or the end of a drain."""
         if self._events or self._trim:
             self._schedule()
         elif self._drained is not None and not self._busy and not self._drained.done():
@@ -620,13 +620,14 @@ class SqliteLog:
             if self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)
             return
+        if self._events or self._trim:
+            # what arrived during the sync: committed and its sync started first, so that the
+            # disk works while this batch is routed
+            self._flush()
         if events:
             self.syncs += 1
             self._deliver(events, futs)
-        if self._events or self._trim:
-            self._flush()  # what arrived during the sync: committed now, synced next
-        else:
-            self._next()
+        self._next()
 
     def _deliver(self, events: list[Event], futs: list[asyncio.Future[Appended | None]]) -> None:
         """``events`` (placed at commit) are on disk: mirror and route them in position order,
