@@ -335,11 +335,20 @@ class WsConn(asyncio.Protocol):
                 self.closing = True
                 t.close()
                 return
-            if op == OP_PING and not self.closing:  # (aiohttp does not answer while closing)
-                t.write(b"\x8a" + bytes((len(payload),)) + payload)
+            if op == OP_PING and not self.closing and not t.is_closing():
+                # (aiohttp does not answer while closing either)
+                self._write(t, b"\x8a" + bytes((len(payload),)) + payload)
             # pong: the peer is alive (beat reset above); text, binary: nothing is expected
         if error is not None:
             self._refuse(t, error)
+
+    def _write(self, t: asyncio.Transport, data: bytes) -> None:
+        """Write a control frame of ours; a peer that sends pings but does not read its pongs
+        is over its buffer like any slow subscriber: the stream's own overflow path ends it."""
+        t.write(data)
+        stream = self.stream
+        if stream is not None and t.get_write_buffer_size() > stream.limit:
+            stream.send(b"", None)  # writes nothing, finds the buffer over the limit (1008)
 
     def _refuse(self, t: asyncio.Transport, e: WsError) -> None:
         logger.debug("websocket %r: %s", self, e)
@@ -351,16 +360,18 @@ class WsConn(asyncio.Protocol):
     def heartbeat(self) -> None:
         """One tick of the shared timer: ping a silent peer, drop one that did not answer."""
         t = self.transport
-        if t is None or self.closing:
+        if t is None:
             return
         beat = self.beat = self.beat + 1
+        if self.closing or t.is_closing():
+            if beat > TICKS + 2:
+                t.abort()  # a closing that takes this long: the peer takes nothing any more
+            return
         if beat == TICKS:
-            t.write(PING_FRAME)
+            self._write(t, PING_FRAME)
         elif beat == TICKS + 1:
             logger.debug("websocket %r: no PONG received after %.1f seconds", self, self.lane.step)
             t.close()  # as aiohttp does: no close frame for a peer that does not answer
-        elif beat > TICKS + 1:
-            t.abort()  # a dead peer never takes what is queued for it: do not wait for it
 
     # -- the stream's side ---------------------------------------------------------------------
     def stream_done(self, why: str) -> None:

@@ -292,3 +292,25 @@ async def test_connections_are_counted_until_they_end(daemon_factory: DaemonFact
                 assert (await ws.frame())[0] == 0x88
                 await ws.close()
         d.wait_log("websocket> ended: gone", count=3 * rounds)
+
+
+async def test_a_peer_that_does_not_read_its_pongs_is_disconnected(daemon_factory: DaemonFactory) -> None:
+    """Pings whose pongs the peer never reads fill its buffer like events do: it is dropped as
+    a slow subscriber, and the daemon keeps serving."""
+    port = free_port()
+    # (no keep-alive within the test: only the pongs fill the buffer)
+    d = daemon_factory(config=base_config(port, stream_buffer=65536, ping_interval=600), port=port)
+    flood = await RawWs.connect(port, rcvbuf=4096)
+    try:
+        await wait_subscribers(d.url, 1)
+        ping = frame(0x9, b"p" * 125)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(400):  # 400 writes of 100 pings: megabytes of pongs
+                if "disconnecting slow subscriber" in d.log():
+                    break
+                flood.writer.write(ping * 100)
+                await asyncio.wait_for(flood.writer.drain(), 10)
+        d.wait_log("disconnecting slow subscriber")
+        await wait_subscribers(d.url, 0)
+    finally:
+        await flood.close()
