@@ -6,7 +6,8 @@ for each request head, :func:`server.negotiate.negotiate` decides. The fast lane
 
 * serves a plain subscription (``GET``, HTTP/1.1, allow-listed headers only, NDJSON, or SSE
   asked for with exactly ``Accept: text/event-stream``) as a stream with no task and no
-  request objects: a subscriber costs about 2 KB, not ~13 KB;
+  request objects: a subscriber costs about 2 KB, not ~13 KB; a plain WebSocket handshake is
+  handed to :mod:`server.fastws` at :meth:`FastLane.subscribe` (about 2 KB, not ~17 KB);
 * serves a plain publish (``PUT``/``POST``, HTTP/1.1, ``Content-Length`` within the limit,
   allow-listed headers and peer, no secure topic, valid JSON object) with keep-alive and
   pipelining: every request of a read is started (a read is at most the transport's read
