@@ -131,6 +131,10 @@ def test_origins_and_cors_headers() -> None:
 
 
 # -- against the daemon --------------------------------------------------------------------------
+#: the life of a WebSocket is the same whichever lane answered its handshake: these tests run
+#: on both (the fast lane, and aiohttp's WebSocketResponse with the fast lane turned off)
+LANES = ["fast", "aiohttp"]
+
 async def test_plain_handshakes_are_served_by_the_fast_lane(daemon_factory: DaemonFactory) -> None:
     """aiohttp's client and a browser-like handshake are the fast lane's, events and all; a
     replay or credentials leave the handshake to aiohttp."""
@@ -194,9 +198,10 @@ class RawWs:
             await self.writer.wait_closed()
 
 
-async def test_a_peer_that_never_answers_pings_is_dropped(daemon_factory: DaemonFactory) -> None:
+@pytest.mark.parametrize("lane", LANES)
+async def test_a_peer_that_never_answers_pings_is_dropped(daemon_factory: DaemonFactory, lane: str) -> None:
     port = free_port()
-    d = daemon_factory(config=base_config(port, ping_interval=0.4), port=port)
+    d = daemon_factory(config=base_config(port, ping_interval=0.4, fast_lane=lane == "fast"), port=port)
     silent = await RawWs.connect(port)
     try:
         await wait_subscribers(d.url, 1)
@@ -214,9 +219,10 @@ async def test_a_peer_that_never_answers_pings_is_dropped(daemon_factory: Daemon
         await silent.close()
 
 
-async def test_a_peer_that_answers_pings_stays(daemon_factory: DaemonFactory) -> None:
+@pytest.mark.parametrize("lane", LANES)
+async def test_a_peer_that_answers_pings_stays(daemon_factory: DaemonFactory, lane: str) -> None:
     port = free_port()
-    d = daemon_factory(config=base_config(port, ping_interval=0.3), port=port)
+    d = daemon_factory(config=base_config(port, ping_interval=0.3, fast_lane=lane == "fast"), port=port)
     alive = await RawWs.connect(port)
     try:
         await wait_subscribers(d.url, 1)
@@ -236,8 +242,11 @@ async def test_a_peer_that_answers_pings_stays(daemon_factory: DaemonFactory) ->
         await alive.close()
 
 
-async def test_close_1001_at_shutdown_then_the_closing_handshake(daemon_factory: DaemonFactory) -> None:
-    d = daemon_factory()
+@pytest.mark.parametrize("lane", LANES)
+async def test_close_1001_at_shutdown_then_the_closing_handshake(daemon_factory: DaemonFactory,
+                                                                 lane: str) -> None:
+    port = free_port()
+    d = daemon_factory(config=base_config(port, fast_lane=lane == "fast"), port=port)
     ws = await RawWs.connect(d.port)
     try:
         await wait_subscribers(d.url, 1)
@@ -253,10 +262,12 @@ async def test_close_1001_at_shutdown_then_the_closing_handshake(daemon_factory:
     assert d.proc is not None and d.proc.wait(10) == 0
 
 
-async def test_a_slow_websocket_gets_1008(daemon_factory: DaemonFactory) -> None:
+@pytest.mark.parametrize("lane", LANES)
+async def test_a_slow_websocket_gets_1008(daemon_factory: DaemonFactory, lane: str) -> None:
     """A subscriber over its buffer is sent close 1008 after what is queued for it."""
     port = free_port()
-    d = daemon_factory(config=base_config(port, stream_buffer=65536, max_payload_size=200_000), port=port)
+    d = daemon_factory(config=base_config(port, stream_buffer=65536, max_payload_size=200_000,
+                                          fast_lane=lane == "fast"), port=port)
     slow = await RawWs.connect(port, b"/big", rcvbuf=4096)
     try:
         await wait_subscribers(d.url, 1)
@@ -275,10 +286,12 @@ async def test_a_slow_websocket_gets_1008(daemon_factory: DaemonFactory) -> None
         await slow.close()
 
 
-async def test_connections_are_counted_until_they_end(daemon_factory: DaemonFactory) -> None:
-    """A fast-lane WebSocket holds its slot in max_connections_per_ip until it ends."""
+@pytest.mark.parametrize("lane", LANES)
+async def test_connections_are_counted_until_they_end(daemon_factory: DaemonFactory, lane: str) -> None:
+    """A WebSocket holds its slot in max_connections_per_ip until it ends."""
     port = free_port()
-    d = daemon_factory(config=base_config(port, max_connections_per_ip=3), port=port)
+    d = daemon_factory(config=base_config(port, max_connections_per_ip=3, fast_lane=lane == "fast"),
+                       port=port)
     for rounds in range(1, 4):  # more rounds than slots: every end gave its slot back
         held = [await RawWs.connect(port) for _ in range(3)]
         try:
