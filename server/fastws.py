@@ -240,7 +240,7 @@ def _check_close(payload: bytes) -> None:
 
 class WsLane:
     """The fast lane's WebSocket connections and the heartbeat timer they share (armed only
-    while there is one; owned here: :meth:`close_idle` cancels it once none is left)."""
+    while there is one; owned here: :meth:`close_idle` cancels it at shutdown)."""
 
     def __init__(self, state: State) -> None:
         self.state = state
@@ -261,13 +261,14 @@ class WsLane:
             self.timer = asyncio.get_running_loop().call_later(self.step, self._tick)
 
     def close_idle(self) -> None:
-        """Shutdown: connections whose closing handshake is still under way are closed now."""
+        """Shutdown (the lane accepts no more handshakes): no more heartbeats; connections whose
+        closing handshake is still under way are closed now."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         for c in list(self.conns):
             if c.closing and c.transport is not None:
                 c.transport.close()
-        if not self.conns and self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
 
 class WsConn(asyncio.Protocol):
@@ -317,8 +318,8 @@ class WsConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         t = self.transport
-        if t is None:
-            return
+        if t is None or t.is_closing():
+            return  # (closed after a close frame or an error: what follows is not read)
         self.beat = 0
         reader = self.frames or FrameReader()
         error = None
