@@ -327,3 +327,22 @@ async def test_a_peer_that_does_not_read_its_pongs_is_disconnected(daemon_factor
         await wait_subscribers(d.url, 0)
     finally:
         await flood.close()
+
+
+@pytest.mark.parametrize("lane", LANES)
+async def test_shutdown_does_not_wait_for_a_peer_that_never_answers_the_close(
+        daemon_factory: DaemonFactory, lane: str) -> None:
+    port = free_port()
+    d = daemon_factory(config=base_config(port, fast_lane=lane == "fast", shutdown_grace=1), port=port)
+    mute = await RawWs.connect(port)
+    try:
+        await wait_subscribers(d.url, 1)
+        d.signal(signal.SIGTERM)
+        op, payload = await mute.frame(10)
+        while op == 0x81:
+            op, payload = await mute.frame(10)
+        assert op == 0x88 and payload[:2] == (1001).to_bytes(2, "big")
+        assert await mute.frame(10) == (0, b"")  # closed without our answer
+        assert d.proc is not None and d.proc.wait(10) == 0
+    finally:
+        await mute.close()
