@@ -145,6 +145,9 @@ class Lane:
         #: request targets, user agents and peers kept by streams, one object per distinct value
         #: (idle subscribers are many and mostly alike; bounded: cleared when full)
         self.shared: dict[object, object] = {}
+        #: what a paused stream's replay waits on (:meth:`FastLane.write_resumed`), only while
+        #: it waits: an idle connection carries no Future
+        self.resumed: dict[FastLane, asyncio.Future[None]] = {}
 
     def accepted(self) -> bytes:
         """The whole 202 response to a publish, built once per second (its ``Date``)."""
@@ -257,6 +260,7 @@ class FastLane(asyncio.Protocol):
         if self.stream is not None:
             self.stream.end("gone")
         self.transport = None
+        self._wake_writer()
         if self.reader is not None:
             self.reader.close()
             self.reader = None
@@ -291,6 +295,23 @@ class FastLane(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.hold(HOLD_WRITE, False)
+        self._wake_writer()
+
+    def write_resumed(self) -> asyncio.Future[None] | None:
+        """A replay's wait while the transport has writing paused (:class:`server.stream.
+        WritePacing`): resolved by :meth:`resume_writing` or :meth:`connection_lost`."""
+        if not self.held & HOLD_WRITE or self.transport is None:
+            return None
+        waiters = self.lane.resumed
+        fut = waiters.get(self)
+        if fut is None:
+            fut = waiters[self] = self.lane.loop.create_future()
+        return fut
+
+    def _wake_writer(self) -> None:
+        fut = self.lane.resumed.pop(self, None) if self.lane.resumed else None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def hold(self, why: int, on: bool) -> None:
         """Set or clear one reason not to read this connection; reading pauses while any is set."""

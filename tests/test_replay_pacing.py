@@ -1,0 +1,209 @@
+"""Replay pacing through the real daemon: a big replay to a subscriber that reads slowly is paced
+by its connection's flow control (the transport's pause_writing / resume_writing), not by a
+timer, on both lanes and in two formats; gap-free; a subscriber leaving mid-replay is freed.
+
+The slow reader is a raw socket with a small receive buffer that reads in small steps, so the
+daemon's send buffer fills: the replay must wait for the connection to resume writing. With
+``server.stream_buffer`` at its minimum the backlog is 30 times the buffer: a replay that did
+not wait would overflow it and be cut off; one that waited on something that never wakes
+would stall (the test's deadline). ``pypubsub_replay_pauses_total`` counts the waits that the
+connection's ``resume_writing()`` ended: a timer-paced replay leaves it at 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support import (
+    HOST,
+    Daemon,
+    DaemonFactory,
+    base_config,
+    free_port,
+    subscribe,
+    wait_subscribers,
+)
+from tests.test_admin import sample
+
+#: events retained and replayed, and each one's filler: ~8 MB, more than the kernel's send buffer
+#: takes (4 MB at most here) and 100 times the stream's buffer
+BACKLOG = 3000
+BLOB = "x" * 2500
+#: the smallest server.stream_buffer the configuration allows
+STREAM_BUFFER = 65536
+#: the slow reader's receive buffer and step
+RCVBUF = 4096
+STEP = 4096
+
+#: (fast lane on?, request) per case; the replay itself is aiohttp's on both listeners (the fast
+#: lane hands a replay request over through the Gate), the request's head differs
+CASES = {
+    "fast-ndjson": (True, b"GET /p HTTP/1.1\r\nHost: x\r\nX-Fetch-Since-Cursor: %s\r\n\r\n"),
+    "fast-svnpubsub": (True, b"GET /p HTTP/1.0\r\nX-Fetch-Since-Cursor: %s\r\n\r\n"),
+    "aiohttp-ndjson": (False, b"GET /p HTTP/1.1\r\nHost: x\r\nX-Fetch-Since-Cursor: %s\r\n\r\n"),
+    "aiohttp-svnpubsub": (False, b"GET /p HTTP/1.0\r\nX-Fetch-Since-Cursor: %s\r\n\r\n"),
+}
+
+
+def pacing_daemon(factory: DaemonFactory, fast_lane: bool, tmp_path: Path | None = None) -> Daemon:
+    port = free_port()
+    backlog: dict[str, Any] = {"size": BACKLOG * 2}
+    if tmp_path is not None:
+        backlog.update(storage=str(tmp_path / "pacing.db"), fsync=False)
+    cfg = base_config(port, stream_buffer=STREAM_BUFFER, fast_lane=fast_lane, backlog=backlog,
+                      admin={"port": free_port(), "bind": HOST})
+    return factory(config=cfg, port=port)
+
+
+async def publish_range(d: Daemon, start: int, stop: int) -> None:
+    sem = asyncio.Semaphore(16)
+
+    async def put(s: aiohttp.ClientSession, n: int) -> None:
+        async with sem, s.put(d.url + "/p/t", data=json.dumps({"n": n, "blob": BLOB})) as r:
+            assert r.status == 202, await r.text()
+
+    async with aiohttp.ClientSession() as s:
+        for n in range(start, stop):  # one after the other: their cursors are in this order
+            await put(s, n)
+
+
+async def first_cursor(d: Daemon) -> str:
+    async with subscribe(d.url, "/p", headers={"X-Fetch-Since": "0"}) as sub:
+        return str((await sub.next())["pubsub_cursor"])
+
+
+class SlowReader:
+    """A subscriber on a raw socket with a small receive buffer, read a step at a time."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        self.sock.setblocking(False)
+        self.buf = b""
+        self.events: list[dict[str, Any]] = []
+        self.head = b""
+
+    async def open(self, port: int, request: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(self.sock, (HOST, port))
+        await loop.sock_sendall(self.sock, request)
+
+    async def step(self) -> bool:
+        """Read at most STEP bytes (False: the stream ended); parse the complete records."""
+        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.sock, STEP), 30)
+        if not data:
+            return False
+        buf = self.buf + data
+        if not self.head:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return True
+            self.head, buf = buf[:end], buf[end + 4:]
+        # NDJSON chunks are "size\r\n{...}\n\r\n", svnpubsub records "{...}\n\0": a record is a
+        # line that starts with "{" (the filler holds no newline)
+        *lines, self.buf = buf.split(b"\n")
+        for line in lines:
+            line = line.strip(b"\r\0")
+            if line.startswith(b"{"):
+                obj = json.loads(line)
+                if "stillalive" not in obj:
+                    self.events.append(obj)
+        return True
+
+    async def read_events(self, n: int) -> None:
+        """Read until ``n`` events arrived, slowly: the daemon's send buffer fills."""
+        while len(self.events) < n:
+            assert await self.step(), f"stream ended after {len(self.events)} events"
+            await asyncio.sleep(0.001)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_slow_reader_replay_is_paced_by_the_connection_and_gap_free(
+        daemon_factory: DaemonFactory, case: str) -> None:
+    fast_lane, request = CASES[case]
+    d = pacing_daemon(daemon_factory, fast_lane)
+    await publish_range(d, 0, BACKLOG)
+    cursor = await first_cursor(d)
+    pauses_before = await sample(d, "pypubsub_replay_pauses_total")
+    reader = SlowReader()
+    live = 20
+    try:
+        await reader.open(d.port, request % cursor.encode())
+        while not reader.events:
+            assert await reader.step(), "stream ended before the first event"
+        # the replay is under way (and waiting on this reader): live events arrive meanwhile
+        await publish_range(d, BACKLOG, BACKLOG + live)
+        await reader.read_events(BACKLOG - 1 + live)
+    finally:
+        reader.close()
+    assert reader.head.split(b"\r\n")[0].endswith(b" 200 OK"), reader.head[:80]
+    assert b"X-Fetch-Since-Cursor-Found: true" in reader.head
+    ns = [e["n"] for e in reader.events]
+    assert ns == list(range(1, BACKLOG + live)), "gap, duplicate or reordering"
+    pauses = await sample(d, "pypubsub_replay_pauses_total") - pauses_before
+    assert pauses > 0, "the replay never waited for the connection to resume writing"
+    assert await sample(d, "pypubsub_disconnects_total", reason="overflow") == 0
+    assert "disconnecting slow subscriber" not in d.log()
+
+
+@pytest.mark.parametrize("storage", [False, True], ids=["memory", "sqlite"])
+async def test_big_replay_from_either_log_is_paced(daemon_factory: DaemonFactory, tmp_path: Path,
+                                                   storage: bool) -> None:
+    d = pacing_daemon(daemon_factory, True, tmp_path if storage else None)
+    await publish_range(d, 0, BACKLOG)
+    cursor = await first_cursor(d)
+    reader = SlowReader()
+    try:
+        await reader.open(d.port, CASES["fast-ndjson"][1] % cursor.encode())
+        await reader.read_events(BACKLOG - 1)
+    finally:
+        reader.close()
+    assert [e["n"] for e in reader.events] == list(range(1, BACKLOG))
+    assert await sample(d, "pypubsub_replay_pauses_total") > 0
+
+
+@pytest.mark.parametrize("fast_lane", [True, False], ids=["fast", "aiohttp"])
+async def test_subscriber_leaving_mid_replay_is_freed(daemon_factory: DaemonFactory,
+                                                      fast_lane: bool) -> None:
+    d = pacing_daemon(daemon_factory, fast_lane)
+    await publish_range(d, 0, BACKLOG)
+    cursor = await first_cursor(d)
+    await wait_subscribers(d.url, 0)
+    reader = SlowReader()
+    try:
+        await reader.open(d.port, CASES["fast-ndjson"][1] % cursor.encode())
+        await reader.read_events(10)
+        await wait_subscribers(d.url, 1)
+        # nothing reads it any more: the replay waits for this connection to resume writing
+        await wait_metric(d, "pypubsub_replays_paused", 1)
+    finally:
+        reader.close()  # unread bytes: the kernel resets the connection
+    # the waiting replay is woken by the connection's loss, the stream ends and is forgotten
+    await wait_subscribers(d.url, 0)
+    await wait_metric(d, "pypubsub_replays_paused", 0)
+    assert await sample(d, "pypubsub_disconnects_total", reason="client") >= 1
+    assert await sample(d, "pypubsub_replay_pauses_total") == 0  # not woken as if resumed
+    assert d.stop() == 0
+    log = d.log()
+    for bad in ("Task was destroyed", "never retrieved", "Traceback", "socket.send() raised"):
+        assert bad not in log, log[-3000:]
+
+
+async def wait_metric(d: Daemon, name: str, value: float) -> None:
+    async def reached() -> bool:
+        return await sample(d, name) == value
+    end = asyncio.get_running_loop().time() + 10
+    while not await reached():
+        assert asyncio.get_running_loop().time() < end, f"{name} never reached {value}"
+        await asyncio.sleep(0.02)
