@@ -2,6 +2,9 @@
 by its connection's flow control (the transport's pause_writing / resume_writing), not by a
 timer, on both lanes and in two formats; gap-free; a subscriber leaving mid-replay is freed.
 
+The fast lane's own connections (no replay is served there today: a replay request is handed
+to aiohttp, behind the Gate) are checked in process, on a real fast-lane listener.
+
 The slow reader is a raw socket with a small receive buffer that reads in small steps, so the
 daemon's send buffer fills: the replay must wait for the connection to resume writing. With
 ``server.stream_buffer`` at its minimum the backlog is 30 times the buffer: a replay that did
@@ -13,18 +16,26 @@ connection's ``resume_writing()`` ended: a timer-paced replay leaves it at 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from server.app import STATE, State, build_app
+from server.config import parse_config
+from server.fastlane import FastLane, FastLaneSite
+from server.stream import Stream
 from tests.support import (
     HOST,
     Daemon,
     DaemonFactory,
+    await_until,
     base_config,
     free_port,
     subscribe,
@@ -207,3 +218,87 @@ async def wait_metric(d: Daemon, name: str, value: float) -> None:
     while not await reached():
         assert asyncio.get_running_loop().time() < end, f"{name} never reached {value}"
         await asyncio.sleep(0.02)
+
+
+# -- the fast lane's side, in process: a fast-lane stream's connection paces a drain --------------
+#: bytes written at once to a fast-lane stream's connection: more than the kernel takes
+FLOOD = 8 * 1024 * 1024
+
+
+@contextlib.asynccontextmanager
+async def fast_lane_site() -> AsyncIterator[tuple[FastLaneSite, State]]:
+    """The real application behind a real fast-lane listener on a free loopback port."""
+    config = parse_config(base_config(0), "test.yaml")
+    app = build_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = FastLaneSite(runner, HOST, 0, app[STATE])
+    try:
+        await site.start()
+        yield site, app[STATE]
+    finally:
+        await runner.cleanup()
+
+
+async def fast_stream(site: FastLaneSite, reader: SlowReader) -> tuple[FastLane, Stream]:
+    await reader.open(site.port, b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n")
+    lane = site.lane
+    assert lane is not None
+
+    def the_stream() -> tuple[FastLane, Stream] | None:
+        for conn in lane.conns:
+            if conn.stream is not None:
+                return conn, conn.stream
+        return None
+    found = await await_until(the_stream, what="a fast-lane stream")
+    return found  # type: ignore[no-any-return]
+
+
+def flood(stream: Stream) -> None:
+    """Write FLOOD bytes of chunks to the stream's connection at once (past its high-water mark)."""
+    t = stream.transport
+    assert t is not None
+    chunk = b"x" * 65535
+    frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    t.write(frame * (FLOOD // len(frame)))
+
+
+async def test_fast_lane_stream_drain_is_woken_by_resume_writing() -> None:
+    async with fast_lane_site() as (site, state):
+        reader = SlowReader()
+        try:
+            conn, stream = await fast_stream(site, reader)
+            lane = conn.lane
+            assert conn.write_resumed() is None  # not paused: nothing to wait for, nothing made
+            assert not lane.resumed
+            flood(stream)
+            resumed = conn.write_resumed()
+            assert resumed is not None and not resumed.done()
+            assert conn.write_resumed() is resumed  # one waiter per paused connection
+            drain = asyncio.get_running_loop().create_task(stream.drain())
+            await await_until(lambda: state.stats.paused == 1, what="the drain to wait")
+            while not drain.done():  # the reader takes the flood: the connection resumes writing
+                assert await reader.step()
+                reader.buf = b""
+            assert drain.result() is True
+            assert state.stats.resumed == 1 and state.stats.paused == 0
+            assert not lane.resumed  # dropped once resolved: an idle stream carries none
+            assert conn.write_resumed() is None
+        finally:
+            reader.close()
+
+
+async def test_fast_lane_stream_drain_is_woken_by_connection_lost() -> None:
+    async with fast_lane_site() as (site, state):
+        reader = SlowReader()
+        try:
+            conn, stream = await fast_stream(site, reader)
+            flood(stream)
+            drain = asyncio.get_running_loop().create_task(stream.drain())
+            await await_until(lambda: state.stats.paused == 1, what="the drain to wait")
+        finally:
+            reader.close()  # unread bytes: the kernel resets the connection
+        assert await asyncio.wait_for(drain, 10) is False
+        assert state.stats.resumed == 0 and state.stats.paused == 0
+        assert not conn.lane.resumed
+        await await_until(lambda: stream not in state.streams, what="the stream to be forgotten")
