@@ -5,7 +5,8 @@
     .venv/bin/python bench/backlog_bench.py --replay-only [--stream-buffer 4194304] [--repeat 3]
 
 ``--replay-only``: just the replay of ``--replay`` events (memory and SQLite logs) to one
-subscriber resuming with ``X-Fetch-Since-Cursor``, with the daemon's CPU seconds per replay.
+subscriber resuming with ``X-Fetch-Since-Cursor``, with the daemon's CPU seconds per replay
+(``--slow-reader``: a subscriber that reads slower than the daemon writes).
 
 Runs the real daemon (a subprocess on a free loopback port) for each measurement and drives it
 with minimal raw-socket HTTP clients, so the client is not the bottleneck. Prints one line per
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import socket
 import sys
@@ -33,6 +33,8 @@ from tests.support import HOST, Daemon, base_config, free_port, wait_until
 _CL = re.compile(rb"(?i)content-length:\s*(\d+)")
 #: client processes the publishers are spread over
 CLIENT_PROCS = 2
+#: what a slow replay subscriber (``--slow-reader``) reads at a time, once a millisecond
+SLOW_READ = 16 * 1024
 #: a replay that sends nothing for this long has stalled
 REPLAY_STALL = 10.0
 
@@ -117,9 +119,10 @@ async def first_cursor(port: int) -> str:
     return cursor
 
 
-async def replay_rate(port: int, expect: int, cursor: str | None = None) -> float:
+async def replay_rate(port: int, expect: int, cursor: str | None = None, slow: bool = False) -> float:
     """Events/s to one subscriber replaying everything (X-Fetch-Since: 0), or every event after
-    ``cursor`` (X-Fetch-Since-Cursor)."""
+    ``cursor`` (X-Fetch-Since-Cursor); ``slow``: the subscriber reads at most SLOW_READ bytes
+    every millisecond."""
     r, w = await asyncio.open_connection(HOST, port)
     t0 = time.perf_counter()
     since = b"X-Fetch-Since: 0" if cursor is None else b"X-Fetch-Since-Cursor: " + cursor.encode()
@@ -130,7 +133,9 @@ async def replay_rate(port: int, expect: int, cursor: str | None = None) -> floa
     carry = b""
     progress = time.monotonic()
     while seen < expect:
-        data = await asyncio.wait_for(r.read(1 << 20), REPLAY_STALL)
+        data = await asyncio.wait_for(r.read(SLOW_READ if slow else 1 << 20), REPLAY_STALL)
+        if slow:
+            await asyncio.sleep(0.001)
         if not data:
             raise RuntimeError(f"stream ended after {seen} events")
         buf = carry + data  # a marker may straddle two reads
@@ -148,16 +153,22 @@ async def replay_rate(port: int, expect: int, cursor: str | None = None) -> floa
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of process ``pid`` so far, all its threads (schedstat: nanoseconds, not ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just ended
+    return total / 1e9
 
 
 async def replay_only(args: argparse.Namespace) -> dict[str, Any]:
     """Replays of ``args.replay`` events by cursor from memory and SQLite: events/s and CPU."""
     body = json.dumps({"commit": {"id": 1234567, "repository": "bench", "log": "x" * 100,
                                   "changed": {"trunk/a.c": {"flags": "U  "}}}}).encode()
-    out: dict[str, Any] = {"events": args.replay, "stream_buffer": args.stream_buffer}
+    out: dict[str, Any] = {"events": args.replay, "stream_buffer": args.stream_buffer,
+                           "slow_reader": args.slow_reader}
     with tempfile.TemporaryDirectory(prefix="pypubsub-bench-") as tmp:
         for name, storage in (("memory", False), ("sqlite", True)):
             d = make_daemon(Path(tmp) / f"replay-{name}", storage, args.replay, fsync=False,
@@ -169,7 +180,7 @@ async def replay_only(args: argparse.Namespace) -> dict[str, Any]:
                 rates, cpus = [], []
                 for _ in range(args.repeat):
                     c0 = cpu_seconds(d.proc.pid)
-                    rates.append(await replay_rate(d.port, args.replay - 1, cursor))
+                    rates.append(await replay_rate(d.port, args.replay - 1, cursor, args.slow_reader))
                     cpus.append(cpu_seconds(d.proc.pid) - c0)
             finally:
                 d.stop()
@@ -246,6 +257,8 @@ def main() -> int:
     p.add_argument("--stream-buffer", type=int, default=64 * 1024 * 1024,
                    help="server.stream_buffer of the replay daemons (--replay-only)")
     p.add_argument("--repeat", type=int, default=3, help="replays per daemon (--replay-only)")
+    p.add_argument("--slow-reader", action="store_true",
+                   help=f"the replay's subscriber reads {SLOW_READ} bytes a millisecond at most")
     args = p.parse_args()
     print(json.dumps(asyncio.run(replay_only(args) if args.replay_only else run(args)), indent=2))
     return 0

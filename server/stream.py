@@ -190,7 +190,7 @@ class Stream:
         self.held = []
         self.held_bytes = 0
         t = self.transport
-        if t is not None:
+        if t is not None and not t.is_closing():
             # the replay writes a slice (up to a quarter of the limit) whenever writing is not
             # paused, i.e. on top of up to the high-water mark: keep that mark at half the limit
             # so that a slice on top of it stays within the limit (a small stream_buffer)
