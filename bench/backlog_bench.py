@@ -186,7 +186,7 @@ async def replay_only(args: argparse.Namespace) -> dict[str, Any]:
                 d.stop()
             out[f"replay_per_s_{name}"] = [round(x) for x in rates]
             out[f"replay_cpu_s_{name}"] = [round(x, 3) for x in cpus]
-            runs = [f"{r:.0f} events/s ({c:.2f} s daemon CPU)" for r, c in zip(rates, cpus, strict=True)]
+            runs = [f"{r:.0f} events/s ({c:.3f} s daemon CPU)" for r, c in zip(rates, cpus, strict=True)]
             print(f"replay {args.replay - 1} events by cursor, {name:6s}: " + ", ".join(runs))
     return out
 
