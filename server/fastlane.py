@@ -129,6 +129,9 @@ class Lane:
         self.served = 0
         self.handed_over = 0
         self.closing = False
+        #: what a paused stream's replay waits on (:meth:`FastLane.write_resumed`), only while
+        #: it waits: an idle connection carries no Future
+        self.resumed: dict[FastLane, asyncio.Future[None]] = {}
         srv = state.config.server
         self.max_payload = srv.max_payload_size
         self.oldschoolers = state.config.clients.oldschoolers
@@ -145,9 +148,6 @@ class Lane:
         #: request targets, user agents and peers kept by streams, one object per distinct value
         #: (idle subscribers are many and mostly alike; bounded: cleared when full)
         self.shared: dict[object, object] = {}
-        #: what a paused stream's replay waits on (:meth:`FastLane.write_resumed`), only while
-        #: it waits: an idle connection carries no Future
-        self.resumed: dict[FastLane, asyncio.Future[None]] = {}
 
     def accepted(self) -> bytes:
         """The whole 202 response to a publish, built once per second (its ``Date``)."""
@@ -372,9 +372,14 @@ class FastLane(asyncio.Protocol):
             lane.limits.release(self.peer)
             return
         lane.handed_over += 1
-        # the Gate keeps the count and the head's deadline; aiohttp serves the connection
+        held, self.held = self.held, 0
+        if held:
+            t.resume_reading()  # aiohttp reads for itself from now on
+        # the Gate keeps the count and the head's deadline; aiohttp serves the connection, its
+        # writing paused if the transport's is (its resume_writing() then follows a pause)
         deadline = self.deadline if self.in_head else lane.loop.time() + lane.limits.header_timeout
-        Gate.adopt(t, lane.limits, lane.fallback, self.peer, buf, deadline)
+        Gate.adopt(t, lane.limits, lane.fallback, self.peer, buf, deadline,
+                   paused=bool(held & HOLD_WRITE))
 
     # -- requests ----------------------------------------------------------------------------
     def publish(self, method: bytes, url: bytes, pub: PublishTarget, body: bytes,
@@ -443,14 +448,13 @@ class FastLane(asyncio.Protocol):
     def _hand_over_held(self) -> None:
         """Every pending answer is out: close (shutdown) or hand the rest to aiohttp."""
         t = self.transport
-        held, self.held = self.held, 0
         if t is None:
+            self.held = 0
             return
-        if held & HOLD_CLOSING or self.lane.closing:
+        if self.held & HOLD_CLOSING or self.lane.closing:
+            self.held = 0
             t.close()
             return
-        if held:
-            t.resume_reading()  # aiohttp reads for itself from now on
         reader = self.reader
         self._hand_over(reader.unanswered() if reader is not None else b"")
 

@@ -56,13 +56,16 @@ class Gate(asyncio.Protocol):
 
     @classmethod
     def adopt(cls, transport: asyncio.Transport, limits: Limits, factory: Callable[[], RequestHandler],
-              peer: str, data: bytes, deadline: float) -> None:
+              peer: str, data: bytes, deadline: float, *, paused: bool = False) -> None:
         """Take a connection ``limits`` already counts (the fast lane's), with the bytes it has
-        not answered; the first head must be complete by ``deadline`` (loop time)."""
+        not answered; the first head must be complete by ``deadline`` (loop time). ``paused``:
+        the transport has writing paused now (its next call is ``resume_writing()``)."""
         gate = cls(limits, factory)
         gate.peer = peer
         transport.set_protocol(gate)
         gate._start(transport, deadline)
+        if paused:
+            gate.pause_writing()
         if data:
             gate.data_received(data)
 

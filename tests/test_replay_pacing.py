@@ -29,7 +29,8 @@ from aiohttp import web
 
 from server.app import STATE, State, build_app
 from server.config import parse_config
-from server.fastlane import FastLane, FastLaneSite
+from server.fastlane import HOLD_WRITE, FastLane, FastLaneSite
+from server.gate import Gate
 from server.stream import Stream
 from tests.support import (
     HOST,
@@ -128,6 +129,12 @@ class SlowReader:
                 if "stillalive" not in obj:
                     self.events.append(obj)
         return True
+
+    async def raw(self) -> bytes:
+        """The next bytes received, unparsed (b"" never: the stream must not end here)."""
+        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.sock, 1 << 16), 30)
+        assert data, "the connection was closed"
+        return data
 
     async def read_events(self, n: int) -> None:
         """Read until ``n`` events arrived, slowly: the daemon's send buffer fills."""
@@ -256,8 +263,11 @@ async def fast_stream(site: FastLaneSite, reader: SlowReader) -> tuple[FastLane,
 
 def flood(stream: Stream) -> None:
     """Write FLOOD bytes of chunks to the stream's connection at once (past its high-water mark)."""
-    t = stream.transport
-    assert t is not None
+    assert stream.transport is not None
+    flood_transport(stream.transport)
+
+
+def flood_transport(t: asyncio.Transport) -> None:
     chunk = b"x" * 65535
     frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
     t.write(frame * (FLOOD // len(frame)))
@@ -302,3 +312,51 @@ async def test_fast_lane_stream_drain_is_woken_by_connection_lost() -> None:
         assert state.stats.resumed == 0 and state.stats.paused == 0
         assert not conn.lane.resumed
         await await_until(lambda: stream not in state.streams, what="the stream to be forgotten")
+
+
+#: a 202 answer to a publish, roughly (Date and Server included)
+ANSWER_202 = b"x" * 160
+#: how aiohttp's answer to ``HEAD /`` starts
+HEAD_ANSWER = b"HTTP/1.1 204 No Content\r\n"
+
+
+async def test_connection_handed_to_aiohttp_while_paused_keeps_its_flow_control() -> None:
+    """A publisher connection whose answers filled its send buffer (writing paused) and whose
+    read ends with a request the fast lane hands to aiohttp: aiohttp's handler starts paused as
+    the transport is (its resume then matches a pause), and the connection is read again."""
+    async with fast_lane_site() as (site, _state):
+        lane = site.lane
+        assert lane is not None
+        reader = SlowReader()
+        try:
+            pub = b"PUT /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+            await reader.open(site.port, pub)
+            while b"202 Accepted" not in reader.buf and b"202 Accepted" not in reader.head:
+                assert await reader.step()
+            conn = next(iter(lane.conns))
+            t = conn.transport
+            assert t is not None
+            # the kernel's send buffer full and FLOOD bytes queued, still under the high-water
+            # mark (still read); the mark is then set just above what is queued
+            t.set_write_buffer_limits(high=2 * FLOOD)
+            flood_transport(t)
+            queued = t.get_write_buffer_size()
+            assert queued > 0 and not conn.held & HOLD_WRITE
+            t.set_write_buffer_limits(high=queued + 500 * len(ANSWER_202))
+            # one read: 600 publishes whose answers pass the mark (writing pauses after 500),
+            # then a HEAD, which the fast lane hands to aiohttp with writing paused
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(reader.sock, pub * 600 + b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await await_until(lambda: lane.handed_over == 1, what="the hand-over")
+            gate = t.get_protocol()
+            assert isinstance(gate, Gate) and gate.handler is not None
+            assert gate.handler.writing_paused, "aiohttp's handler does not know writing is paused"
+            # everything is taken; the connection is read again: a second HEAD is answered too
+            seen = b""
+            while seen.count(HEAD_ANSWER) < 1:
+                seen = seen[-64:] + await reader.raw()
+            await loop.sock_sendall(reader.sock, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+            while seen.count(HEAD_ANSWER) < 2:
+                seen += await reader.raw()
+        finally:
+            reader.close()
