@@ -2,12 +2,14 @@
 by its connection's flow control (the transport's pause_writing / resume_writing), not by a
 timer, on both lanes and in two formats; gap-free; a subscriber leaving mid-replay is freed.
 
-The fast lane's own connections (no replay is served there today: a replay request is handed
-to aiohttp, behind the Gate) are checked in process, on a real fast-lane listener.
+The fast lane's own side (no replay is served there today: a replay request is handed to
+aiohttp, behind the Gate) is checked in process, on a real fast-lane listener: a fast-lane
+stream's wait woken by resume_writing and by connection_lost, and a connection handed to aiohttp
+while its writing is paused.
 
 The slow reader is a raw socket with a small receive buffer that reads in small steps, so the
 daemon's send buffer fills: the replay must wait for the connection to resume writing. With
-``server.stream_buffer`` at its minimum the backlog is 30 times the buffer: a replay that did
+``server.stream_buffer`` at its minimum the backlog is 100 times the buffer: a replay that did
 not wait would overflow it and be cut off; one that waited on something that never wakes
 would stall (the test's deadline). ``pypubsub_replay_pauses_total`` counts the waits that the
 connection's ``resume_writing()`` ended: a timer-paced replay leaves it at 0.
