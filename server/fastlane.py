@@ -365,7 +365,7 @@ class FastLane(asyncio.Protocol):
         except BadRequest:
             return False
         t0 = time.monotonic()
-        done = self.lane.state.ingest.start(pub.path, obj, parsed=(pub.topics, pub.private))
+        done = self.lane.state.ingest.start(pub.path, obj, parsed=(pub.topics, pub.private), owned=True)
         waiting = self.waiting
         if not waiting and isinstance(done, Appended):
             t = self.transport

@@ -64,12 +64,13 @@ class Ingest:
         return self.log.synchronous
 
     def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http",  # noqa: ARG002
-                   parsed: tuple[tuple[str, ...], bool] | None = None) -> Appended:
+                   parsed: tuple[tuple[str, ...], bool] | None = None, owned: bool = False) -> Appended:
         """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path).
 
-        ``parsed``: the path's ``(topics, private)`` when the caller has them already."""
+        ``parsed``: the path's ``(topics, private)`` when the caller has them already; ``owned``:
+        ``body`` is the caller's own fresh dict, stamped in place (see ``make_event``)."""
         t0 = time.perf_counter()
-        done = self.log.append(make_event(path, body, parsed=parsed))
+        done = self.log.append(make_event(path, body, parsed=parsed, owned=owned))
         if not isinstance(done, Appended):
             raise RuntimeError(f"{self.log!r} is not synchronous: use Ingest.submit")
         self.accepted += 1
@@ -77,7 +78,7 @@ class Ingest:
         return done
 
     def start(self, path: str, body: Mapping[str, Any], *, dedup: str | None = None,
-              parsed: tuple[tuple[str, ...], bool] | None = None
+              parsed: tuple[tuple[str, ...], bool] | None = None, owned: bool = False
               ) -> Appended | asyncio.Future[Appended | None]:
         """Stamp ``body`` as published at ``path`` and start its append, without awaiting.
 
@@ -86,10 +87,11 @@ class Ingest:
         already has) or fails with what the log raises. Nothing cancels the append: a caller
         that stops caring (a publisher that left) just drops the future; the event is kept and
         routed all the same, and the drain waits for it (:meth:`settle`). ``parsed``: the
-        path's ``(topics, private)`` when the caller has them already.
+        path's ``(topics, private)`` when the caller has them already; ``owned``: ``body`` is
+        the caller's own fresh dict, stamped in place (see ``make_event``).
         """
         t0 = time.perf_counter()
-        event = make_event(path, body, parsed=parsed)
+        event = make_event(path, body, parsed=parsed, owned=owned)
         done = self.log.append(event) if dedup is None else self.log.append(event, dedup=dedup)
         if isinstance(done, Appended):
             self.accepted += 1
