@@ -17,11 +17,11 @@ Cost model (the point of this module):
   iteration joins a group's pending records into one ``bytes`` and hands the same object to every
   sink of the group (one socket write per subscriber per iteration, however many events). That
   coalescing is how a Python fan-out keeps up with Redis' rate;
-* under load (the batch about to be written, or the previous one, carried more than one event)
-  the write waits one more loop iteration (two at most, and only while the batch grows), so that
-  the publishes read meanwhile join the batch: fewer, larger socket writes, which is where a
-  small fan-out spends its time. An event arriving alone is written in the iteration it was
-  routed in (latency when idle).
+* under load (some family's batch about to be written, or in the previous one, holds more than
+  one event) the write waits one more loop iteration (two at most, and only while the batch
+  grows), so that the publishes read meanwhile join the batch: fewer, larger socket writes,
+  which is where a small fan-out spends its time. An event arriving alone, or events each for
+  a different family, are written in the iteration they were routed in.
 
 Publishing never awaits anything.
 """
@@ -187,10 +187,11 @@ class TopicRouter:
         self._spec_counts: dict[TopicSpec, int] = {}
         self._dirty: list[Family] = []
         self._flush_handle: asyncio.Handle | None = None
-        #: events routed since the last flush and in the flush before; iterations the pending
-        #: batch has waited, and its size when it last did (see :meth:`_flush_soon`)
+        #: (event, family) pairs routed since the last flush; whether the last flush joined
+        #: several events for some family; iterations the pending batch has waited, and its
+        #: size when it last did (see :meth:`_flush_soon`)
         self._batch = 0
-        self._last_batch = 0
+        self._coalesced = False
         self._deferred = 0
         self._batch_seen = 0
         self._listeners: list[ChangeListener] = []
@@ -375,7 +376,7 @@ class TopicRouter:
                             pending.append(event)
                             n += 1
         if n:
-            self._batch += 1
+            self._batch += n
             if self._flush_handle is None:
                 self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_soon)
         return n
@@ -384,14 +385,15 @@ class TopicRouter:
         """The loop-iteration callback: flush, or under load let the batch wait for more.
 
         Publishers with one request in flight each send their next publish only once answered,
-        so one iteration reads about one publish per connection. Under load (this batch or the
-        last one carried more than one event) the batch waits one more iteration, and another
-        while it keeps growing, up to :data:`MAX_DEFER_TURNS`: one socket write per subscriber
-        then carries the next rounds of publishes too. A lone event after a lone event (idle)
-        is written in the iteration it was routed in."""
+        so one iteration reads about one publish per connection. When writes are being joined
+        (some family has several events pending, or had in the last flush) the batch waits one
+        more iteration, and another while it keeps growing, up to :data:`MAX_DEFER_TURNS`: one
+        socket write per subscriber then carries the next rounds of publishes too. Otherwise
+        (idle: a lone event after a lone event; or every event for a different family, where
+        waiting would join nothing) it is written in the iteration it was routed in."""
         batch = self._batch
         if (self._deferred < MAX_DEFER_TURNS and batch != self._batch_seen
-                and (batch > 1 or self._last_batch > 1)):
+                and (batch > len(self._dirty) or self._coalesced)):
             self._batch_seen = batch
             self._deferred += 1
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_soon)
@@ -407,11 +409,11 @@ class TopicRouter:
     def flush(self) -> None:
         """Write every family's pending records: one joined ``bytes``, shared by its sinks."""
         self._flush_handle = None
-        self._last_batch = self._batch
+        dirty, self._dirty = self._dirty, []
+        self._coalesced = self._batch > len(dirty)
         self._batch = 0
         self._deferred = 0
         self._batch_seen = 0
-        dirty, self._dirty = self._dirty, []
         sent = 0
         now = time.monotonic()
         for f in dirty:

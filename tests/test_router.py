@@ -104,6 +104,27 @@ async def test_flush_waits_for_more_under_load_only() -> None:
     assert router.stats()["deliveries_total"] == 8
 
 
+async def test_events_for_different_families_do_not_wait() -> None:
+    """Selective routing (every event for another subscriber) joins nothing by waiting: each
+    batch is written in the iteration it was routed in."""
+    router = TopicRouter()
+    sinks = [Recorder() for _ in range(4)]
+    for i, r in enumerate(sinks):
+        router.subscribe(r, parse_subscription(f"/git/repo{i}"), NDJSON)
+    for rnd in range(3):
+        evs = [make_event(f"/git/repo{i}", {"round": rnd}) for i in range(4)]
+        for e in evs:
+            router.route(e)
+        await turns(1)
+        assert [r.events[-1] for r in sinks] == evs
+    router.route(make_event("/git/repo0", {}))
+    router.route(make_event("/git/repo0", {}))  # now a family has two: wait for more
+    await turns(1)
+    assert len(sinks[0].data) == 3
+    await turns(1)
+    assert len(sinks[0].data) == 4 and len(sinks[0].events) == 5
+
+
 async def test_an_event_reaches_a_family_once() -> None:
     """A spec matched through two of its batches, a repeated topic, a match-all spec: one
     delivery each."""
