@@ -73,8 +73,10 @@ class Group:
     __slots__ = ("acl", "family", "fmt", "last_write", "sinks", "spec")
 
     def __init__(self, family: Family, acl: Acl) -> None:
-        #: ``time.monotonic()`` of the last write to every sink of the group (records or ping);
-        #: a sink that joined later was written to (its headers) no earlier than this
+        #: ``time.monotonic()`` of the last write to every sink of the group (a ping, or
+        #: private records); public records are written to the whole family and stamp
+        #: ``Family.last_write`` instead: the group's silence began at the later of the two.
+        #: A sink that joined later was written to (its headers) no earlier than this.
         self.last_write = time.monotonic()
         self.family = family
         self.spec = family.spec
@@ -93,11 +95,14 @@ class Family:
     private event is pending does each group get its own ACL-filtered join.
     """
 
-    __slots__ = ("_flat", "anchors", "fmt", "groups", "pending", "segments", "spec", "visible")
+    __slots__ = ("_flat", "anchors", "fmt", "groups", "last_write", "pending", "segments", "spec",
+                 "visible")
 
     def __init__(self, spec: TopicSpec, fmt: Framing) -> None:
         self.spec = spec
         self.fmt = fmt
+        #: ``time.monotonic()`` of the last write to every sink of every group (public records)
+        self.last_write = time.monotonic()
         self.groups: dict[Acl, Group] = {}
         self.pending: list[Event] = []
         #: for each pending private event, its index in ``pending`` and the groups that see it
@@ -427,8 +432,7 @@ class TopicRouter:
             data = events[0].wire(fmt) if len(events) == 1 else b"".join([e.wire(fmt) for e in events])
             # every group of the family gets the same bytes: one loop over the family's sinks
             # (sinks never leave synchronously from send(), and a change makes a new list)
-            for g in f.groups.values():
-                g.last_write = now
+            f.last_write = now
             flat = f._flat
             if flat is None:
                 flat = f.flat_sinks()
@@ -452,8 +456,7 @@ class TopicRouter:
             # without a flush): one join for the family, as for a public batch
             data = b"".join([e.wire(fmt) for e in events])
             flat = f.flat_sinks()
-            for g in groups.values():
-                g.last_write = now
+            f.last_write = now
             for sink in flat:
                 sink.send(data, events)
             return len(flat) * len(events)
@@ -498,7 +501,8 @@ class TopicRouter:
         cache: dict[Framing, bytes] = {}
         pinged = 0
         for g in self.groups():
-            if idle_since is not None and g.last_write > idle_since:
+            if idle_since is not None and (g.last_write > idle_since
+                                           or g.family.last_write > idle_since):
                 continue
             data = cache.get(g.fmt)
             if data is None:

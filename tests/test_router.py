@@ -255,9 +255,9 @@ async def test_keepalive_pings_idle_streams_only() -> None:
         now = t0 + tick * step
         router.route(make_event("/busy", {"tick": tick}))
         router.flush_now()
-        for g in router.groups():  # the event was written at ``now`` in simulated time
-            if busy in g.sinks:
-                g.last_write = now
+        for g in router.groups():  # the event was written at ``now`` in simulated time (public
+            if busy in g.sinks:    # records stamp the family)
+                g.family.last_write = now
         before = len(idle.data)
         router.broadcast_ping(lambda _fmt: b"ping\n", idle_since=now - interval + step, now=now)
         if len(idle.data) > before:
@@ -274,8 +274,9 @@ async def test_keepalive_every_format_and_moved_stream_keeps_its_silence() -> No
     router = TopicRouter()
     sinks = {fmt: Recorder() for fmt in (NDJSON, SSE, WEBSOCKET)}
     groups = {fmt: router.subscribe(s, parse_subscription("/t"), fmt) for fmt, s in sinks.items()}
-    for g in groups.values():
+    for g in groups.values():  # ten seconds of silence
         g.last_write -= 10.0
+        g.family.last_write -= 10.0
     moved = router.move(sinks[SSE], groups[SSE], frozenset({frozenset({"t"})}))
     assert moved.last_write <= groups[SSE].last_write
     built: list[object] = []
