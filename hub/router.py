@@ -112,10 +112,12 @@ class Family:
         #: -> segment -> the groups whose ACL holds it. A segment that is a subset of an event's
         #: topics has its anchor among them, so only the event's own topics are looked up.
         self.segments: dict[str, dict[frozenset[str], dict[Group, None]]] = {}
-        self._flat: list[Sink] | None = None
+        #: every sink of every group (None: to be rebuilt); a join appends to it, so that a
+        #: family's first write after its subscribers joined builds nothing
+        self._flat: list[Sink] | None = []
 
     def flat_sinks(self) -> list[Sink]:
-        """Every sink of every group, cached until membership changes (:meth:`changed`)."""
+        """Every sink of every group, cached until a sink leaves or moves (:meth:`changed`)."""
         flat = self._flat
         if flat is None:
             flat = self._flat = [s for g in self.groups.values() for s in g.sinks]
@@ -123,6 +125,11 @@ class Family:
 
     def changed(self) -> None:
         self._flat = None
+
+    def joined(self, sink: Sink) -> None:
+        flat = self._flat
+        if flat is not None:
+            flat.append(sink)
 
     def add_group(self, group: Group) -> None:
         self.groups[group.acl] = group
@@ -240,8 +247,9 @@ class TopicRouter:
         """
         self.flush_now()
         g = self._group(spec, fmt, acl)
+        if sink not in g.sinks:
+            g.family.joined(sink)  # (never during a flush: a sink's send() subscribes nothing)
         g.sinks[sink] = None
-        g.family.changed()
         self.subscriber_count += 1
         n = self._spec_counts[spec] = self._spec_counts.get(spec, 0) + 1
         self._notify(spec, n, True)

@@ -142,6 +142,22 @@ async def test_an_event_reaches_a_family_once() -> None:
         assert r.data == [e1.wire(NDJSON) + e2.wire(NDJSON)]
 
 
+async def test_joins_between_writes_get_the_next_batch_once() -> None:
+    """The family's cached sink list follows joins (and a repeated join adds no second copy)."""
+    router = TopicRouter()
+    spec = parse_subscription("/x")
+    a, b = Recorder(), Recorder()
+    router.subscribe(a, spec, NDJSON)
+    e1, e2 = make_event("/x", {"n": 1}), make_event("/x", {"n": 2})
+    router.route(e1)
+    router.flush_now()
+    router.subscribe(b, spec, NDJSON, frozenset({frozenset({"x"})}))  # another group, same family
+    router.subscribe(a, spec, NDJSON)
+    router.route(e2)
+    router.flush_now()
+    assert a.events == [e1, e2] and b.events == [e2]
+
+
 async def test_private_events_need_an_acl_segment() -> None:
     router = TopicRouter()
     anon, ok, partial = Recorder(), Recorder(), Recorder()
