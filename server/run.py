@@ -156,7 +156,7 @@ async def drain(state: State, sites: list[web.BaseSite], lanes: list[Lane], grac
     except TimeoutError:
         logger.warning("draining: %d publish(es) still under way, %d waiting for the log",
                        state.publishing, state.ingest.pending)
-    await asyncio.sleep(0)  # routed batches are flushed to the streams' buffers (call_soon)
+    state.hub.topics.flush_now()  # routed batches into the streams' buffers, before they end
     streams = list(state.streams)
     n = len(streams)
     if not n:

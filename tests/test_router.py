@@ -12,6 +12,12 @@ from hub.topics import TopicSpec, parse_subscription
 from server.formats import NDJSON, SSE, WEBSOCKET
 
 
+async def turns(n: int) -> None:
+    """Let the event loop run ``n`` iterations."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 class Recorder:
     """A Sink that keeps what it is sent."""
 
@@ -55,10 +61,101 @@ async def test_coalesced_and_shared_bytes() -> None:
     router.route(e1)
     router.route(e2)
     assert a.data == []  # nothing written until the loop turns
-    await asyncio.sleep(0)
+    await turns(2)  # two events in one iteration: the batch waits one more (see below)
     assert len(a.data) == 1 and a.data[0] is b.data[0]  # one write, the same bytes object
     assert a.data[0] == e1.wire(NDJSON) + e2.wire(NDJSON)
     assert [e.cursor for e in c.events] == [e2.cursor]
+
+
+async def test_flush_waits_for_more_under_load_only() -> None:
+    """A lone event is written in the iteration it was routed in; a batch of several waits one
+    more iteration, another while it grows (two at most), and takes what is routed meanwhile;
+    idle again, writes are immediate."""
+    from hub.router import MAX_DEFER_TURNS
+    assert MAX_DEFER_TURNS == 2
+    router = TopicRouter()
+    r = Recorder()
+    router.subscribe(r, parse_subscription("/x"), NDJSON)
+    ev = [make_event("/x", {"n": i}) for i in range(8)]
+    router.route(ev[0])
+    await turns(1)
+    assert r.data == [ev[0].wire(NDJSON)]  # idle: at once
+    router.route(ev[1])
+    router.route(ev[2])
+    await turns(1)
+    assert len(r.data) == 1  # under load: one more iteration...
+    router.route(ev[3])
+    await turns(1)
+    assert len(r.data) == 1  # ...and another, as it grew...
+    router.route(ev[4])
+    await turns(1)
+    assert r.data[1:] == [b"".join(e.wire(NDJSON) for e in ev[1:5])]  # ...no more: all joined
+    router.route(ev[5])  # alone, but the last batch carried four: it waits one iteration
+    await turns(1)
+    assert len(r.data) == 2
+    await turns(1)  # it did not grow: written
+    assert r.data[2:] == [ev[5].wire(NDJSON)]
+    router.route(ev[6])  # idle again
+    await turns(1)
+    assert r.data[3:] == [ev[6].wire(NDJSON)]
+    router.route(ev[7])
+    router.subscribe(Recorder(), parse_subscription("/y"), NDJSON)  # a join writes what is due
+    assert r.data[4:] == [ev[7].wire(NDJSON)]
+    assert router.stats()["deliveries_total"] == 8
+
+
+async def test_events_for_different_families_do_not_wait() -> None:
+    """Selective routing (every event for another subscriber) joins nothing by waiting: each
+    batch is written in the iteration it was routed in."""
+    router = TopicRouter()
+    sinks = [Recorder() for _ in range(4)]
+    for i, r in enumerate(sinks):
+        router.subscribe(r, parse_subscription(f"/git/repo{i}"), NDJSON)
+    for rnd in range(3):
+        evs = [make_event(f"/git/repo{i}", {"round": rnd}) for i in range(4)]
+        for e in evs:
+            router.route(e)
+        await turns(1)
+        assert [r.events[-1] for r in sinks] == evs
+    router.route(make_event("/git/repo0", {}))
+    router.route(make_event("/git/repo0", {}))  # now a family has two: wait for more
+    await turns(1)
+    assert len(sinks[0].data) == 3
+    await turns(1)
+    assert len(sinks[0].data) == 4 and len(sinks[0].events) == 5
+
+
+async def test_an_event_reaches_a_family_once() -> None:
+    """A spec matched through two of its batches, a repeated topic, a match-all spec: one
+    delivery each."""
+    router = TopicRouter()
+    either, twice, everything = Recorder(), Recorder(), Recorder()
+    router.subscribe(either, TopicSpec.of([["a"], ["b"]]), NDJSON)
+    router.subscribe(twice, parse_subscription("/a"), NDJSON)
+    router.subscribe(everything, parse_subscription("/"), NDJSON)
+    e1, e2 = make_event("/a/b", {}), make_event("/a/a", {})
+    assert router.route(e1) == 3
+    assert router.route(e2) == 3
+    router.flush_now()
+    for r in (either, twice, everything):
+        assert r.events == [e1, e2]
+        assert r.data == [e1.wire(NDJSON) + e2.wire(NDJSON)]
+
+
+async def test_joins_between_writes_get_the_next_batch_once() -> None:
+    """The family's cached sink list follows joins (and a repeated join adds no second copy)."""
+    router = TopicRouter()
+    spec = parse_subscription("/x")
+    a, b = Recorder(), Recorder()
+    router.subscribe(a, spec, NDJSON)
+    e1, e2 = make_event("/x", {"n": 1}), make_event("/x", {"n": 2})
+    router.route(e1)
+    router.flush_now()
+    router.subscribe(b, spec, NDJSON, frozenset({frozenset({"x"})}))  # another group, same family
+    router.subscribe(a, spec, NDJSON)
+    router.route(e2)
+    router.flush_now()
+    assert a.events == [e1, e2] and b.events == [e2]
 
 
 async def test_private_events_need_an_acl_segment() -> None:
@@ -136,7 +233,7 @@ async def test_acl_segment_index_agrees_with_acl_allows() -> None:
             topics = "/".join(rnd.sample(words, rnd.randint(1, 3)))
             batch.append(make_event(("/private/" if rnd.random() < 0.6 else "/") + topics, {}))
             router.route(batch[-1])
-        await asyncio.sleep(0)  # the flush runs once per loop iteration
+        router.flush_now()
         for s in sinks:
             acl = acls[s]
             want = [e for e in batch if not e.private or (acl and acl_allows(acl, e))] if s in groups else []
@@ -173,10 +270,10 @@ async def test_keepalive_pings_idle_streams_only() -> None:
     for tick in range(1, 8 * 4 + 1):  # four intervals of simulated ticks, one event per tick
         now = t0 + tick * step
         router.route(make_event("/busy", {"tick": tick}))
-        router._flush_now()
-        for g in router.groups():  # the event was written at ``now`` in simulated time
-            if busy in g.sinks:
-                g.last_write = now
+        router.flush_now()
+        for g in router.groups():  # the event was written at ``now`` in simulated time (public
+            if busy in g.sinks:    # records stamp the family)
+                g.family.last_write = now
         before = len(idle.data)
         router.broadcast_ping(lambda _fmt: b"ping\n", idle_since=now - interval + step, now=now)
         if len(idle.data) > before:
@@ -193,8 +290,9 @@ async def test_keepalive_every_format_and_moved_stream_keeps_its_silence() -> No
     router = TopicRouter()
     sinks = {fmt: Recorder() for fmt in (NDJSON, SSE, WEBSOCKET)}
     groups = {fmt: router.subscribe(s, parse_subscription("/t"), fmt) for fmt, s in sinks.items()}
-    for g in groups.values():
+    for g in groups.values():  # ten seconds of silence
         g.last_write -= 10.0
+        g.family.last_write -= 10.0
     moved = router.move(sinks[SSE], groups[SSE], frozenset({frozenset({"t"})}))
     assert moved.last_write <= groups[SSE].last_write
     built: list[object] = []
