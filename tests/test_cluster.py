@@ -85,6 +85,14 @@ async def subscribers(nodes: list[Daemon], path: str = "/", headers: dict[str, s
         yield subs
 
 
+def stored_event(entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """The event a stream entry holds, as every node sends it: the stored JSON up to the
+    cursor, then the cursor the entry id gives."""
+    assert fields[b"g"], "every entry carries the stream's epoch"
+    obj: dict[str, Any] = json.loads(fields[b"p"] + entry_position(entry_id)[1].encode() + b'"}')
+    return obj
+
+
 async def until_sentinel(sub: Subscription) -> list[dict[str, Any]]:
     """Events up to (not including) the sentinel."""
     out: list[dict[str, Any]] = []
@@ -224,12 +232,36 @@ def test_memory_config_does_not_import_redis() -> None:
     assert out.stdout.strip() == "False", out.stderr
 
 
-def test_node_without_redis_exits_naming_the_key(daemon_factory: DaemonFactory) -> None:
+async def test_node_starts_without_redis_unready_and_serves_once_redis_comes(
+        tmp_path: Path, daemon_factory: DaemonFactory) -> None:
+    server = RedisServer(tmp_path / "late")  # its port chosen, not started yet
     port = free_port()
-    d = daemon_factory(config=node_config(port, f"redis://{HOST}:{free_port()}/0"), port=port, start=False)
-    d.start(wait=False)
-    assert d.proc is not None and d.proc.wait(20) == 2
-    assert "server.backlog.storage: cannot use Redis at" in d.log()
+    d = daemon_factory(config=node_config(port, server.url), port=port)  # listening without Redis
+    try:
+        async with aiohttp.ClientSession() as s, s.put(d.url + "/t/early", json={"n": 0}) as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "1"
+        server.start()
+        end = time.monotonic() + EVENT_TIMEOUT
+        while (await publish(d.url, "/t/first", {"n": 1}))[0] != 202:
+            assert time.monotonic() < end, "the node did not serve once Redis answered"
+            await asyncio.sleep(0.05)
+        async with subscribers([d]) as (sub,):
+            await put(d, "/t/live", {"n": 2})
+            await put(d, SENTINEL, {})
+            got = await until_sentinel(sub)
+        assert [e["n"] for e in got] == [2]
+        r = server.client()
+        try:
+            stored = [b"".join(f.values()) for _i, f in stream_entries(r, STREAM)]
+        finally:
+            r.close()
+        assert len(stored) == 3 and not any(b"/t/early" in e for e in stored)
+        assert d.log().count("Redis is unreachable") == 1
+        assert "starting without Redis" in d.log()
+        d.wait_log("Redis is reachable again")
+    finally:
+        d.stop()
+        server.stop()
 
 
 def test_start_up_warns_about_a_redis_that_may_lose_events(
@@ -320,7 +352,7 @@ async def test_2xx_only_after_redis_has_it_and_cursors_are_cluster_cursors(
                 await put(nodes[i % NODES], "/t/ack", {"i": i})
                 entries = stream_entries(r, STREAM)  # the 202 came: the entry is in Redis already
                 assert len(entries) == i + 1
-                assert json.loads(entries[-1][1][b"e"])["i"] == i
+                assert stored_event(*entries[-1])["i"] == i
             got = [await sub.next(EVENT_TIMEOUT) for _ in range(5)]
             ids = [e[0].decode() for e in stream_entries(r, STREAM)]
     finally:
@@ -522,7 +554,7 @@ async def test_sqs_message_enters_the_stream_once(
             d.wait_log(f"message {mid} for '/sqs/m' accepted", EVENT_TIMEOUT)
     r = redis_server.client()
     try:
-        stored = [json.loads(f[b"e"])["k"] for _, f in stream_entries(r, STREAM)]
+        stored = [stored_event(i, f)["k"] for i, f in stream_entries(r, STREAM)]
     finally:
         r.close()
     assert sorted(stored) == list(range(5))
