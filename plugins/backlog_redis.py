@@ -15,7 +15,7 @@ Nothing here knows HTTP; the daemon's wiring builds it from the configuration.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import collections
 import logging
 import time
 import uuid
@@ -61,8 +61,11 @@ DEDUP_TTL = 3600
 PATH_CACHE = 4096
 #: ``Retry-After`` (seconds) of a publish refused while Redis is unreachable.
 RETRY_AFTER = 1
-#: Most appends one pipeline takes: bounds a round trip's size under a flood.
+#: Most appends one batch takes: bounds a round trip's size under a flood.
 MAX_BATCH = 1024
+#: Batches sent on the append connection before the first is answered: an append queued while
+#: a batch is on its way goes out at once instead of waiting for that round trip.
+MAX_INFLIGHT = 4
 
 #: Stream entry fields. ``p``: the event's JSON up to its ``pubsub_cursor`` value (the stamped
 #: event's bytes as every node sends them, but for the cursor, which the entry id gives: a node
@@ -246,21 +249,27 @@ class RedisLog:
         #: the writer's and the reader's own connections (redis-py's, with its parser)
         self._wconn: AbstractConnection | None = None
         self._rconn: AbstractConnection | None = None
-        self._sha = hashlib.sha1(_APPEND_LUA.encode(), usedforsecurity=False).hexdigest()  # its id
         key, epoch_key = _bulk(stream.encode()), _bulk(self.epoch_key.encode())
-        #: what every batch's EVALSHA starts with after its argument count
-        self._call_head = (b"$7\r\nEVALSHA\r\n" + _bulk(self._sha.encode()) + b"$1\r\n2\r\n" + key
+        #: what every batch's EVAL starts with after its argument count (the script's text, not
+        #: its SHA: no NOSCRIPT after a Redis restart, Redis keeps it compiled)
+        self._call_head = (b"$4\r\nEVAL\r\n" + _bulk(_APPEND_LUA.encode()) + b"$1\r\n2\r\n" + key
                            + epoch_key + _bulk(str(self.maxlen).encode()))
         self._dedup_ttl = _bulk(str(DEDUP_TTL).encode())
         self._xread_head = (b"*8\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n" + _bulk(str(READ_COUNT).encode())
                             + b"$5\r\nBLOCK\r\n" + _bulk(str(BLOCK_MS).encode())
                             + b"$7\r\nSTREAMS\r\n" + key)
-        #: appends being sent (failed if the writer is cancelled at shutdown)
-        self._batch: list[_Queued] = []
+        #: appends queued, the batch being sent, the batches sent and not yet answered
         self._queue: list[_Queued] = []
+        self._sending: list[_Queued] = []
+        self._inflight: collections.deque[list[_Queued]] = collections.deque()
+        #: the append connection's generation: a failure fails only its own batches
+        self._generation = 0
+        #: wakes the writer (appends queued, a batch answered), the reply reader (a batch sent)
         self._wake: asyncio.Event | None = None
+        self._sent: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._replier: asyncio.Task[None] | None = None
         #: the id of the last entry read back: the next XREAD continues after it, always
         self.last_id = b"0-0"
         #: the stream's epoch (changes when the stream was deleted or reset)
@@ -349,9 +358,11 @@ class RedisLog:
             logger.warning("cluster log %s: starting without Redis; the node is unready and "
                            "refuses publishes until Redis answers", self.where)
         loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._wake, self._sent = asyncio.Event(), asyncio.Event()
         self._writer = loop.create_task(self._write_loop(), name="pypubsub-redis-writer")
-        self._writer.add_done_callback(self._writer_ended)
+        self._replier = loop.create_task(self._reply_loop(), name="pypubsub-redis-replies")
+        for t in (self._writer, self._replier):
+            t.add_done_callback(self._writer_ended)
         self._tasks = [loop.create_task(self._read_loop(), name="pypubsub-redis-reader"),
                        loop.create_task(self._maintain_loop(), name="pypubsub-redis-maintainer")]
 
@@ -416,13 +427,17 @@ class RedisLog:
 
     async def close(self) -> None:
         self._closing = True
-        if self._writer is not None and self._wake is not None:
-            self._wake.set()  # the writer ends once what is queued was sent (or timed out)
+        if self._writer is not None and self._replier is not None:
+            # the writer ends once what is queued was sent (or timed out), the reply reader
+            # once every batch sent was answered (or timed out)
+            self._wake_writer()
             await cancel_and_wait_after(self._writer, self.timeout * 2)
-            for _f, _b, _d, fut, _t in self._batch + self._queue:
-                if not fut.done():
-                    fut.set_exception(ServiceUnavailable("shutting down: event not stored", RETRY_AFTER))
-            self._batch, self._queue = [], []
+            if self._sent is not None:
+                self._sent.set()
+            await cancel_and_wait_after(self._replier, self.timeout * 2)
+            _refuse(self._unsettled(), "shutting down: event not stored")
+            self._sending, self._queue = [], []
+            self._inflight.clear()
         for t in self._tasks:
             t.cancel()
         # redis-py may let a cancellation that lands as a blocking XREAD starts go by (the
@@ -470,16 +485,19 @@ class RedisLog:
         return fut
 
     async def _write_loop(self) -> None:
-        """Owns the appends: all those queued meanwhile go in one script call (one round trip,
-        and one fsync in Redis), in queue order; ends once closing and nothing is left."""
-        from redis.exceptions import RedisError, ResponseError
+        """Sends the appends: all those queued meanwhile go in one script call (one round trip,
+        and one fsync in Redis), in queue order, up to ``MAX_INFLIGHT`` batches on the
+        connection before the first is answered (:meth:`_reply_loop` reads the answers); ends
+        once closing and nothing is left to send."""
+        from redis.exceptions import RedisError
 
-        wake = self._wake
-        if wake is None:
+        wake, sent = self._wake, self._sent
+        conn, redis = self._wconn, self._redis
+        if wake is None or sent is None or conn is None or redis is None:
             raise RuntimeError("RedisLog._write_loop runs only after start()")
         for _ in iter(int, 1):  # until closed
-            if not self._queue:
-                if self._closing:
+            if not self._queue or len(self._inflight) >= MAX_INFLIGHT:
+                if self._closing and not self._queue:
                     return
                 await wake.wait()
                 wake.clear()
@@ -495,37 +513,65 @@ class RedisLog:
                 batch = [q for q in batch if q[4] > now]
                 if not batch:
                     continue
-            self._batch = batch
+            self._sending = batch
             try:
                 async with asyncio.timeout_at(batch[0][4]):
-                    results = await self._send(batch)
+                    if not self._inflight:  # connected, nothing unread (a socket Redis closed)
+                        await redis.connection_pool.ensure_connection(conn)
+                    await conn.send_packed_command(self._packed(batch), check_health=False)
+            except (RedisError, OSError, TimeoutError) as e:
+                self._sending = []
+                _refuse(batch)
+                await self._fail_connection(e)
+                continue
+            self._sending = []
+            self._inflight.append(batch)
+            sent.set()
+
+    async def _reply_loop(self) -> None:
+        """Reads the answers to the batches in flight, in order; an answer that does not come
+        in time, or cannot be trusted, fails every batch in flight (and the connection)."""
+        from redis.exceptions import RedisError, ResponseError
+
+        sent, conn = self._sent, self._wconn
+        if sent is None or conn is None:
+            raise RuntimeError("RedisLog._reply_loop runs only after start()")
+        for _ in iter(int, 1):  # until closed
+            if not self._inflight:
+                if self._closing and (self._writer is None or self._writer.done()):
+                    return
+                await sent.wait()
+                sent.clear()
+                continue
+            batch, generation = self._inflight[0], self._generation
+            try:
+                async with asyncio.timeout_at(batch[0][4]):
+                    out = await conn.read_response()
+                if not isinstance(out, list) or len(out) != len(batch) or not all(
+                        r is None or isinstance(r, bytes) for r in out):  # never acknowledge on doubt
+                    raise ServiceUnavailable(f"unexpected answer from Redis: {out!r:.80}", RETRY_AFTER)
             except ResponseError as e:  # Redis answered and refused the batch (out of memory, late)
-                self._batch = []
+                self._inflight.popleft()
+                self._wake_writer()
                 if str(e).startswith("PUBSUBLATE"):
                     self.late_batches += 1
                     self.outage.failed(TimeoutError(f"Redis ran a batch after its deadline ({e})"))
                     _refuse(batch)
                     continue
                 self.outage.ok()
-                for _f, _b, _d, fut, _t in batch:
-                    if not fut.done():
-                        fut.set_exception(ServiceUnavailable(
-                            f"Redis refused the event: {str(e)[:200]}", RETRY_AFTER))
+                _refuse(batch, f"Redis refused the event: {str(e)[:200]}")
                 continue
-            except (RedisError, OSError, TimeoutError) as e:
-                await self._drop_connection(self._wconn)
-                self.outage.failed(e)
-                _refuse(batch)
-                self._batch = []
+            except (RedisError, OSError, TimeoutError, ServiceUnavailable) as e:
+                if generation == self._generation:  # not already failed by the writer
+                    if isinstance(e, ServiceUnavailable):
+                        logger.error("cluster log %s: %s: %d append(s) refused", self.where,
+                                     e.reason, sum(len(b) for b in self._inflight))
+                    await self._fail_connection(e)
                 continue
-            except ServiceUnavailable as e:  # an answer we cannot trust: not acknowledged
-                await self._drop_connection(self._wconn)
-                logger.error("cluster log %s: %s: %d append(s) refused", self.where, e.reason, len(batch))
-                _refuse(batch)
-                self._batch = []
-                continue
+            self._inflight.popleft()
+            self._wake_writer()
             self.outage.ok()
-            for q, r in zip(batch, results, strict=True):
+            for q, r in zip(batch, out, strict=True):
                 fut = q[3]
                 if fut.done():
                     continue
@@ -533,13 +579,31 @@ class RedisLog:
                     fut.set_result(None)
                 else:
                     fut.set_result(Appended(*entry_position(r)))
-            self._batch = []
+
+    def _wake_writer(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _fail_connection(self, error: BaseException) -> None:
+        """The append connection failed: every batch in flight is refused (its answer can no
+        longer be told from another's) and the connection closed (redis-py connects it again
+        on its next use)."""
+        self._generation += 1
+        if not isinstance(error, ServiceUnavailable):
+            self.outage.failed(error)
+        while self._inflight:
+            _refuse(self._inflight.popleft())
+        self._wake_writer()
+        await self._drop_connection(self._wconn)
 
     async def _drop_connection(self, conn: AbstractConnection | None) -> None:
         """Close ``conn`` at once: a reply still on its way must never be read as another's
         (redis-py connects it again on its next use)."""
         if conn is not None:
             await conn.disconnect(nowait=True)
+
+    def _unsettled(self) -> list[_Queued]:
+        return [*self._sending, *(q for b in self._inflight for q in b), *self._queue]
 
     def _writer_ended(self, task: asyncio.Task[None]) -> None:
         """If the writer failed, refuse appends (503) instead of leaving publishers waiting."""
@@ -548,8 +612,9 @@ class RedisLog:
         logger.error("cluster log %s: the writer failed; publishing is refused until restart",
                      self.where, exc_info=task.exception())
         self._refusing = True
-        _refuse(self._batch + self._queue)
-        self._batch, self._queue = [], []
+        _refuse(self._unsettled())
+        self._sending, self._queue = [], []
+        self._inflight.clear()
 
     def _deadline(self, batch: list[_Queued]) -> bytes:
         """Redis' time (ms) after which it must not store ``batch``: ahead of the node's own
@@ -561,7 +626,7 @@ class RedisLog:
         return str(int((time.time() + self.clock_offset + ahead) * 1000)).encode()
 
     def _packed(self, batch: list[_Queued]) -> list[bytes]:
-        """The batch's one EVALSHA, as RESP bytes (built here: no per-command packing)."""
+        """The batch's one EVAL, as RESP bytes (built here: no per-command packing)."""
         parts = [b"*%d\r\n" % (9 + 3 * len(batch)), self._call_head,
                  _bulk(uuid.uuid4().hex.encode()), _bulk(self._deadline(batch)), self._dedup_ttl]
         for name, data, dedup, _fut, _t in batch:
@@ -569,32 +634,6 @@ class RedisLog:
             parts.append(data)
             parts.append(b"\r\n")
         return parts
-
-    async def _send(self, batch: list[_Queued]) -> list[Any]:
-        """Run the append script for ``batch`` (one call); one reply per append."""
-        from redis.exceptions import NoScriptError
-
-        conn, redis = self._wconn, self._redis
-        if conn is None or redis is None:
-            raise ServiceUnavailable("the cluster log is closed: event not stored", RETRY_AFTER)
-        for attempt in range(2):
-            # connected, and nothing unread on it (a closed socket after a Redis restart)
-            await redis.connection_pool.ensure_connection(conn)
-            await conn.send_packed_command(self._packed(batch), check_health=False)
-            try:
-                out = await conn.read_response()
-            except NoScriptError:  # not run: Redis lost its script cache (restart)
-                if attempt:
-                    raise
-                await redis.script_load(_APPEND_LUA)
-                continue
-            if not isinstance(out, list) or len(out) != len(batch):  # never acknowledge on doubt
-                raise ServiceUnavailable("no complete answer from Redis", RETRY_AFTER)
-            for r in out:
-                if r is not None and not isinstance(r, bytes):
-                    raise ServiceUnavailable(f"unexpected answer from Redis: {r!r:.80}", RETRY_AFTER)
-            return out
-        raise ServiceUnavailable("no complete answer from Redis", RETRY_AFTER)
 
     # -- reading back -------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -767,12 +806,12 @@ def _bulk(b: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(b), b)
 
 
-def _refuse(batch: list[_Queued]) -> None:
+def _refuse(batch: list[_Queued],
+            why: str = "the cluster log (Redis) is unreachable: event not stored") -> None:
     for q in batch:
         fut = q[3]
         if not fut.done():
-            fut.set_exception(ServiceUnavailable(
-                "the cluster log (Redis) is unreachable: event not stored", RETRY_AFTER))
+            fut.set_exception(ServiceUnavailable(why, RETRY_AFTER))
 
 
 async def cancel_and_wait_after(task: asyncio.Task[None], grace: float) -> None:
