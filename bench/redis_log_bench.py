@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"
-logger = logging.getLogger("redis_log_bench")
 
 
 def free_port() -> int:
@@ -115,6 +115,7 @@ def main() -> int:
     ap.add_argument("--dedup", action="store_true", help="every append with a de-duplication id")
     ap.add_argument("--redis-cpu", type=int, help="pin redis-server to this core")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print one JSON object per round")
     a = ap.parse_args()
     sys.path.insert(0, a.root)
     with tempfile.TemporaryDirectory(prefix="redis-log-bench-") as tmp:
@@ -122,7 +123,10 @@ def main() -> int:
         try:
             for _ in range(a.repeat):
                 res = asyncio.run(run(a, port, proc.pid))
-                logger.warning("%s: %s", a.root, "  ".join(f"{k} {v:,.1f}" for k, v in res.items()))
+                if a.json:
+                    print(json.dumps({"root": a.root, **res}), flush=True)
+                else:
+                    print(f"{a.root}: " + "  ".join(f"{k} {v:,.1f}" for k, v in res.items()), flush=True)
         finally:
             proc.terminate()
             proc.wait(10)
