@@ -238,8 +238,8 @@ async def test_node_starts_without_redis_unready_and_serves_once_redis_comes(
     port = free_port()
     d = daemon_factory(config=node_config(port, server.url), port=port)  # listening without Redis
     try:
-        async with aiohttp.ClientSession() as s, s.put(d.url + "/t/early", json={"n": 0}) as r:
-            assert r.status == 503 and r.headers["Retry-After"] == "1"
+        async with aiohttp.ClientSession() as s, s.put(d.url + "/t/early", json={"n": 0}) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] == "1"
         server.start()
         end = time.monotonic() + EVENT_TIMEOUT
         while (await publish(d.url, "/t/first", {"n": 1}))[0] != 202:
@@ -582,6 +582,7 @@ async def test_entries_hold_the_bytes_nodes_send_and_older_entries_are_read(
         assert acks[3] is None and all(a is not None for a in acks[:3])  # the same batch, one entry
         # an entry as an earlier version wrote it: the whole JSON in "e", with its epoch
         epoch = r.get(f"{STREAM}:epoch")
+        assert isinstance(epoch, bytes)
         old = make_event("/t/old", {"k": 5})
         r.xadd(STREAM, {"e": old.json, "g": epoch})
         await await_until(lambda: len(got) == 4, EVENT_TIMEOUT)
