@@ -235,16 +235,24 @@ def test_memory_config_does_not_import_redis() -> None:
 async def test_node_starts_without_redis_unready_and_serves_once_redis_comes(
         tmp_path: Path, daemon_factory: DaemonFactory) -> None:
     server = RedisServer(tmp_path / "late")  # its port chosen, not started yet
-    port = free_port()
-    d = daemon_factory(config=node_config(port, server.url), port=port)  # listening without Redis
+    port, admin = free_port(), free_port()
+    cfg = node_config(port, server.url)
+    cfg["server"]["admin"] = {"port": admin, "bind": HOST}
+    d = daemon_factory(config=cfg, port=port)  # listening without Redis
+    readyz = f"http://{HOST}:{admin}/readyz"
     try:
-        async with aiohttp.ClientSession() as s, s.put(d.url + "/t/early", json={"n": 0}) as resp:
-            assert resp.status == 503 and resp.headers["Retry-After"] == "1"
-        server.start()
-        end = time.monotonic() + EVENT_TIMEOUT
-        while (await publish(d.url, "/t/first", {"n": 1}))[0] != 202:
-            assert time.monotonic() < end, "the node did not serve once Redis answered"
-            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as s:
+            async with s.put(d.url + "/t/early", json={"n": 0}) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+            async with s.get(readyz) as resp:
+                assert resp.status == 503 and "Redis unreachable" in await resp.text()
+            server.start()
+            end = time.monotonic() + EVENT_TIMEOUT
+            while (await publish(d.url, "/t/first", {"n": 1}))[0] != 202:
+                assert time.monotonic() < end, "the node did not serve once Redis answered"
+                await asyncio.sleep(0.05)
+            async with s.get(readyz) as resp:
+                assert resp.status == 200
         async with subscribers([d]) as (sub,):
             await put(d, "/t/live", {"n": 2})
             await put(d, SENTINEL, {})
