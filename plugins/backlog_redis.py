@@ -137,7 +137,7 @@ def _split_id(entry_id: bytes | str) -> tuple[int, int]:
 def entry_position(entry_id: bytes | str) -> tuple[int, str]:
     """The log position and the cursor of the stream entry ``entry_id`` (``<ms>-<seq>``)."""
     ms, seq = _split_id(entry_id)
-    return ms << 64 | seq, entry_cursor(ms, seq)
+    return ms << 64 | seq, fast_cursor(ms, seq)
 
 
 def entry_cursor(ms: int, seq: int) -> str:
@@ -274,6 +274,8 @@ class RedisLog:
         self.last_id = b"0-0"
         #: the stream's epoch (changes when the stream was deleted or reset)
         self.epoch: bytes | None = None
+        self._node_id = uuid.uuid4().hex.encode()
+        self._epochs = 0
         self._closing = False
         #: the writer failed: appends are refused (reading back goes on)
         self._refusing = False
@@ -625,10 +627,16 @@ class RedisLog:
         ahead = left - self.timeout * DEADLINE_MARGIN - self.clock_error
         return str(int((time.time() + self.clock_offset + ahead) * 1000)).encode()
 
+    def _new_epoch(self) -> bytes:
+        """The epoch a batch starts if it finds no stream (unique: this node's random id and a
+        count), as a RESP bulk string."""
+        self._epochs += 1
+        return _bulk(b"%s-%d" % (self._node_id, self._epochs))
+
     def _packed(self, batch: list[_Queued]) -> list[bytes]:
         """The batch's one EVAL, as RESP bytes (built here: no per-command packing)."""
         parts = [b"*%d\r\n" % (9 + 3 * len(batch)), self._call_head,
-                 _bulk(uuid.uuid4().hex.encode()), _bulk(self._deadline(batch)), self._dedup_ttl]
+                 self._new_epoch(), _bulk(self._deadline(batch)), self._dedup_ttl]
         for name, data, dedup, _fut, _t in batch:
             parts.append(b"$%d\r\n%b\r\n$1\r\n%b\r\n$%d\r\n" % (len(dedup), dedup, name, len(data)))
             parts.append(data)
