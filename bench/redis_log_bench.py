@@ -85,6 +85,8 @@ async def run(a: argparse.Namespace, port: int, redis_pid: int) -> dict[str, flo
     await log.start()
     body = {"x": "y" * a.size, "n": 1}
     parsed = (("bench", "all"), False)
+    if a.latency:
+        return await latency(a, log, parsed, body)
     c0, r0, t0 = time.process_time(), proc_cpu(redis_pid), time.perf_counter()
     sent = 0
     while sent < a.events:
@@ -103,6 +105,39 @@ async def run(a: argparse.Namespace, port: int, redis_pid: int) -> dict[str, flo
             "redis us/event": (r1 - r0) / n * 1e6}
 
 
+async def latency(a: argparse.Namespace, log: Any, parsed: Any, body: dict[str, Any]) -> dict[str, float]:
+    """One append every 10 ms: append → acknowledged, and append → read back, in ms."""
+    from hub.event import make_event
+
+    seen: dict[str, float] = {}
+    arrived = asyncio.Event()
+
+    def tail(event: Any) -> None:
+        seen[event.payload["k"]] = time.perf_counter()
+        arrived.set()
+
+    log.tail(tail)
+    acked, delivered = [], []
+    for k in range(a.latency):
+        t0 = time.perf_counter()
+        await log.append(make_event("/bench/all", {**body, "k": str(k)}, parsed=parsed))
+        acked.append(time.perf_counter() - t0)
+        while str(k) not in seen:
+            arrived.clear()
+            await asyncio.wait_for(arrived.wait(), 10)
+        delivered.append(seen[str(k)] - t0)
+        await asyncio.sleep(0.01)  # the pace of the scenario, not synchronisation
+    await log.close()
+    acked.sort()
+    delivered.sort()
+
+    def pct(xs: list[float], q: float) -> float:
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+    return {"ack p50 ms": pct(acked, 0.5), "ack p99 ms": pct(acked, 0.99),
+            "read back p50 ms": pct(delivered, 0.5), "read back p99 ms": pct(delivered, 0.99)}
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO if os.environ.get("BENCH_DEBUG") else logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +151,8 @@ def main() -> int:
     ap.add_argument("--redis-cpu", type=int, help="pin redis-server to this core")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON object per round")
+    ap.add_argument("--latency", type=int, default=0, metavar="N",
+                    help="instead: N appends one at a time, 10 ms apart; append → ack and → read back")
     a = ap.parse_args()
     sys.path.insert(0, a.root)
     with tempfile.TemporaryDirectory(prefix="redis-log-bench-") as tmp:

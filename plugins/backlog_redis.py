@@ -345,11 +345,11 @@ class RedisLog:
                                   "maint_notifications_config": MaintNotificationsConfig(enabled=False)}
         try:
             self._redis = Redis.from_url(self.url, socket_timeout=self.timeout, **common)
-            # the blocking read has its own client (one task uses it: one connection), with a
-            # socket timeout beyond the block
-            self._reader = Redis.from_url(self.url, max_connections=1,
-                                          socket_timeout=BLOCK_MS / 1000 + self.timeout, **common)
-            self._wconn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            # the appends and the blocking read have a connection each, used only under this
+            # class's own deadlines (``asyncio.timeout``): without a socket timeout, redis-py
+            # sends without starting a task per command
+            self._reader = Redis.from_url(self.url, max_connections=2, socket_timeout=None, **common)
+            self._wconn = self._reader.connection_pool.make_connection()  # type: ignore[no-untyped-call]
             self._rconn = self._reader.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         except ValueError as e:
             raise ConfigError(self.config_file, "server.backlog.storage", f"not a Redis URL: {e}") from None
@@ -656,9 +656,11 @@ class RedisLog:
             try:
                 if not self.loaded:
                     await self._prepare()
-                await reader.connection_pool.ensure_connection(conn)
-                await conn.send_packed_command((self._xread_head, _bulk(self.last_id)), check_health=False)
-                resp = await conn.read_response()
+                async with asyncio.timeout(BLOCK_MS / 1000 + self.timeout):  # beyond the block
+                    await reader.connection_pool.ensure_connection(conn)
+                    await conn.send_packed_command((self._xread_head, _bulk(self.last_id)),
+                                                   check_health=False)
+                    resp = await conn.read_response()
             except (RedisError, OSError, TimeoutError) as e:
                 if self.closing:  # close() ended the connection
                     return
