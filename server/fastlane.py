@@ -6,7 +6,8 @@ for each request head, :func:`server.negotiate.negotiate` decides. The fast lane
 
 * serves a plain subscription (``GET``, HTTP/1.1, allow-listed headers only, NDJSON, or SSE
   asked for with exactly ``Accept: text/event-stream``) as a stream with no task and no
-  request objects: a subscriber costs about 2 KB, not ~13 KB;
+  request objects: a subscriber costs about 2 KB, not ~13 KB; a plain WebSocket handshake is
+  handed to :mod:`server.fastws` at :meth:`FastLane.subscribe` (about 2 KB, not ~17 KB);
 * serves a plain publish (``PUT``/``POST``, HTTP/1.1, ``Content-Length`` within the limit,
   allow-listed headers and peer, no secure topic, valid JSON object) with keep-alive and
   pipelining: every request of a read is started (a read is at most the transport's read
@@ -52,6 +53,8 @@ from server.app import (
 )
 from server.errors import BadRequest, PubSubError, ServiceUnavailable
 from server.eventlog import Appended
+from server.fastws import WsLane, handshake_head
+from server.fastws import serve as serve_websocket
 from server.formats import SSE
 from server.gate import Gate, ListenerSite
 from server.limits import Refusal, fd_of
@@ -145,6 +148,8 @@ class Lane:
         #: request targets, user agents and peers kept by streams, one object per distinct value
         #: (idle subscribers are many and mostly alike; bounded: cleared when full)
         self.shared: dict[object, object] = {}
+        #: the WebSocket subscribers this lane answered (server.fastws)
+        self.ws = WsLane(state)
 
     def accepted(self) -> bytes:
         """The whole 202 response to a publish, built once per second (its ``Date``)."""
@@ -193,6 +198,7 @@ class Lane:
         """Shutdown: close keep-alive publisher connections (streams end through their Stream);
         one with appends pending is read no more and closed once they are answered."""
         self.closing = True
+        self.ws.close_idle()
         for c in list(self.conns):
             if c.stream is None and c.transport is not None:
                 if c.waiting:
@@ -469,7 +475,8 @@ class FastLane(asyncio.Protocol):
                        time.monotonic() - t0, (ua or b"-").decode("latin-1"))
         return head + body, close
 
-    def subscribe(self, target: bytes, ua: bytes | None, sse: bool = False) -> bool:
+    def subscribe(self, target: bytes, ua: bytes | None, sse: bool = False,
+                  ws: tuple[bytes, bytes] | None = None) -> bool:
         """Turn this connection into a stream; False means "let aiohttp handle it"."""
         if self.waiting:
             return False  # behind pending answers (unusual): aiohttp's, once they are out
@@ -482,6 +489,9 @@ class FastLane(asyncio.Protocol):
             spec = subscription_target(target.decode("latin-1"))
         except TopicError:
             return False
+        if ws is not None:  # a WebSocket: server.fastws owns the connection from here on
+            serve_websocket(self, spec, target, ua, ws, _Date.now())
+            return True
         fmt = SSE if sse else wire_format((1, 1), ua.decode("latin-1") if ua is not None else None,
                                           lane.oldschoolers)
         t = self.transport
@@ -525,7 +535,7 @@ class _Reader:
     """
 
     __slots__ = ("answered", "body", "buf", "cl", "conn", "dup", "head_end", "headers", "in_head",
-                 "method", "mstart", "parser", "pos", "pub", "ready", "sse", "stop", "url")
+                 "method", "mstart", "parser", "pos", "pub", "ready", "sse", "stop", "url", "ws")
 
     def __init__(self, conn: FastLane) -> None:
         self.conn = conn
@@ -554,6 +564,8 @@ class _Reader:
         self.pub: PublishTarget | None = None
         #: the stream asked for is SSE (a stream is the last request a read may hold)
         self.sse = False
+        #: the stream asked for is a WebSocket: the 101's head (server.fastws.handshake_head)
+        self.ws: tuple[bytes, bytes] | None = None
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``, then serve what the fast lane serves. Returns the bytes kept for the
@@ -566,8 +578,9 @@ class _Reader:
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # llhttp stops at an Upgrade/CONNECT request (negotiate() gave it to aiohttp)
-            if self.stop < 0:
+            # llhttp stops at an Upgrade/CONNECT request: aiohttp's unless it is a WebSocket
+            # handshake the fast lane answers (its on_message_complete ran: it is in ready)
+            if self.stop < 0 and self.ws is None:
                 ready.clear()
                 return None
         except httptools.HttpParserCallbackError as e:
@@ -578,7 +591,7 @@ class _Reader:
         conn = self.conn
         for pub, method, url, body, ua, end in ready:
             ok = (conn.publish(method, url, pub, body, ua) if pub is not None
-                  else conn.subscribe(url, ua, self.sse))
+                  else conn.subscribe(url, ua, self.sse, self.ws))
             if not ok:
                 ready.clear()
                 return None  # aiohttp answers it (and what follows) from self.pos
@@ -647,6 +660,10 @@ class _Reader:
             self.stop = start  # aiohttp answers 503
         else:
             self.sse = decision.format is Requested.SSE
+            if decision.format is Requested.WEBSOCKET:
+                self.ws = handshake_head(self.headers, self.conn.lane.state.cors)
+                if self.ws is None:
+                    self.stop = start  # a foreign Origin: aiohttp's 403
 
     def on_body(self, body: bytes) -> None:
         if self.stop < 0:

@@ -15,17 +15,20 @@ handler, so both lanes read a request the same way. It knows nothing of sockets 
 Adding a stream format: add a member to :class:`StreamFormat`, a rule to :func:`_stream_format`
 (the first rule that claims the request wins; NDJSON is the default), its :class:`Decision`
 constant, and its framing in the registry (:func:`server.formats.stream_format`). The fast lane
-serves ``NDJSON`` and plain ``SSE`` (``Accept: text/event-stream`` exactly, no replay, no
-credentials, no Origin); any other format is answered by aiohttp.
+serves ``NDJSON``, plain ``SSE`` (``Accept: text/event-stream`` exactly, no replay, no
+credentials, no Origin) and a well-formed ``WEBSOCKET`` handshake (version 13, a canonical key,
+headers on :data:`FAST_WS_HEADERS` only: :mod:`server.fastws`); any other format, and any
+unusual handshake, is answered by aiohttp.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["FAST_HEADERS", "Decision", "Lane", "Outcome", "StreamFormat", "negotiate"]
+__all__ = ["FAST_HEADERS", "FAST_WS_HEADERS", "Decision", "Lane", "Outcome", "StreamFormat", "negotiate"]
 
 
 class Lane(enum.Enum):
@@ -68,6 +71,7 @@ class Decision:
 FAST_PUBLISH = Decision(Lane.FAST, Outcome.PUBLISH)
 FAST_STREAM = Decision(Lane.FAST, Outcome.STREAM, StreamFormat.NDJSON)
 FAST_SSE = Decision(Lane.FAST, Outcome.STREAM, StreamFormat.SSE)
+FAST_WEBSOCKET = Decision(Lane.FAST, Outcome.STREAM, StreamFormat.WEBSOCKET)
 PUBLISH = Decision(Lane.AIOHTTP, Outcome.PUBLISH)
 HEAD = Decision(Lane.AIOHTTP, Outcome.HEAD)
 OTHER = Decision(Lane.AIOHTTP, Outcome.OTHER)
@@ -87,6 +91,19 @@ FAST_HEADERS = frozenset({
 _ANY_ACCEPT = frozenset({b"*/*", b"*/*; q=1", b"*/*;q=1"})
 #: the one ``Accept`` value of an SSE stream the fast lane serves
 _SSE_ACCEPT = b"text/event-stream"
+#: headers a fast-lane WebSocket handshake may carry besides :data:`FAST_HEADERS`: the handshake's
+#: own, read by :mod:`server.fastws` as aiohttp reads them (``Origin`` against the same rule;
+#: ``Sec-WebSocket-Extensions`` ignored by both lanes: compression is off, none is negotiated).
+#: ``Sec-WebSocket-Protocol``, credentials, cookies and replay headers leave it to aiohttp.
+FAST_WS_HEADERS = FAST_HEADERS | frozenset({
+    b"upgrade", b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions", b"origin",
+})
+#: the canonical base64 spelling of a 16-byte key (what every client sends); aiohttp also takes
+#: other spellings (its decoder skips stray characters): those stay on aiohttp
+_WS_KEY = re.compile(rb"[A-Za-z0-9+/]{21}[AQgw]==")
+#: ``Connection`` tokens of a fast-lane handshake (browsers send ``Upgrade`` or
+#: ``keep-alive, Upgrade``)
+_WS_CONNECTION = frozenset({b"upgrade", b"keep-alive"})
 _METHODS = {b"GET": Outcome.STREAM, b"PUT": Outcome.PUBLISH, b"POST": Outcome.PUBLISH,
             b"HEAD": Outcome.HEAD}
 
@@ -104,6 +121,19 @@ def _stream_format(headers: Mapping[bytes, bytes]) -> StreamFormat:
         if low.lstrip().startswith(b"text/html"):
             return StreamFormat.PAGE
     return StreamFormat.NDJSON
+
+
+def _fast_websocket(headers: Mapping[bytes, bytes]) -> bool:
+    """Is this WebSocket handshake the plain shape the fast lane answers exactly as aiohttp?"""
+    if not FAST_WS_HEADERS.issuperset(headers) or b"content-length" in headers:
+        return False
+    if headers[b"upgrade"].strip().lower() != b"websocket" or headers.get(b"sec-websocket-version") != b"13":
+        return False
+    key = headers.get(b"sec-websocket-key")
+    if key is None or _WS_KEY.fullmatch(key) is None:
+        return False
+    tokens = {t.strip().lower() for t in headers.get(b"connection", b"").split(b",")}
+    return b"upgrade" in tokens and _WS_CONNECTION.issuperset(tokens)
 
 
 def negotiate(method: bytes, version: str, headers: Mapping[bytes, bytes]) -> Decision:
@@ -126,6 +156,10 @@ def negotiate(method: bytes, version: str, headers: Mapping[bytes, bytes]) -> De
     if outcome is Outcome.HEAD:
         return HEAD
     fmt = _stream_format(headers)
+    if fmt is StreamFormat.WEBSOCKET:  # a browser's handshake carries Origin and its own headers
+        if version == "1.1" and _fast_websocket(headers):
+            return FAST_WEBSOCKET
+        return STREAMS[fmt]
     if fmt is StreamFormat.SSE:  # what an EventSource sends: exactly this Accept
         if fast and b"content-length" not in headers and headers[b"accept"].strip() == _SSE_ACCEPT:
             return FAST_SSE

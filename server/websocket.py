@@ -1,4 +1,7 @@
-"""WebSocket subscribers: the handshake on a subscription path, and the connection's life.
+"""WebSocket subscribers aiohttp serves: the handshake on a subscription path, and the
+connection's life. A plain handshake (``negotiate.FAST_WS_HEADERS``, no replay, no credentials)
+is the fast lane's instead (:mod:`server.fastws`, the same bytes on the wire); this module serves
+every other one: credentials, replay queries, subprotocols, TLS, a fast lane turned off.
 
 Owns the aiohttp :class:`~aiohttp.web.WebSocketResponse` (compression off, protocol pings to
 find dead peers, close 1001 at shutdown) and reading what the client sends (nothing is expected:

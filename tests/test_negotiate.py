@@ -74,3 +74,44 @@ def test_credentials_and_replay_headers_are_never_fast() -> None:
     for name in (b"authorization", b"cookie", b"x-fetch-since", b"x-fetch-since-cursor",
                  b"last-event-id", b"upgrade", b"origin", b"expect", b"transfer-encoding", b"te"):
         assert name not in FAST_HEADERS
+
+
+WS = {**H, b"upgrade": b"websocket", b"connection": b"Upgrade",
+      b"sec-websocket-key": b"dGhlIHNhbXBsZSBub25jZQ==", b"sec-websocket-version": b"13"}
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {b"connection": b"keep-alive, Upgrade", b"origin": b"http://x"},  # Firefox
+    {b"origin": b"http://x", b"sec-websocket-extensions": b"permessage-deflate; client_max_window_bits",
+     b"pragma": b"no-cache", b"cache-control": b"no-cache", b"user-agent": b"Mozilla/5.0",
+     b"accept-encoding": b"gzip", b"accept-language": b"en"},  # Chromium
+    {b"upgrade": b" WebSocket "},
+    {b"sec-websocket-key": b"AAAAAAAAAAAAAAAAAAAAAw=="},
+])
+def test_a_plain_websocket_handshake_takes_the_fast_lane(extra: dict[bytes, bytes]) -> None:
+    d = negotiate(b"GET", "1.1", {**WS, **extra})
+    assert (d.lane, d.outcome, d.format) == (Lane.FAST, Outcome.STREAM, StreamFormat.WEBSOCKET)
+
+
+@pytest.mark.parametrize("extra", [
+    {b"sec-websocket-version": b"8"},
+    {b"sec-websocket-version": b"13 "},
+    {b"sec-websocket-key": b"abc"},
+    {b"sec-websocket-key": b"dGhlIHNhbXBsZSBub25jZR=="},  # non-zero trailing bits: aiohttp decides
+    {b"sec-websocket-key": b"dGhlIHNhbXBsZSBub25jZQ"},
+    {b"sec-websocket-protocol": b"chat"},
+    {b"authorization": b"Basic eDp5"},
+    {b"cookie": b"a=b"},
+    {b"last-event-id": b"c"},
+    {b"content-length": b"0"},
+    {b"connection": b"close, Upgrade"},
+    {b"connection": b"keep-alive"},
+    {b"x-unknown": b"1"},
+])
+def test_any_other_websocket_handshake_is_aiohttps(extra: dict[bytes, bytes]) -> None:
+    d = negotiate(b"GET", "1.1", {**WS, **extra})
+    assert (d.lane, d.outcome, d.format) == (Lane.AIOHTTP, Outcome.STREAM, StreamFormat.WEBSOCKET)
+    assert negotiate(b"GET", "1.0", WS).lane is Lane.AIOHTTP
+    no_key = {k: v for k, v in WS.items() if k != b"sec-websocket-key"}
+    assert negotiate(b"GET", "1.1", no_key).lane is Lane.AIOHTTP
