@@ -374,6 +374,9 @@ class RedisLog:
             await self._check_server()
             await self._measure_clock()
             await self._load()
+            for conn in (self._wconn, self._rconn):  # connected now: the first append is sent at once
+                if conn is not None:
+                    await conn.connect()  # type: ignore[no-untyped-call]
         self.loaded = True
         newest = self.mirror.newest()
         logger.info("cluster log %s: %d event(s) retained (newest %s), reading after %s",
