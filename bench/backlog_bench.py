@@ -2,6 +2,11 @@
 """Backlog benchmark: publish throughput with storage on vs off, replay speed, RSS per event.
 
     .venv/bin/python bench/backlog_bench.py [--events 20000] [--replay 100000] [--publishers 16]
+    .venv/bin/python bench/backlog_bench.py --replay-only [--stream-buffer 4194304] [--repeat 3]
+
+``--replay-only``: just the replay of ``--replay`` events (memory and SQLite logs) to one
+subscriber resuming with ``X-Fetch-Since-Cursor``, with the daemon's CPU seconds per replay
+(``--slow-reader``: a subscriber that reads slower than the daemon writes).
 
 Runs the real daemon (a subprocess on a free loopback port) for each measurement and drives it
 with minimal raw-socket HTTP clients, so the client is not the bottleneck. Prints one line per
@@ -28,18 +33,21 @@ from tests.support import HOST, Daemon, base_config, free_port, wait_until
 _CL = re.compile(rb"(?i)content-length:\s*(\d+)")
 #: client processes the publishers are spread over
 CLIENT_PROCS = 2
+#: what a slow replay subscriber (``--slow-reader``) reads at a time, once a millisecond
+SLOW_READ = 16 * 1024
 #: a replay that sends nothing for this long has stalled
 REPLAY_STALL = 10.0
 
 
-def make_daemon(workdir: Path, storage: bool, size: int, fsync: bool = True) -> Daemon:
+def make_daemon(workdir: Path, storage: bool, size: int, fsync: bool = True,
+                stream_buffer: int = 64 * 1024 * 1024) -> Daemon:
     port = free_port()
     cfg = base_config(port)
     cfg["server"]["backlog"] = {"size": size, "max_replay": size}
     if storage:
         cfg["server"]["backlog"]["storage"] = str(workdir / "backlog.db")
         cfg["server"]["backlog"]["fsync"] = fsync
-    cfg["server"]["stream_buffer"] = 64 * 1024 * 1024
+    cfg["server"]["stream_buffer"] = stream_buffer
     d = Daemon(workdir, config=cfg, port=port, args=["--log-level", "warning"]).start(wait=False)
     wait_listening(d)
     return d
@@ -100,18 +108,34 @@ async def publish_rate(port: int, total: int, publishers: int, body: bytes) -> f
     return total / (time.perf_counter() - t0)
 
 
-async def replay_rate(port: int, expect: int) -> float:
-    """Events/s to one subscriber replaying everything (X-Fetch-Since: 0)."""
+async def first_cursor(port: int) -> str:
+    """The cursor of the oldest retained event."""
+    r, w = await asyncio.open_connection(HOST, port)
+    w.write(b"GET /bench HTTP/1.1\r\nHost: bench\r\nX-Fetch-Since: 0\r\n\r\n")
+    await r.readuntil(b"\r\n\r\n")
+    await r.readline()  # the chunk size
+    cursor = str(json.loads(await r.readline())["pubsub_cursor"])
+    w.close()
+    return cursor
+
+
+async def replay_rate(port: int, expect: int, cursor: str | None = None, slow: bool = False) -> float:
+    """Events/s to one subscriber replaying everything (X-Fetch-Since: 0), or every event after
+    ``cursor`` (X-Fetch-Since-Cursor); ``slow``: the subscriber reads at most SLOW_READ bytes
+    every millisecond."""
     r, w = await asyncio.open_connection(HOST, port)
     t0 = time.perf_counter()
-    w.write(b"GET /bench HTTP/1.1\r\nHost: bench\r\nX-Fetch-Since: 0\r\n\r\n")
+    since = b"X-Fetch-Since: 0" if cursor is None else b"X-Fetch-Since-Cursor: " + cursor.encode()
+    w.write(b"GET /bench HTTP/1.1\r\nHost: bench\r\n%s\r\n\r\n" % since)
     await r.readuntil(b"\r\n\r\n")
     seen = 0
     marker = b'"pubsub_cursor"'
     carry = b""
     progress = time.monotonic()
     while seen < expect:
-        data = await asyncio.wait_for(r.read(1 << 20), REPLAY_STALL)
+        data = await asyncio.wait_for(r.read(SLOW_READ if slow else 1 << 20), REPLAY_STALL)
+        if slow:
+            await asyncio.sleep(0.001)
         if not data:
             raise RuntimeError(f"stream ended after {seen} events")
         buf = carry + data  # a marker may straddle two reads
@@ -126,6 +150,45 @@ async def replay_rate(port: int, expect: int) -> float:
     dt = time.perf_counter() - t0
     w.close()
     return expect / dt
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid`` so far, all its threads (schedstat: nanoseconds, not ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just ended
+    return total / 1e9
+
+
+async def replay_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Replays of ``args.replay`` events by cursor from memory and SQLite: events/s and CPU."""
+    body = json.dumps({"commit": {"id": 1234567, "repository": "bench", "log": "x" * 100,
+                                  "changed": {"trunk/a.c": {"flags": "U  "}}}}).encode()
+    out: dict[str, Any] = {"events": args.replay, "stream_buffer": args.stream_buffer,
+                           "slow_reader": args.slow_reader}
+    with tempfile.TemporaryDirectory(prefix="pypubsub-bench-") as tmp:
+        for name, storage in (("memory", False), ("sqlite", True)):
+            d = make_daemon(Path(tmp) / f"replay-{name}", storage, args.replay, fsync=False,
+                            stream_buffer=args.stream_buffer)
+            try:
+                assert d.proc is not None
+                await publish_rate(d.port, args.replay, args.publishers, body)
+                cursor = await first_cursor(d.port)
+                rates, cpus = [], []
+                for _ in range(args.repeat):
+                    c0 = cpu_seconds(d.proc.pid)
+                    rates.append(await replay_rate(d.port, args.replay - 1, cursor, args.slow_reader))
+                    cpus.append(cpu_seconds(d.proc.pid) - c0)
+            finally:
+                d.stop()
+            out[f"replay_per_s_{name}"] = [round(x) for x in rates]
+            out[f"replay_cpu_s_{name}"] = [round(x, 3) for x in cpus]
+            runs = [f"{r:.0f} events/s ({c:.3f} s daemon CPU)" for r, c in zip(rates, cpus, strict=True)]
+            print(f"replay {args.replay - 1} events by cursor, {name:6s}: " + ", ".join(runs))
+    return out
 
 
 def rss(pid: int) -> int:
@@ -189,8 +252,15 @@ def main() -> int:
     p.add_argument("--events", type=int, default=20_000, help="publishes per throughput run")
     p.add_argument("--replay", type=int, default=100_000, help="events retained and replayed")
     p.add_argument("--publishers", type=int, default=16)
+    p.add_argument("--replay-only", action="store_true",
+                   help="only the replay by cursor, with the daemon's CPU time")
+    p.add_argument("--stream-buffer", type=int, default=64 * 1024 * 1024,
+                   help="server.stream_buffer of the replay daemons (--replay-only)")
+    p.add_argument("--repeat", type=int, default=3, help="replays per daemon (--replay-only)")
+    p.add_argument("--slow-reader", action="store_true",
+                   help=f"the replay's subscriber reads {SLOW_READ} bytes a millisecond at most")
     args = p.parse_args()
-    print(json.dumps(asyncio.run(run(args)), indent=2))
+    print(json.dumps(asyncio.run(replay_only(args) if args.replay_only else run(args)), indent=2))
     return 0
 
 

@@ -132,6 +132,9 @@ class Lane:
         self.served = 0
         self.handed_over = 0
         self.closing = False
+        #: what a paused stream's replay waits on (:meth:`FastLane.write_resumed`), only while
+        #: it waits: an idle connection carries no Future
+        self.resumed: dict[FastLane, asyncio.Future[None]] = {}
         srv = state.config.server
         self.max_payload = srv.max_payload_size
         self.oldschoolers = state.config.clients.oldschoolers
@@ -263,6 +266,7 @@ class FastLane(asyncio.Protocol):
         if self.stream is not None:
             self.stream.end("gone")
         self.transport = None
+        self._wake_writer()
         if self.reader is not None:
             self.reader.close()
             self.reader = None
@@ -297,6 +301,23 @@ class FastLane(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.hold(HOLD_WRITE, False)
+        self._wake_writer()
+
+    def write_resumed(self) -> asyncio.Future[None] | None:
+        """A replay's wait while the transport has writing paused (:class:`server.stream.
+        WritePacing`): resolved by :meth:`resume_writing` or :meth:`connection_lost`."""
+        if not self.held & HOLD_WRITE or self.transport is None:
+            return None
+        waiters = self.lane.resumed
+        fut = waiters.get(self)
+        if fut is None:
+            fut = waiters[self] = self.lane.loop.create_future()
+        return fut
+
+    def _wake_writer(self) -> None:
+        fut = self.lane.resumed.pop(self, None) if self.lane.resumed else None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def hold(self, why: int, on: bool) -> None:
         """Set or clear one reason not to read this connection; reading pauses while any is set."""
@@ -357,9 +378,14 @@ class FastLane(asyncio.Protocol):
             lane.limits.release(self.peer)
             return
         lane.handed_over += 1
-        # the Gate keeps the count and the head's deadline; aiohttp serves the connection
+        held, self.held = self.held, 0
+        if held:
+            t.resume_reading()  # aiohttp reads for itself from now on
+        # the Gate keeps the count and the head's deadline; aiohttp serves the connection, its
+        # writing paused if the transport's is (its resume_writing() then follows a pause)
         deadline = self.deadline if self.in_head else lane.loop.time() + lane.limits.header_timeout
-        Gate.adopt(t, lane.limits, lane.fallback, self.peer, buf, deadline)
+        Gate.adopt(t, lane.limits, lane.fallback, self.peer, buf, deadline,
+                   paused=bool(held & HOLD_WRITE))
 
     # -- requests ----------------------------------------------------------------------------
     def publish(self, method: bytes, url: bytes, pub: PublishTarget, body: bytes,
@@ -371,7 +397,7 @@ class FastLane(asyncio.Protocol):
         except BadRequest:
             return False
         t0 = time.monotonic()
-        done = self.lane.state.ingest.start(pub.path, obj, parsed=(pub.topics, pub.private))
+        done = self.lane.state.ingest.start(pub.path, obj, parsed=(pub.topics, pub.private), owned=True)
         waiting = self.waiting
         if not waiting and isinstance(done, Appended):
             t = self.transport
@@ -428,14 +454,13 @@ class FastLane(asyncio.Protocol):
     def _hand_over_held(self) -> None:
         """Every pending answer is out: close (shutdown) or hand the rest to aiohttp."""
         t = self.transport
-        held, self.held = self.held, 0
         if t is None:
+            self.held = 0
             return
-        if held & HOLD_CLOSING or self.lane.closing:
+        if self.held & HOLD_CLOSING or self.lane.closing:
+            self.held = 0
             t.close()
             return
-        if held:
-            t.resume_reading()  # aiohttp reads for itself from now on
         reader = self.reader
         self._hand_over(reader.unanswered() if reader is not None else b"")
 
@@ -535,7 +560,8 @@ class _Reader:
     """
 
     __slots__ = ("answered", "body", "buf", "cl", "conn", "dup", "head_end", "headers", "in_head",
-                 "method", "mstart", "parser", "pos", "pub", "ready", "sse", "stop", "url", "ws")
+                 "last", "last_head", "method", "mstart", "parser", "pos", "pub", "ready", "sse", "stop",
+                 "url", "ws")
 
     def __init__(self, conn: FastLane) -> None:
         self.conn = conn
@@ -566,13 +592,35 @@ class _Reader:
         self.sse = False
         #: the stream asked for is a WebSocket: the 101's head (server.fastws.handshake_head)
         self.ws: tuple[bytes, bytes] | None = None
+        #: the head (its bytes) of the last publish the lane decided to serve, and what it
+        #: decided: (publish target, method, request target, user agent, Content-Length)
+        self.last_head = b""
+        self.last: tuple[PublishTarget, bytes, bytes, bytes | None, int] | None = None
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``, then serve what the fast lane serves. Returns the bytes kept for the
-        request not yet complete, or None: hand the connection (:meth:`unanswered`) to aiohttp."""
+        request not yet complete, or None: hand the connection (:meth:`unanswered`) to aiohttp.
+
+        A read that is exactly one request whose head is byte for byte the last publish's head
+        (a publisher sends the same head each time) is not parsed again: at a message boundary,
+        llhttp's callbacks and the lane's decision on those bytes are the same as last time,
+        but for what may have changed since (draining, the allow-list), which is checked again.
+        """
         parser = self.parser
         if parser is None:
             return None
+        head = self.last_head
+        if head and not self.buf and data.startswith(head):
+            last = self.last
+            if last is not None and len(data) == len(head) + last[4]:
+                conn = self.conn
+                state = conn.lane.state
+                if not state.closing and state.allow.allows(conn.peer):
+                    if conn.publish(last[1], last[2], last[0], data[len(head):], last[3]):
+                        self.answered = True
+                        return b""
+                    self.buf = data  # aiohttp answers it (pos is 0: nothing else is unanswered)
+                    return None
         self.buf = self.buf + data if self.buf else data
         ready = self.ready
         try:
@@ -618,7 +666,8 @@ class _Reader:
     def close(self) -> None:
         """Free the parser now (not at the next garbage collection). Never from a callback."""
         self.parser = None
-        self.buf = self.url = self.body = b""
+        self.buf = self.url = self.body = self.last_head = b""
+        self.last = None
 
     # -- parser callbacks: they record, feed() acts -------------------------------------------
     def on_url(self, url: bytes) -> None:
@@ -674,8 +723,15 @@ class _Reader:
             pub = self.pub
             ua = self.headers.get(b"user-agent")
             if pub is not None:
-                end = self.head_end + self.cl
+                start = self.mstart
+                head_end = self.head_end
+                end = head_end + self.cl
                 self.ready.append((pub, self.method, self.url, self.body, ua, end))
+                buf = self.buf
+                head = self.last_head
+                if len(head) != head_end - start or not buf.startswith(head, start):
+                    self.last_head = buf[start:head_end]
+                self.last = (pub, self.method, self.url, ua, self.cl)
             elif self.head_end != len(self.buf):
                 self.stop = self.mstart  # bytes after a subscription: unusual, aiohttp's
                 end = self.head_end

@@ -31,7 +31,7 @@ __all__ = ["Gate", "GateSite", "ListenerSite"]
 class Gate(asyncio.Protocol):
     """Forwards everything to its aiohttp handler; counts the connection while it is open."""
 
-    __slots__ = ("factory", "handler", "limits", "peer", "scan", "timer", "transport")
+    __slots__ = ("factory", "handler", "limits", "peer", "resumed", "scan", "timer", "transport")
 
     def __init__(self, limits: Limits, factory: Callable[[], RequestHandler]) -> None:
         self.limits = limits
@@ -42,6 +42,8 @@ class Gate(asyncio.Protocol):
         #: None once the first head is complete (nothing more is timed)
         self.scan: HeadScan | None = HeadScan()
         self.timer: asyncio.TimerHandle | None = None
+        #: what a replay waits on while writing is paused (:meth:`write_resumed`)
+        self.resumed: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -54,13 +56,16 @@ class Gate(asyncio.Protocol):
 
     @classmethod
     def adopt(cls, transport: asyncio.Transport, limits: Limits, factory: Callable[[], RequestHandler],
-              peer: str, data: bytes, deadline: float) -> None:
+              peer: str, data: bytes, deadline: float, *, paused: bool = False) -> None:
         """Take a connection ``limits`` already counts (the fast lane's), with the bytes it has
-        not answered; the first head must be complete by ``deadline`` (loop time)."""
+        not answered; the first head must be complete by ``deadline`` (loop time). ``paused``:
+        the transport has writing paused now (its next call is ``resume_writing()``)."""
         gate = cls(limits, factory)
         gate.peer = peer
         transport.set_protocol(gate)
         gate._start(transport, deadline)
+        if paused:
+            gate.pause_writing()
         if data:
             gate.data_received(data)
 
@@ -97,6 +102,29 @@ class Gate(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.handler is not None:
             self.handler.resume_writing()
+        self._wake_writer()
+
+    def write_resumed(self) -> asyncio.Future[None] | None:
+        """A replay's wait while writing is paused (:class:`server.stream.WritePacing`).
+
+        Paused is aiohttp's own flow-control state (``writing_paused``, set by the
+        ``pause_writing()`` forwarded above, the state ``StreamWriter.drain()`` waits on); the
+        wait is a Future rather than aiohttp's ``drain()`` coroutine so that a replay can wait
+        on it and on the end of its stream at once without a task per pause. Resolved with
+        aiohttp's: by ``resume_writing()`` or ``connection_lost()``.
+        """
+        handler = self.handler
+        if handler is None or not handler.writing_paused or self.transport is None:
+            return None
+        fut = self.resumed
+        if fut is None:
+            fut = self.resumed = asyncio.get_running_loop().create_future()
+        return fut
+
+    def _wake_writer(self) -> None:
+        fut, self.resumed = self.resumed, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
@@ -109,6 +137,7 @@ class Gate(asyncio.Protocol):
         self.handler = None
         if handler is not None:
             handler.connection_lost(exc)
+        self._wake_writer()
 
 
 class ListenerSite(web.BaseSite):

@@ -78,10 +78,13 @@ ACCESS_FIELDS = {"remote_address": "peer", "first_request_line": "request",
 #: the message of :func:`log_access` lines: its arguments are the request fields, in order
 ACCESS_MESSAGE = '%s "%s" %d %s %.6f "%s"'
 ACCESS_ARGS = ("peer", "request", "status", "bytes", "seconds", "user_agent")
-#: a whole text access line: FORMAT's time, level and name, then ACCESS_MESSAGE (its request
-#: line as method, target and HTTP/1.1 in _TEXT_PUBLISH)
-_TEXT_ACCESS = f"%s,%03d {_INFO} {ACCESS_LOGGER}: " + ACCESS_MESSAGE
-_TEXT_PUBLISH = _TEXT_ACCESS.replace('"%s"', '"%s %s HTTP/1.1"', 1)
+#: ACCESS_MESSAGE around its duration field (a text line keeps these parts per distinct fields)
+_BEFORE_DURATION, _AFTER_DURATION = ACCESS_MESSAGE.split("%.6f")
+#: a whole text access line from its time text, milliseconds, the text up to the duration, the
+#: duration and the text after it (see TextFormatter.access_lines)
+_TEXT_LINE = "%s,%03d%s%.6f%s"
+#: distinct (peer, request line, status, size, user agent) whose line text is kept
+_PARTS_MAX = 1024
 
 
 def log_access(peer: str, request_line: str, status: int, size: int | str, seconds: float,
@@ -167,9 +170,26 @@ def _traceback(formatter: logging.Formatter, record: logging.LogRecord) -> str:
     return text
 
 
+def _around_duration(peer: str, request: str | tuple[bytes, bytes], status: int, n: int | str,
+                     ua: str | bytes) -> tuple[str, str]:
+    """The text of a text access line between its time and its duration, and after it (the
+    message escaped as :meth:`TextFormatter.format` escapes it: character by character)."""
+    if type(request) is tuple:
+        request = _request_line(request)
+    if type(ua) is bytes:
+        ua = ua.decode("latin-1")
+    return (f" {_INFO} {ACCESS_LOGGER}: " + escape(_BEFORE_DURATION % (peer, request, status, n)),
+            escape(_AFTER_DURATION % ua))
+
+
 class TextFormatter(CachedTimeFormatter):
     """``time LEVEL logger: message``, the message escaped; a traceback's lines are indented
     (and escaped), so that no line of it can pass for a log line."""
+
+    def __init__(self, fmt: str | None = None) -> None:
+        super().__init__(fmt)
+        #: the constant parts of access lines by their fields (see :meth:`access_lines`)
+        self._parts: dict[tuple[object, ...], tuple[str, str]] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = escape(record.getMessage())
@@ -182,26 +202,27 @@ class TextFormatter(CachedTimeFormatter):
 
     def access_lines(self, raw: list[RawAccess]) -> str:
         """What :meth:`format` makes of each raw access line (an INFO record of the access logger
-        with ``ACCESS_MESSAGE``; for the format :data:`FORMAT` only), each ended by a newline:
-        one ``%`` per line, the time text, level, logger's name and message's fields at once."""
+        with ``ACCESS_MESSAGE``; for the format :data:`FORMAT` only), each ended by a newline.
+
+        The text around the duration (level, logger's name, peer, request line, status, size;
+        the user agent) is built and escaped once per distinct set of those fields (a publisher
+        sends the same ones each time), so a line is one ``%`` of the time and duration.
+        """
         lines = []
+        parts = self._parts
         for created, peer, request, status, n, seconds, ua in raw:
             sec = int(created)
             if sec != self._sec:
                 self._sec = sec
                 self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created))
-            ms = int((created - sec) * 1000)
-            if type(ua) is bytes:
-                ua = ua.decode("latin-1")
-            if type(request) is tuple:
-                line = _TEXT_PUBLISH % (self._text, ms, peer, request[0].decode(),
-                                        request[1].decode("latin-1"), status, n, seconds, ua)
-            else:
-                line = _TEXT_ACCESS % (self._text, ms, peer, request, status, n, seconds, ua)
-            if not line.isprintable():  # the time, level and name are: escape the message
-                k = line.index(": ") + 2
-                line = line[:k] + escape(line[k:])
-            lines.append(line)
+            key = (peer, request, status, n, ua)
+            around = parts.get(key)
+            if around is None:
+                if len(parts) >= _PARTS_MAX:
+                    parts.clear()
+                around = parts[key] = _around_duration(peer, request, status, n, ua)
+            lines.append(_TEXT_LINE % (self._text, int((created - sec) * 1000), around[0], seconds,
+                                       around[1]))
         lines.append("")
         return "\n".join(lines)
 

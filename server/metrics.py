@@ -119,6 +119,11 @@ METRICS: dict[str, MetricSpec] = {
     "replay_unknown_cursors_total": MetricSpec(
         "counter", "Replays asked from a cursor unknown or evicted (continued live)."),
     "replay_events_total": MetricSpec("counter", "Events sent by replays."),
+    "replay_pauses_total": MetricSpec(
+        "counter", "Waits of a replay for a subscriber's connection to resume writing (its send "
+        "buffer past the high-water mark), ended by the connection resuming writing."),
+    "replays_paused": MetricSpec(
+        "gauge", "Replays waiting now for their subscriber's connection to resume writing."),
     "backlog_events": MetricSpec("gauge", "Events retained in the backlog."),
     "backlog_oldest_timestamp_seconds": MetricSpec("gauge", "Publish time of the oldest retained event."),
     "backlog_newest_timestamp_seconds": MetricSpec("gauge", "Publish time of the newest retained event."),

@@ -48,8 +48,9 @@ CURSOR_FOUND_HEADER = "X-Fetch-Since-Cursor-Found"
 #: response: ``true`` when more events than ``max_replay`` were asked for: only the newest
 #: ``max_replay`` are sent (the replay always joins the live stream without a gap)
 TRUNCATED_HEADER = "X-Fetch-Since-Truncated"
-#: Replayed events are written in slices of this many, pausing while the client's buffer is
-#: over half full: a big replay never holds more than a slice beyond the stream's own limit.
+#: Replayed events are written in slices of this many, pausing while the connection has writing
+#: paused (its transport's buffer past the high-water mark, until it resumes below the low-water
+#: mark): a big replay never holds more than a slice beyond that mark.
 REPLAY_SLICE = 1024
 #: ... and of at most this fraction of the stream's buffer limit in bytes.
 REPLAY_SLICE_FRACTION = 4
@@ -104,12 +105,12 @@ class PreparedReplay:
             if (since is None or e.timestamp > since) and spec.matches(e.topicset)
             and (not e.private or (acl and acl_allows(acl, e)))
         ]
-        # slices bounded in count and bytes: written on top of at most half the stream's limit,
-        # a slice never overflows it by itself
+        # slices bounded in count and bytes: written on top of at most the transport's
+        # high-water mark (far below the stream's limit), a slice never overflows it by itself
         max_bytes = max(stream.limit // REPLAY_SLICE_FRACTION, 1)
         i, n = 0, len(out)
         while i < n:
-            if stream.done.done() or stream.transport is None:
+            if stream.ended is not None or stream.transport is None:
                 break
             j, size = i, 0
             while j < n and j - i < REPLAY_SLICE and (j == i or size < max_bytes):

@@ -18,7 +18,7 @@ import socket
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from hub.event import Event
 from hub.router import NO_ACL, Acl, Group
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from server.app import State
     from server.auth import Principal
 
-__all__ = ["Stream", "StreamStats", "close_stream", "open_stream", "stream_head"]
+__all__ = ["Stream", "StreamStats", "WritePacing", "close_stream", "open_stream", "stream_head"]
 
 logger = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -44,13 +44,33 @@ class StreamStats:
     opened: int = 0
     #: streams ended, by ``Stream.end`` reason (counted once per stream by ``State.forget``)
     ended: dict[str, int] = field(default_factory=dict)
+    #: replays waiting now for their connection to resume writing (:meth:`Stream.drain`)
+    paused: int = 0
+    #: such waits ended by the connection's ``resume_writing()``
+    resumed: int = 0
 
     def stats(self) -> dict[str, float | dict[str, float]]:
         ended: dict[str, float] = dict.fromkeys(END_REASONS.values(), 0)
         for why, n in self.ended.items():
             label = END_REASONS.get(why, why)
             ended[label] = ended.get(label, 0) + n
-        return {"streams_opened_total": self.opened, "disconnects_total": ended}
+        return {"streams_opened_total": self.opened, "disconnects_total": ended,
+                "replays_paused": self.paused, "replay_pauses_total": self.resumed}
+
+
+@runtime_checkable
+class WritePacing(Protocol):
+    """What a connection's protocol offers a replay to pace itself by (the fast lane's
+    :class:`~server.fastlane.FastLane`, the :class:`~server.gate.Gate` in front of aiohttp).
+
+    The transport calls the protocol's ``pause_writing()`` when its buffer passes the high-water
+    mark and ``resume_writing()`` once it is below the low-water mark again.
+    """
+
+    def write_resumed(self) -> asyncio.Future[None] | None:
+        """None while writing is not paused; else a Future resolved by ``resume_writing()`` or
+        by ``connection_lost()`` (a connection lost while paused never leaves a waiter hanging).
+        Made on demand and dropped when resolved: an idle connection carries none."""
 
 
 #: Seconds a slow subscriber's connection may take to take its close frame before it is reset.
@@ -169,11 +189,22 @@ class Stream:
         """Start holding live events (call before taking the log snapshot)."""
         self.held = []
         self.held_bytes = 0
+        t = self.transport
+        if t is not None and not t.is_closing():
+            # the replay writes a slice (up to a quarter of the limit) whenever writing is not
+            # paused, i.e. on top of up to the high-water mark: keep that mark at half the limit
+            # so that a slice on top of it stays within the limit (a small stream_buffer)
+            high = self.limit // 2
+            if t.get_write_buffer_limits()[1] > high:
+                t.set_write_buffer_limits(high=high)
 
     def write_direct(self, events: Sequence[Event]) -> None:
         """Write replayed events now (bypassing the hold), remembering the last position."""
         t = self.transport
         if t is None or not events:
+            return
+        if t.is_closing():
+            self.end("gone")
             return
         t.write(b"".join([e.wire(self.fmt) for e in events]))
         self.covered(events[-1].position)
@@ -186,15 +217,30 @@ class Stream:
         if self.last_position is None or position > self.last_position:
             self.last_position = position
 
-    async def drain(self) -> None:
-        """Wait until the transport's buffer is below half the limit (replay pacing)."""
+    async def drain(self) -> bool:
+        """Replay pacing: while the connection's protocol has writing paused (the transport's
+        buffer went past its high-water mark), wait until it resumes (below the low-water mark),
+        the connection is lost, or the stream ends. No timer: the wake-up is the transport's
+        ``resume_writing()``. True when it waited for the transport to resume writing."""
         t = self.transport
-        for _ in range(1_000_000):
-            if t is None or t.is_closing() or self.done.done():
-                return
-            if t.get_write_buffer_size() <= self.limit // 2:
-                return
-            await asyncio.sleep(0.005)
+        if t is None or t.is_closing() or self.ended is not None:
+            return False
+        proto = t.get_protocol()
+        resumed = proto.write_resumed() if isinstance(proto, WritePacing) else None
+        if resumed is None:
+            return False
+        # the stream may also end while paused (shutdown, overflow): that ends the wait too
+        done = self.done
+        stats = self.stats
+        stats.paused += 1
+        try:
+            await asyncio.wait((resumed, done), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stats.paused -= 1
+        if resumed.done() and not done.done() and not t.is_closing():
+            stats.resumed += 1
+            return True
+        return False
 
     def release(self) -> None:
         """Stop holding: write held live events not already sent by the replay, in order."""

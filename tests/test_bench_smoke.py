@@ -94,6 +94,19 @@ def test_backlog_bench_with_any_replay_count() -> None:
     assert summary["replay_per_s_memory"] > 0 and summary["replay_per_s_sqlite"] > 0
 
 
+def test_backlog_bench_replay_only_slow_reader() -> None:
+    """--replay-only: every event after the cursor reaches the (slow) subscriber, from both logs."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backlog_bench.py"), "--replay-only",
+                           "--replay", "3000", "--repeat", "1", "--publishers", "4",
+                           "--stream-buffer", "65536", "--slow-reader"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    for log in ("memory", "sqlite"):
+        assert len(summary[f"replay_per_s_{log}"]) == 1 and summary[f"replay_per_s_{log}"][0] > 0
+        assert summary[f"replay_cpu_s_{log}"][0] > 0
+
+
 def test_parse_bench_runs() -> None:
     """bench/parse_bench.py at a tiny scale: every request answered (it checks), JSON out."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "parse_bench.py"), "-n", "2000",

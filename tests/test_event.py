@@ -25,6 +25,18 @@ def test_stamping_does_not_mutate_and_server_wins() -> None:
     assert json.loads(ev.json) == ev.payload
 
 
+def test_an_owned_body_is_stamped_in_place_alike() -> None:
+    """``owned``: the caller's fresh dict becomes the payload; the same keys, order and JSON as
+    a copy's."""
+    def body() -> dict[str, object]:
+        return {"x": 1, "pubsub_path": "/forged", "y": [2]}
+    copied = make_event("/a/b", body(), timestamp=5.0, cursor="c")
+    mine = body()
+    owned = make_event("/a/b", mine, timestamp=5.0, cursor="c", owned=True)
+    assert owned.payload is mine and owned.json == copied.json
+    assert list(mine) == ["x", "pubsub_path", "y", "pubsub_topics", "pubsub_timestamp", "pubsub_cursor"]
+
+
 def test_big_integers_survive() -> None:
     ev = make_event("/a", {"n": 2**70})
     assert json.loads(ev.json)["n"] == 2**70

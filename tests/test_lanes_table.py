@@ -11,13 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import HOST, Daemon, auth_header, base_config, subscribe, wait_subscribers
+from tests.support import (
+    HOST,
+    Daemon,
+    auth_header,
+    base_config,
+    subscribe,
+    wait_subscribers,
+    wait_until,
+)
 
 SECURE = ["secret", "dé"]
 #: the one origin server.cors_origins lists
@@ -543,3 +552,82 @@ async def test_an_unmasked_client_frame_is_a_protocol_error_in_the_fast_lane(
     data = frame(0x1, b"hi", masked=False) + close()
     assert await ws_exchange(lanes["fast"].port, data) == server_close(1002)
     assert await ws_exchange(lanes["aiohttp"].port, data) == server_close(1000)
+
+
+async def answers_in_turn(port: int, requests: list[bytes], timeout: float = 5.0
+                          ) -> list[tuple[int, bytes]]:
+    """Each request written once the answer to the one before is read, on one connection:
+    (status, body) of every answer, until the connection closes."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    got: list[tuple[int, bytes]] = []
+    try:
+        for data in requests:
+            writer.write(data)
+            await writer.drain()
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                          if h.lower().startswith(b"content-length:"))
+            got.append((int(head.split(b" ", 2)[1]), await reader.readexactly(length)))
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return got
+
+
+#: bodies of the same length (8 bytes): one request head fits them all
+SAME_HEAD_BODIES = [b'{"i": 0}', b'{"i": 1}', b"{nope!!}", b'{"i": 3}', b"[1,2,34]", b'{"i": 5}',
+                    b'"abcde"', b'{"i": 7}']
+
+
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_one_head_repeated_with_other_bodies(lanes: dict[str, Daemon], lane: str) -> None:
+    """A publisher sends the same head each time (same target, headers, Content-Length): each
+    body is read and validated on its own, a bad one answered 400 as aiohttp does, and every
+    accepted one delivered with its own body."""
+    d = lanes[lane]
+    extra = b"Host: x\r\nUser-Agent: same-head/1\r\nContent-Type: application/json\r\n"
+    requests = [put(b"/same", body, extra=extra) for body in SAME_HEAD_BODIES]
+    async with subscribe(d.url, "/same") as sub:
+        await wait_subscribers(d.url, 1)
+        got = await answers_in_turn(d.port, requests)
+        assert [status for status, _ in got] == [202, 202, 400, 202, 400, 202, 400, 202]
+        assert [(await sub.next())["i"] for _ in range(5)] == [0, 1, 3, 5, 7]
+    await wait_subscribers(d.url, 0)
+    line = re.compile(r'pypubsub\.access: 127\.0\.0\.1 "PUT /same HTTP/1\.1" 202 \d+ \d+\.\d{6} '
+                      r'"same-head/1"$', re.M)
+    wait_until(lambda: len(line.findall(d.log())) >= 5, 10, "the access lines")
+    assert len(line.findall(d.log())) == 5
+
+
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_one_head_repeated_across_read_boundaries(lanes: dict[str, Daemon], lane: str) -> None:
+    """The same head again, but a read holds more than one request, or part of one: every
+    publish answered 202, in order, each with its own body."""
+    d = lanes[lane]
+    reqs = [put(b"/same2", b'{"i": %d}' % i) for i in range(6)]
+    async with subscribe(d.url, "/same2") as sub:
+        await wait_subscribers(d.url, 1)
+        reader, writer = await asyncio.open_connection(HOST, d.port)
+        try:
+            # (bytes written, publishes answered once they are in)
+            writes = [(reqs[0], 1), (reqs[1] + reqs[2][:5], 2), (reqs[2][5:] + reqs[3][:-3], 3),
+                      (reqs[3][-3:], 4), (reqs[4] + reqs[5], 6)]
+            buf = b""
+            for data, answered in writes:
+                writer.write(data)
+                await writer.drain()
+                while buf.count(b"202 Accepted") < answered:
+                    chunk = await asyncio.wait_for(reader.read(65536), 5)
+                    assert chunk, buf
+                    buf += chunk
+            assert buf.count(b"HTTP/1.1 ") == 6, buf
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert [(await sub.next())["i"] for _ in range(6)] == list(range(6))
+    await wait_subscribers(d.url, 0)

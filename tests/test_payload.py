@@ -31,3 +31,15 @@ def test_good_bodies() -> None:
     assert parse_json_object(deep)["a"]
     many = b'{"a": [' + b",".join([b"[1]"] * 500) + b"]}"  # many brackets, shallow
     assert len(parse_json_object(many)["a"]) == 500
+
+
+def test_depth_limit_on_the_shortest_body_too_deep() -> None:
+    """The shortest object one level too deep is refused (bodies of at most 2 x MAX_DEPTH bytes
+    skip counting their brackets: they cannot nest that deep)."""
+    too_deep = b'{"":' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}"
+    assert len(too_deep) == 2 * MAX_DEPTH + 5
+    with pytest.raises(BadRequest, match="deeper than"):
+        parse_json_object(too_deep)
+    short = b'{"a":' + b"[" * 125 + b"]" * 125 + b"}"  # 2 x MAX_DEPTH bytes, accepted
+    assert len(short) == 2 * MAX_DEPTH
+    assert isinstance(parse_json_object(short)["a"], list)
