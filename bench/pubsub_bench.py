@@ -170,6 +170,7 @@ class Result:
     control_p99_ms: float | None = None
     control_max_ms: float | None = None
     nodes: int = 1
+    #: the log: memory, sqlite, or "redis (APPENDFSYNC)" (Redis' appendfsync setting in the run)
     log: str = "memory"
     lane: str = "fast"
     notes: list[str] = field(default_factory=list)
@@ -614,7 +615,8 @@ async def run_scenario(p: Params) -> Result:
                  load_cores=len(p.load_cpus))
     deadline = time.monotonic() + p.max_time
     rundir = Path(tempfile.mkdtemp(prefix="pubsub-bench-run-"))
-    res.nodes, res.log = p.nodes, "redis" if p.cluster else "sqlite" if p.sqlite else "memory"
+    res.nodes = p.nodes
+    res.log = f"redis ({p.redis_fsync})" if p.cluster else "sqlite" if p.sqlite else "memory"
     res.lane = "aiohttp" if p.via_aiohttp else "fast"
     redis = RedisServer(p, rundir / "redis") if p.cluster else None
     daemons: list[Daemon] = []

@@ -15,7 +15,7 @@ Nothing here knows HTTP; the daemon's wiring builds it from the configuration.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import collections
 import logging
 import time
 import uuid
@@ -26,13 +26,14 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from hub.event import Event, EventError, make_event
-from hub.topics import TopicError
+from hub.topics import TopicError, parse_publish_path, remove_dot_segments
 from server.errors import ConfigError, ServiceUnavailable
 from server.eventlog import Appended, Located, MemoryLog, TailConsumer
 from server.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.connection import AbstractConnection
 
 __all__ = ["RedisLog", "cursor_entry", "entry_cursor", "entry_position"]
 
@@ -56,34 +57,69 @@ MAX_TRIM_INTERVAL = 60.0
 #: An SQS message id is remembered this long (seconds) by the cluster: a redelivery within it
 #: (another node, an expired visibility timeout) does not enter the stream again.
 DEDUP_TTL = 3600
+#: Paths whose topics the reader keeps parsed (the cache is emptied when it is full).
+PATH_CACHE = 4096
 #: ``Retry-After`` (seconds) of a publish refused while Redis is unreachable.
 RETRY_AFTER = 1
-#: Most appends one pipeline takes: bounds a round trip's size under a flood.
+#: Most appends one batch takes: bounds a round trip's size under a flood.
 MAX_BATCH = 1024
+#: Batches sent on the append connection before the first is answered: an append queued while
+#: a batch is on its way goes out at once instead of waiting for that round trip.
+MAX_INFLIGHT = 4
 
-#: Stream entry fields: the stamped event's JSON, and the stream's epoch when it was written.
+#: Stream entry fields. ``p``: the event's JSON up to its ``pubsub_cursor`` value (the stamped
+#: event's bytes as every node sends them, but for the cursor, which the entry id gives: a node
+#: appends the cursor and ``"}``, no JSON is rebuilt); ``e``: the whole stamped JSON, re-stamped
+#: on read (an event whose ``pubsub_cursor`` is not its last member, and entries written by
+#: earlier versions); ``g``: the stream's epoch when the entry was written.
+PREFIX_FIELD = b"p"
 EVENT_FIELD = b"e"
 EPOCH_FIELD = b"g"
 
-#: KEYS: stream, epoch key[, dedup key]; ARGV: event JSON, MAXLEN, a new epoch, dedup TTL.
-#: One script, so that de-duplication, the epoch stamp and the append are atomic. An append to
-#: a stream that does not exist (first use, deleted, FLUSHALL) starts a new epoch: readers see
-#: the change on the entry itself.
+#: One call appends a whole batch. KEYS: stream, epoch key. ARGV: MAXLEN, a new epoch, the
+#: batch's deadline (Redis time, ms; 0: none), the de-duplication TTL, then per event its
+#: de-duplication id ('' for none), its field name (``p`` or ``e``) and its bytes. Returns one
+#: reply per event: the entry id, or nil for a duplicate.
+#:
+#: * A batch Redis runs after its deadline (it was held by a hung Redis, or queued behind one) is
+#:   refused whole and stores nothing: the node has answered, or is about to answer, ``503``.
+#: * An append to a stream that does not exist (first use, deleted, FLUSHALL) starts a new
+#:   epoch, stamped on every entry: readers see a reset on the entry itself.
+#: * De-duplication, the epoch and the appends are atomic (one script); a refusal (out of
+#:   memory) comes at the first write, so a batch is stored whole or not at all.
 _APPEND_LUA = """
-if #KEYS > 2 then
-  if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return false end
+if redis.replicate_commands then redis.replicate_commands() end
+local deadline = tonumber(ARGV[3])
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then
+    return redis.error_reply('PUBSUBLATE batch reached Redis after its deadline: not stored')
+  end
 end
 local epoch = redis.call('GET', KEYS[2])
 if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
-  epoch = ARGV[3]
+  epoch = ARGV[2]
   redis.call('SET', KEYS[2], epoch)
 end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 'g', epoch)
+local dedup = KEYS[1] .. ':dedup:'
+local out = {}
+for i = 5, #ARGV, 3 do
+  local id = false
+  if ARGV[i] == '' or redis.call('SET', dedup .. ARGV[i], '1', 'NX', 'EX', ARGV[4]) then
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[i + 1], ARGV[i + 2], 'g', epoch)
+  end
+  out[#out + 1] = id
+end
+return out
 """
 
-#: an append waiting for the writer: script keys, script arguments, the publisher's future, and
-#: the loop time by which it must be answered
-_Queued = tuple[list[str], list[Any], "asyncio.Future[Appended | None]", float]
+#: an append waiting for the writer: its field name, its bytes, its de-duplication id (b'' for
+#: none), the publisher's future, and the loop time by which it must be answered
+_Queued = tuple[bytes, bytes, bytes, "asyncio.Future[Appended | None]", float]
+
+#: The share of ``timeout`` kept between Redis' deadline for a batch and the node's: a batch Redis
+#: stored must be answered before the node gives up on it (fsync, the way back, the node's loop).
+DEADLINE_MARGIN = 0.25
 
 _MASK48 = (1 << 48) - 1
 _MASK62 = (1 << 62) - 1
@@ -101,7 +137,7 @@ def _split_id(entry_id: bytes | str) -> tuple[int, int]:
 def entry_position(entry_id: bytes | str) -> tuple[int, str]:
     """The log position and the cursor of the stream entry ``entry_id`` (``<ms>-<seq>``)."""
     ms, seq = _split_id(entry_id)
-    return ms << 64 | seq, entry_cursor(ms, seq)
+    return ms << 64 | seq, fast_cursor(ms, seq)
 
 
 def entry_cursor(ms: int, seq: int) -> str:
@@ -114,6 +150,26 @@ def entry_cursor(ms: int, seq: int) -> str:
     n = ms << 80 | 0x7 << 76 | (seq >> 62) << 64 | 0b11 << 62 | (seq & _MASK62)
     h = f"{n:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_cursor_head: dict[int, str] = {}
+
+
+def fast_cursor(ms: int, seq: int) -> str:
+    """:func:`entry_cursor`, with the part that only the millisecond decides formatted once
+    per millisecond (the reader's path: one call per entry read back)."""
+    if seq >> 62:
+        return entry_cursor(ms, seq)
+    head = _cursor_head.get(ms)
+    if head is None:
+        if not 0 <= ms <= _MASK48:
+            raise ValueError(f"stream entry id {ms}-{seq} is out of the cursor's range")
+        if len(_cursor_head) > 64:
+            _cursor_head.clear()
+        h = f"{ms:012x}"
+        head = _cursor_head[ms] = f"{h[:8]}-{h[8:]}-7000-"
+    tail = f"{0xC << 60 | seq:016x}"
+    return f"{head}{tail[:4]}-{tail[4:]}"
 
 
 def cursor_entry(cursor: str) -> str | None:
@@ -190,24 +246,52 @@ class RedisLog:
         self._consumer: TailConsumer | None = None
         self._redis: Redis | None = None
         self._reader: Redis | None = None
-        self._sha = hashlib.sha1(_APPEND_LUA.encode(), usedforsecurity=False).hexdigest()  # its id
-        #: appends being sent (failed if the writer is cancelled at shutdown)
-        self._batch: list[_Queued] = []
+        #: the writer's and the reader's own connections (redis-py's, with its parser)
+        self._wconn: AbstractConnection | None = None
+        self._rconn: AbstractConnection | None = None
+        key, epoch_key = _bulk(stream.encode()), _bulk(self.epoch_key.encode())
+        #: what every batch's EVAL starts with after its argument count (the script's text, not
+        #: its SHA: no NOSCRIPT after a Redis restart, Redis keeps it compiled)
+        self._call_head = (b"$4\r\nEVAL\r\n" + _bulk(_APPEND_LUA.encode()) + b"$1\r\n2\r\n" + key
+                           + epoch_key + _bulk(str(self.maxlen).encode()))
+        self._dedup_ttl = _bulk(str(DEDUP_TTL).encode())
+        self._xread_head = (b"*8\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n" + _bulk(str(READ_COUNT).encode())
+                            + b"$5\r\nBLOCK\r\n" + _bulk(str(BLOCK_MS).encode())
+                            + b"$7\r\nSTREAMS\r\n" + key)
+        #: appends queued, the batch being sent, the batches sent and not yet answered
         self._queue: list[_Queued] = []
+        self._sending: list[_Queued] = []
+        self._inflight: collections.deque[list[_Queued]] = collections.deque()
+        #: the append connection's generation: a failure fails only its own batches
+        self._generation = 0
+        #: wakes the writer (appends queued, a batch answered), the reply reader (a batch sent)
         self._wake: asyncio.Event | None = None
+        self._sent: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._replier: asyncio.Task[None] | None = None
         #: the id of the last entry read back: the next XREAD continues after it, always
         self.last_id = b"0-0"
         #: the stream's epoch (changes when the stream was deleted or reset)
         self.epoch: bytes | None = None
+        self._node_id = uuid.uuid4().hex.encode()
+        self._epochs = 0
         self._closing = False
         #: the writer failed: appends are refused (reading back goes on)
         self._refusing = False
+        #: the server was checked and the retained tail loaded (appends wait for it: 503 before)
+        self.loaded = False
+        #: Redis' clock minus ours (seconds) and how sure we are of it; None: not measured yet
+        self.clock_offset: float | None = None
+        self.clock_error = 0.0
+        #: topics and private flag of the paths read back (bounded)
+        self._paths: dict[str, tuple[tuple[str, ...], bool, frozenset[str]]] = {}
         #: entries read back, entries that were not events, resets detected
         self.entries_read = 0
         self.unreadable = 0
         self.resets = 0
+        #: batches Redis refused because they reached it after their deadline
+        self.late_batches = 0
         #: the stream's newest id when the maintainer last looked (for the read lag)
         self.newest_id = b"0-0"
 
@@ -219,7 +303,7 @@ class RedisLog:
         return {**self.mirror.stats(), "cluster_entries_read_total": self.entries_read,
                 "cluster_unreadable_entries_total": self.unreadable,
                 "cluster_resets_total": self.resets, "cluster_outages_total": self.outage.count,
-                "cluster_redis_up": 0 if self.outage.down else 1,
+                "cluster_redis_up": 0 if self.outage.down or not self.loaded else 1,
                 "cluster_read_lag_seconds": self.read_lag()}
 
     def read_lag(self) -> float:
@@ -230,7 +314,7 @@ class RedisLog:
 
     def unready(self) -> str | None:
         """Why a publish cannot be accepted now (None: it can)."""
-        if self.outage.down:
+        if self.outage.down or not self.loaded:
             return f"Redis unreachable ({self.where})"
         if self._refusing or self._closing:
             return f"cluster log {self.where} is not accepting events"
@@ -245,10 +329,14 @@ class RedisLog:
         self._consumer = consumer
 
     async def start(self) -> None:
-        """Connect, check the server's settings, load the retained tail, start reading."""
+        """Connect, check the server's settings, load the retained tail, start reading.
+
+        Redis unreachable at start is an outage like any other: the node starts, is unready
+        (publishes get ``503``) and connects, checks and loads as soon as Redis answers."""
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
         from redis.maint_notifications import MaintNotificationsConfig
 
         # no retries inside redis-py: a publish gets its answer within ``timeout``
@@ -257,28 +345,39 @@ class RedisLog:
                                   "maint_notifications_config": MaintNotificationsConfig(enabled=False)}
         try:
             self._redis = Redis.from_url(self.url, socket_timeout=self.timeout, **common)
-            # the blocking read has its own client (one task uses it: one connection), with a
-            # socket timeout beyond the block
-            self._reader = Redis.from_url(self.url, max_connections=1,
-                                          socket_timeout=BLOCK_MS / 1000 + self.timeout, **common)
+            # the appends and the blocking read have a connection each, used only under this
+            # class's own deadlines (``asyncio.timeout``): without a socket timeout, redis-py
+            # sends without starting a task per command
+            self._reader = Redis.from_url(self.url, max_connections=2, socket_timeout=None, **common)
+            self._wconn = self._reader.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            self._rconn = self._reader.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         except ValueError as e:
             raise ConfigError(self.config_file, "server.backlog.storage", f"not a Redis URL: {e}") from None
-        from redis.exceptions import RedisError
-
         try:
-            async with asyncio.timeout(self.timeout * 5):
-                await self._check_server()
-                await self._load()
+            await self._prepare()
         except (RedisError, OSError, TimeoutError) as e:
-            await self._aclose()
-            raise ConfigError(self.config_file, "server.backlog.storage",
-                              f"cannot use Redis at {self.where}: {type(e).__name__}: {e}") from None
+            self.outage.failed(e)
+            logger.warning("cluster log %s: starting without Redis; the node is unready and "
+                           "refuses publishes until Redis answers", self.where)
         loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._wake, self._sent = asyncio.Event(), asyncio.Event()
         self._writer = loop.create_task(self._write_loop(), name="pypubsub-redis-writer")
-        self._writer.add_done_callback(self._writer_ended)
+        self._replier = loop.create_task(self._reply_loop(), name="pypubsub-redis-replies")
+        for t in (self._writer, self._replier):
+            t.add_done_callback(self._writer_ended)
         self._tasks = [loop.create_task(self._read_loop(), name="pypubsub-redis-reader"),
                        loop.create_task(self._maintain_loop(), name="pypubsub-redis-maintainer")]
+
+    async def _prepare(self) -> None:
+        """Check the server, measure its clock, load the retained tail (once, at first contact)."""
+        async with asyncio.timeout(self.timeout * 5):
+            await self._check_server()
+            await self._measure_clock()
+            await self._load()
+            for conn in (self._wconn, self._rconn):  # connected now: the first append is sent at once
+                if conn is not None:
+                    await conn.connect()  # type: ignore[no-untyped-call]
+        self.loaded = True
         newest = self.mirror.newest()
         logger.info("cluster log %s: %d event(s) retained (newest %s), reading after %s",
                     self.where, len(self.mirror), newest.cursor if newest else "none",
@@ -312,6 +411,16 @@ class RedisLog:
                            "may lose the last second of acknowledged events; set appendfsync "
                            "always", self.where, value)
 
+    async def _measure_clock(self) -> None:
+        """Redis' clock against ours (``TIME``), for the deadline a batch carries to Redis."""
+        if self._redis is None:
+            raise RuntimeError("RedisLog not started")
+        t0 = time.time()
+        sec, usec = await self._redis.time()
+        t1 = time.time()
+        self.clock_offset = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
+        self.clock_error = (t1 - t0) / 2
+
     async def _load(self) -> None:
         """Fill the mirror with the newest retained entries; the reader continues after them."""
         if self._redis is None:
@@ -319,23 +428,27 @@ class RedisLog:
         entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrevrange(
             self.stream, "+", "-", count=max(self.size, 1))  # type: ignore[assignment]
         for entry_id, fields in reversed(entries):
-            self._take(entry_id, fields, route=False)
+            self._take(entry_id, [x for kv in fields.items() for x in kv], route=False)
 
     async def close(self) -> None:
         self._closing = True
-        if self._writer is not None and self._wake is not None:
-            self._wake.set()  # the writer ends once what is queued was sent (or timed out)
+        if self._writer is not None and self._replier is not None:
+            # the writer ends once what is queued was sent (or timed out), the reply reader
+            # once every batch sent was answered (or timed out)
+            self._wake_writer()
             await cancel_and_wait_after(self._writer, self.timeout * 2)
-            for _k, _a, fut, _d in self._batch + self._queue:
-                if not fut.done():
-                    fut.set_exception(ServiceUnavailable("shutting down: event not stored", RETRY_AFTER))
-            self._batch, self._queue = [], []
+            if self._sent is not None:
+                self._sent.set()
+            await cancel_and_wait_after(self._replier, self.timeout * 2)
+            _refuse(self._unsettled(), "shutting down: event not stored")
+            self._sending, self._queue = [], []
+            self._inflight.clear()
         for t in self._tasks:
             t.cancel()
         # redis-py may let a cancellation that lands as a blocking XREAD starts go by (the
         # XREAD then blocks its full time): closing the reader's connection ends it at once
-        if self._reader is not None:
-            await self._reader.connection_pool.disconnect()
+        if self._rconn is not None:
+            await self._rconn.disconnect(nowait=True)
         for t in self._tasks:
             await cancel_and_wait(t)
         self._tasks = []
@@ -343,6 +456,10 @@ class RedisLog:
         logger.info("cluster log %s closed: %d entries read since start", self.where, self.entries_read)
 
     async def _aclose(self) -> None:
+        for c in (self._wconn, self._rconn):
+            if c is not None:
+                await c.disconnect(nowait=True)
+        self._wconn = self._rconn = None
         for r in (self._reader, self._redis):
             if r is not None:
                 await r.aclose()
@@ -350,72 +467,148 @@ class RedisLog:
 
     # -- writing ------------------------------------------------------------------------
     def append(self, event: Event, *, dedup: str | None = None) -> asyncio.Future[Appended | None]:
-        """Queue the stamped event for the next pipeline; resolves once Redis acknowledged it
+        """Queue the stamped event for the next batch; resolves once Redis acknowledged it
         (None: a duplicate). The event is routed when this node's reader reads it back."""
-        fut: asyncio.Future[Appended | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Appended | None] = loop.create_future()
         if self._closing or self._refusing or self._wake is None:
             fut.set_exception(ServiceUnavailable("the cluster log is closed: event not stored", RETRY_AFTER))
             return fut
-        keys = [self.stream, self.epoch_key]
-        if dedup is not None:
-            keys.append(f"{self.stream}:dedup:{dedup}")
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        self._queue.append((keys, [event.json, self.maxlen, uuid.uuid4().hex, DEDUP_TTL], fut, deadline))
+        if not self.loaded:
+            fut.set_exception(ServiceUnavailable(f"Redis unreachable ({self.where}): event not stored",
+                                                 RETRY_AFTER))
+            return fut
+        j = event.json
+        # the usual shape: the cursor is the last member, so the entry keeps the bytes before it
+        if j.endswith(b'"pubsub_cursor":"' + event.cursor.encode() + b'"}') and len(event.cursor) == 36:
+            name, data = PREFIX_FIELD, j[:-38]
+        else:
+            name, data = EVENT_FIELD, j
+        self._queue.append((name, data, b"" if dedup is None else dedup.encode(), fut,
+                            loop.time() + self.timeout))
         self._wake.set()
         return fut
 
     async def _write_loop(self) -> None:
-        """Owns the appends: all those queued meanwhile go in one pipeline (one round trip, and
-        one fsync in Redis), in queue order; ends once closing and nothing is left."""
-        from redis.exceptions import RedisError, ResponseError
+        """Sends the appends: all those queued meanwhile go in one script call (one round trip,
+        and one fsync in Redis), in queue order, up to ``MAX_INFLIGHT`` batches on the
+        connection before the first is answered (:meth:`_reply_loop` reads the answers); ends
+        once closing and nothing is left to send."""
+        from redis.exceptions import RedisError
 
-        wake = self._wake
-        if wake is None:
+        wake, sent = self._wake, self._sent
+        conn, redis = self._wconn, self._redis
+        if wake is None or sent is None or conn is None or redis is None:
             raise RuntimeError("RedisLog._write_loop runs only after start()")
         for _ in iter(int, 1):  # until closed
-            if not self._queue:
-                if self._closing:
+            if not self._queue or len(self._inflight) >= MAX_INFLIGHT:
+                if self._closing and not self._queue:
                     return
                 await wake.wait()
                 wake.clear()
                 continue
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             # each append is answered within its own ``timeout``, also when it waited behind a
-            # pipeline to a hung Redis: one whose time is up is refused unsent
+            # batch to a hung Redis: one whose time is up is refused unsent
             now = asyncio.get_running_loop().time()
-            late = [q for q in batch if q[3] <= now]
+            late = [q for q in batch if q[4] <= now]
             if late:
                 self.outage.failed(TimeoutError(f"no answer within {self.timeout:g} s"))
                 _refuse(late)
-                batch = [q for q in batch if q[3] > now]
+                batch = [q for q in batch if q[4] > now]
                 if not batch:
                     continue
-            self._batch = batch
+            self._sending = batch
             try:
-                async with asyncio.timeout_at(batch[0][3]):
-                    results = await self._send(batch)
+                async with asyncio.timeout_at(batch[0][4]):
+                    if not self._inflight:  # connected, nothing unread (a socket Redis closed)
+                        await redis.connection_pool.ensure_connection(conn)
+                    await conn.send_packed_command(self._packed(batch), check_health=False)
             except (RedisError, OSError, TimeoutError) as e:
-                self.outage.failed(e)
+                self._sending = []
                 _refuse(batch)
-                self._batch = []
+                await self._fail_connection(e)
                 continue
-            except ServiceUnavailable as e:  # an answer we cannot trust: not acknowledged
-                logger.error("cluster log %s: %s: %d append(s) refused", self.where, e.reason, len(batch))
-                _refuse(batch)
-                self._batch = []
+            self._sending = []
+            self._inflight.append(batch)
+            sent.set()
+
+    async def _reply_loop(self) -> None:
+        """Reads the answers to the batches in flight, in order; an answer that does not come
+        in time, or cannot be trusted, fails every batch in flight (and the connection)."""
+        from redis.exceptions import RedisError, ResponseError
+
+        sent, conn = self._sent, self._wconn
+        if sent is None or conn is None:
+            raise RuntimeError("RedisLog._reply_loop runs only after start()")
+        for _ in iter(int, 1):  # until closed
+            if not self._inflight:
+                if self._closing and (self._writer is None or self._writer.done()):
+                    return
+                await sent.wait()
+                sent.clear()
                 continue
+            batch, generation = self._inflight[0], self._generation
+            try:
+                async with asyncio.timeout_at(batch[0][4]):
+                    out = await conn.read_response()
+                if not isinstance(out, list) or len(out) != len(batch) or not all(
+                        r is None or isinstance(r, bytes) for r in out):  # never acknowledge on doubt
+                    raise ServiceUnavailable(f"unexpected answer from Redis: {out!r:.80}", RETRY_AFTER)
+            except ResponseError as e:  # Redis answered and refused the batch (out of memory, late)
+                self._inflight.popleft()
+                self._wake_writer()
+                if str(e).startswith("PUBSUBLATE"):
+                    self.late_batches += 1
+                    self.outage.failed(TimeoutError(f"Redis ran a batch after its deadline ({e})"))
+                    _refuse(batch)
+                    continue
+                self.outage.ok()
+                _refuse(batch, f"Redis refused the event: {str(e)[:200]}")
+                continue
+            except (RedisError, OSError, TimeoutError, ServiceUnavailable) as e:
+                if generation == self._generation:  # not already failed by the writer
+                    if isinstance(e, ServiceUnavailable):
+                        logger.error("cluster log %s: %s: %d append(s) refused", self.where,
+                                     e.reason, sum(len(b) for b in self._inflight))
+                    await self._fail_connection(e)
+                continue
+            self._inflight.popleft()
+            self._wake_writer()
             self.outage.ok()
-            for (_k, _a, fut, _d), r in zip(batch, results, strict=True):
+            for q, r in zip(batch, out, strict=True):
+                fut = q[3]
                 if fut.done():
                     continue
-                if isinstance(r, ResponseError):  # Redis answered and refused (out of memory...)
-                    fut.set_exception(ServiceUnavailable(f"Redis refused the event: {str(r)[:200]}",
-                                                         RETRY_AFTER))
-                elif r is None:
+                if r is None:
                     fut.set_result(None)
                 else:
                     fut.set_result(Appended(*entry_position(r)))
-            self._batch = []
+
+    def _wake_writer(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _fail_connection(self, error: BaseException) -> None:
+        """The append connection failed: every batch in flight is refused (its answer can no
+        longer be told from another's) and the connection closed (redis-py connects it again
+        on its next use)."""
+        self._generation += 1
+        if not isinstance(error, ServiceUnavailable):
+            self.outage.failed(error)
+        while self._inflight:
+            _refuse(self._inflight.popleft())
+        self._wake_writer()
+        await self._drop_connection(self._wconn)
+
+    async def _drop_connection(self, conn: AbstractConnection | None) -> None:
+        """Close ``conn`` at once: a reply still on its way must never be read as another's
+        (redis-py connects it again on its next use)."""
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+
+    def _unsettled(self) -> list[_Queued]:
+        return [*self._sending, *(q for b in self._inflight for q in b), *self._queue]
 
     def _writer_ended(self, task: asyncio.Task[None]) -> None:
         """If the writer failed, refuse appends (503) instead of leaving publishers waiting."""
@@ -424,41 +617,34 @@ class RedisLog:
         logger.error("cluster log %s: the writer failed; publishing is refused until restart",
                      self.where, exc_info=task.exception())
         self._refusing = True
-        _refuse(self._batch + self._queue)
-        self._batch, self._queue = [], []
+        _refuse(self._unsettled())
+        self._sending, self._queue = [], []
+        self._inflight.clear()
 
-    async def _send(self, batch: list[_Queued]) -> list[Any]:
-        """Run the append script for ``batch`` in one pipeline; one reply per append."""
-        from redis.exceptions import NoScriptError, ResponseError
+    def _deadline(self, batch: list[_Queued]) -> bytes:
+        """Redis' time (ms) after which it must not store ``batch``: ahead of the node's own
+        deadline by ``DEADLINE_MARGIN`` of the timeout and the clock's uncertainty."""
+        if self.clock_offset is None:
+            return b"0"
+        left = batch[0][4] - asyncio.get_running_loop().time()
+        ahead = left - self.timeout * DEADLINE_MARGIN - self.clock_error
+        return str(int((time.time() + self.clock_offset + ahead) * 1000)).encode()
 
-        redis = self._redis
-        if redis is None:
-            raise ServiceUnavailable("the cluster log is closed: event not stored", RETRY_AFTER)
-        results: list[Any] = [None] * len(batch)
-        todo = list(range(len(batch)))
-        for _ in range(2):
-            pipe = redis.pipeline(transaction=False)
-            for i in todo:
-                keys, args, _fut, _deadline = batch[i]
-                pipe.evalsha(self._sha, len(keys), *keys, *args)
-            out = await pipe.execute(raise_on_error=False)
-            if not isinstance(out, list) or len(out) != len(todo):  # never acknowledge on doubt
-                raise ServiceUnavailable("no complete answer from Redis", RETRY_AFTER)
-            again = []
-            for i, r in zip(todo, out, strict=True):
-                if isinstance(r, NoScriptError):  # not run: Redis lost its script cache (restart)
-                    again.append(i)
-                elif r is not None and not isinstance(r, (bytes, str, ResponseError)):
-                    raise ServiceUnavailable(f"unexpected answer from Redis: {r!r:.80}", RETRY_AFTER)
-                else:
-                    results[i] = r
-            if not again:
-                return results
-            await redis.script_load(_APPEND_LUA)
-            todo = again
-        for i in todo:
-            results[i] = ResponseError("NOSCRIPT even after SCRIPT LOAD")
-        return results
+    def _new_epoch(self) -> bytes:
+        """The epoch a batch starts if it finds no stream (unique: this node's random id and a
+        count), as a RESP bulk string."""
+        self._epochs += 1
+        return _bulk(b"%s-%d" % (self._node_id, self._epochs))
+
+    def _packed(self, batch: list[_Queued]) -> list[bytes]:
+        """The batch's one EVAL, as RESP bytes (built here: no per-command packing)."""
+        parts = [b"*%d\r\n" % (9 + 3 * len(batch)), self._call_head,
+                 self._new_epoch(), _bulk(self._deadline(batch)), self._dedup_ttl]
+        for name, data, dedup, _fut, _t in batch:
+            parts.append(b"$%d\r\n%b\r\n$1\r\n%b\r\n$%d\r\n" % (len(dedup), dedup, name, len(data)))
+            parts.append(data)
+            parts.append(b"\r\n")
+        return parts
 
     # -- reading back -------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -467,14 +653,21 @@ class RedisLog:
 
         backoff = RECONNECT_MIN
         for _ in iter(int, 1):  # until cancelled or closing
-            reader = self._reader
-            if reader is None or self._closing:
+            conn, reader = self._rconn, self._reader
+            if conn is None or reader is None or self._closing:
                 return
             try:
-                resp = await reader.xread({self.stream: self.last_id}, count=READ_COUNT, block=BLOCK_MS)
-            except (RedisError, OSError) as e:
+                if not self.loaded:
+                    await self._prepare()
+                async with asyncio.timeout(BLOCK_MS / 1000 + self.timeout):  # beyond the block
+                    await reader.connection_pool.ensure_connection(conn)
+                    await conn.send_packed_command((self._xread_head, _bulk(self.last_id)),
+                                                   check_health=False)
+                    resp = await conn.read_response()
+            except (RedisError, OSError, TimeoutError) as e:
                 if self.closing:  # close() ended the connection
                     return
+                await self._drop_connection(conn)
                 self.outage.failed(e)
                 await asyncio.sleep(backoff)  # back-off before reconnecting, not synchronisation
                 backoff = min(backoff * 2, RECONNECT_MAX)
@@ -488,27 +681,35 @@ class RedisLog:
                     except Exception:  # task boundary: one bad entry must not stop the node's reads
                         logger.exception("cluster log %s: entry %r not routed", self.where, entry_id)
 
-    def _take(self, entry_id: bytes, fields: Mapping[bytes, bytes], *, route: bool) -> None:
-        """One entry read back: into the mirror, then (live) to the node's hub."""
-        position, cursor = entry_position(entry_id)
+    def _take(self, entry_id: bytes, fields: Sequence[bytes], *, route: bool) -> None:
+        """One entry read back (its fields as a flat name, value list): into the mirror, then
+        (live) to the node's hub."""
+        ms, _, sq = entry_id.partition(b"-")
+        position = int(ms) << 64 | int(sq or 0)
         if position <= self.mirror.last_position:
             return  # already taken (cannot happen with XREAD after last_id; cheap to guard)
+        cursor = fast_cursor(int(ms), int(sq or 0))
         self.last_id = entry_id
         self.entries_read += 1
-        epoch = fields.get(EPOCH_FIELD)
+        # the writer's entries are [p|e, bytes, g, epoch]; look further only for others
+        epoch: bytes | None
+        if len(fields) == 4 and fields[2] == EPOCH_FIELD:
+            name, data, epoch = fields[0], fields[1], fields[3]
+        else:
+            named = dict(zip(fields[::2], fields[1::2], strict=False))
+            epoch = named.get(EPOCH_FIELD)
+            name = PREFIX_FIELD if PREFIX_FIELD in named else EVENT_FIELD
+            data = named.get(name) or b""
         if epoch != self.epoch:
             if self.epoch is not None or len(self.mirror):
                 self._reset("an entry of a new epoch")
             self.epoch = epoch
         try:
-            obj = orjson.loads(fields[EVENT_FIELD])
-            if not isinstance(obj, dict):
-                raise EventError("not a JSON object")
-            path, ts = obj.get("pubsub_path"), obj.get("pubsub_timestamp")
-            if not isinstance(path, str) or not isinstance(ts, (int, float)) or isinstance(ts, bool):
-                raise EventError("no pubsub_path or pubsub_timestamp")
-            event = make_event(path, obj, timestamp=float(ts), cursor=cursor, position=position)
-        except (KeyError, orjson.JSONDecodeError, EventError, TopicError) as e:
+            if name == PREFIX_FIELD:
+                event = self._event(data + cursor.encode() + b'"}', cursor, position)
+            else:
+                event = self._restamped(data, cursor, position)
+        except (orjson.JSONDecodeError, EventError, TopicError) as e:
             self.unreadable += 1
             logger.warning("cluster log %s: skipping entry %s, not an event (%s)",
                            self.where, entry_id.decode(errors="replace"), e)
@@ -516,6 +717,35 @@ class RedisLog:
         self.mirror.keep(event)
         if route and self._consumer is not None:
             self._consumer(event)
+
+    def _event(self, json: bytes, cursor: str, position: int) -> Event:
+        """The event whose stamped JSON (cursor included) the entry holds: parsed, not rebuilt."""
+        obj = orjson.loads(json)
+        if not isinstance(obj, dict):
+            raise EventError("not a JSON object")
+        path, ts = obj.get("pubsub_path"), obj.get("pubsub_timestamp")
+        if not isinstance(path, str) or not isinstance(ts, (int, float)) or isinstance(ts, bool):
+            raise EventError("no pubsub_path or pubsub_timestamp")
+        parsed = self._paths.get(path)
+        if parsed is None:
+            if path != remove_dot_segments(path):
+                raise EventError(f"pubsub_path {path!r} is not canonical")
+            topics, private = parse_publish_path(path)
+            if len(self._paths) >= PATH_CACHE:
+                self._paths.clear()
+            parsed = self._paths[path] = (topics, private, frozenset(topics))
+        return Event(topics=parsed[0], private=parsed[1], path=path, timestamp=float(ts),
+                     cursor=cursor, payload=obj, json=json, topicset=parsed[2], position=position)
+
+    def _restamped(self, data: bytes, cursor: str, position: int) -> Event:
+        """An event stored whole (``e``): stamped again with its cluster cursor."""
+        obj = orjson.loads(data)
+        if not isinstance(obj, dict):
+            raise EventError("not a JSON object")
+        path, ts = obj.get("pubsub_path"), obj.get("pubsub_timestamp")
+        if not isinstance(path, str) or not isinstance(ts, (int, float)) or isinstance(ts, bool):
+            raise EventError("no pubsub_path or pubsub_timestamp")
+        return make_event(path, obj, timestamp=float(ts), cursor=cursor, position=position)
 
     def _reset(self, why: str) -> None:
         """The stream was deleted or reset (FLUSHALL, failover to an empty replica)."""
@@ -527,7 +757,8 @@ class RedisLog:
                        "reset are told their cursor is not found", self.where, why, lost)
 
     async def _maintain_loop(self) -> None:
-        """Detect a reset even when nothing is published; trim by age (Redis time)."""
+        """Detect a reset even when nothing is published; trim by age (Redis time); keep the
+        measure of Redis' clock current."""
         from redis.exceptions import RedisError
 
         trim_every = min(max(self.max_age / 10, MIN_TRIM_INTERVAL), MAX_TRIM_INTERVAL)
@@ -537,9 +768,12 @@ class RedisLog:
             redis = self._redis
             if redis is None:
                 return
+            if not self.loaded:
+                continue  # the reader prepares when Redis first answers
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._check_reset(redis)
+                    await self._measure_clock()
                     if self.max_age and time.monotonic() >= next_trim:
                         next_trim = time.monotonic() + trim_every
                         sec, usec = await redis.time()
@@ -580,11 +814,17 @@ class RedisLog:
         return self.mirror.read_now(after, limit)
 
 
-def _refuse(batch: list[_Queued]) -> None:
-    for _k, _a, fut, _d in batch:
+def _bulk(b: bytes) -> bytes:
+    """``b`` as a RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(b), b)
+
+
+def _refuse(batch: list[_Queued],
+            why: str = "the cluster log (Redis) is unreachable: event not stored") -> None:
+    for q in batch:
+        fut = q[3]
         if not fut.done():
-            fut.set_exception(ServiceUnavailable(
-                "the cluster log (Redis) is unreachable: event not stored", RETRY_AFTER))
+            fut.set_exception(ServiceUnavailable(why, RETRY_AFTER))
 
 
 async def cancel_and_wait_after(task: asyncio.Task[None], grace: float) -> None:
@@ -605,8 +845,9 @@ def _text(v: object) -> object:
     return v.decode() if isinstance(v, bytes) else v
 
 
-def _streams(resp: object) -> Sequence[tuple[object, Sequence[tuple[bytes, Mapping[bytes, bytes]]]]]:
-    """XREAD's answer as (key, entries) pairs, whether RESP2 (a list) or RESP3 (a map)."""
+def _streams(resp: object) -> Sequence[tuple[object, Sequence[tuple[bytes, Sequence[bytes]]]]]:
+    """XREAD's raw answer as (key, entries) pairs, whether RESP2 (a list) or RESP3 (a map);
+    each entry is its id and its fields as a flat name, value list."""
     if not resp:
         return ()
     if isinstance(resp, dict):

@@ -119,7 +119,7 @@ def test_parse_bench_runs() -> None:
 def test_bench_cluster_delivers_everything() -> None:
     """``--nodes 3``: three daemons on one redis-server; subscribers on every node get it all."""
     (r,) = run_bench("broadcast", "-n", "21", "--events", "50", "--nodes", "3")
-    assert (r["nodes"], r["log"], r["published"], r["expected"]) == (3, "redis", 50, 21 * 50)
+    assert (r["nodes"], r["log"], r["published"], r["expected"]) == (3, "redis (always)", 50, 21 * 50)
     assert r["lost"] == 0 and r["duplicates"] == 0 and r["delivered"] == 21 * 50
     assert not problems(r), r["notes"]
 
@@ -174,3 +174,12 @@ async def test_ingest_loses_nothing_and_logs_every_publish(daemon_factory: Daemo
     log = d.log()
     assert log.count('"PUT /bench/ingest HTTP/1.1" 202 ') == conns * each
     assert log.count('"GET /bench/ingest HTTP/1.1" 200 - ') == 1  # the stream's end line
+
+
+def test_redis_log_bench_reads_back_every_append() -> None:
+    """bench/redis_log_bench.py at a tiny scale: every append acknowledged and read back."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "redis_log_bench.py"), "--events", "300",
+                           "--dedup", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["events/s"] > 0 and res["node us/event"] > 0
