@@ -441,9 +441,7 @@ class TopicRouter:
             # every group of the family gets the same bytes: one loop over the family's sinks
             # (sinks never leave synchronously from send(), and a change makes a new list)
             f.last_write = now
-            flat = f._flat
-            if flat is None:
-                flat = f.flat_sinks()
+            flat = f.flat_sinks()
             for sink in flat:
                 sink.send(data, events)
             sent += len(flat) * len(events)

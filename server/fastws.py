@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from server.app import SERVER_HEADER, State
 from server.cors import Cors
-from server.formats import WEBSOCKET, WS_GOING_AWAY, ws_close_frame
+from server.formats import WEBSOCKET, WS_GOING_AWAY, ws_close_frame, ws_control_frame
 from server.logs import log_access
 from server.stream import Stream, close_stream, open_stream
 
@@ -68,7 +68,7 @@ WS_OK, WS_PROTOCOL_ERROR, WS_INVALID_TEXT, WS_TOO_BIG = 1000, 1002, 1007, 1009
 
 #: what we send: a ping (empty), our answer to the peer's close (aiohttp's: 1000, no reason),
 #: the close at shutdown (aiohttp's path: 1001 and this reason)
-PING_FRAME = b"\x89\x00"
+PING_FRAME = ws_control_frame(OP_PING)
 CLOSE_OK_FRAME = ws_close_frame(WS_OK)
 SHUTDOWN_FRAME = ws_close_frame(WS_GOING_AWAY, "server shutting down")
 
@@ -338,7 +338,7 @@ class WsConn(asyncio.Protocol):
                 return
             if op == OP_PING and not self.closing and not t.is_closing():
                 # (aiohttp does not answer while closing either)
-                self._write(t, b"\x8a" + bytes((len(payload),)) + payload)
+                self._write(t, ws_control_frame(OP_PONG, payload))
             # pong: the peer is alive (beat reset above); text, binary: nothing is expected
         if error is not None:
             self._refuse(t, error)

@@ -40,6 +40,7 @@ __all__ = [
     "stream_format",
     "wire_format",
     "ws_close_frame",
+    "ws_control_frame",
     "ws_text_frame",
 ]
 
@@ -90,6 +91,11 @@ def ws_close_frame(code: int, reason: str = "") -> bytes:
     """A WebSocket close frame (opcode 8) with a status code and a short reason."""
     body = code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
     return _ws_header(0x8, len(body)) + body
+
+
+def ws_control_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """A WebSocket ping (9) or pong (10) frame; a control frame's payload is at most 125 bytes."""
+    return _ws_header(opcode, len(payload)) + payload
 
 
 def _stillalive(now: float) -> bytes:

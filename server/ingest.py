@@ -70,21 +70,13 @@ class Ingest:
 
     def submit_now(self, path: str, body: Mapping[str, Any], *, source: str = "http",  # noqa: ARG002
                    parsed: tuple[tuple[str, ...], bool] | None = None, owned: bool = False) -> Appended:
-        """:meth:`submit` without awaiting, for a synchronous log only (the fast lane's path).
+        """:meth:`start` for a synchronous log only: the :class:`Appended` itself.
 
         ``parsed``: the path's ``(topics, private)`` when the caller has them already; ``owned``:
         ``body`` is the caller's own fresh dict, stamped in place (see ``make_event``)."""
-        t0 = time.perf_counter()
-        done = self.log.append(make_event(path, body, parsed=parsed, owned=owned))
+        done = self.start(path, body, parsed=parsed, owned=owned)
         if not isinstance(done, Appended):
             raise RuntimeError(f"{self.log!r} is not synchronous: use Ingest.submit")
-        self.accepted += 1
-        dt = time.perf_counter() - t0
-        if dt <= self._quick_bound:
-            self._quick += 1
-            self._quick_seconds += dt
-        else:
-            self.latency.observe(dt)
         return done
 
     def start(self, path: str, body: Mapping[str, Any], *, dedup: str | None = None,
@@ -104,13 +96,7 @@ class Ingest:
         event = make_event(path, body, parsed=parsed, owned=owned)
         done = self.log.append(event) if dedup is None else self.log.append(event, dedup=dedup)
         if isinstance(done, Appended):
-            self.accepted += 1
-            dt = time.perf_counter() - t0
-            if dt <= self._quick_bound:
-                self._quick += 1
-                self._quick_seconds += dt
-            else:
-                self.latency.observe(dt)
+            self._accepted_at_once(time.perf_counter() - t0)
             return done
         fut = asyncio.ensure_future(done)
         self.pending += 1
@@ -132,6 +118,15 @@ class Ingest:
         result = await asyncio.shield(done)
         logger.debug("accepted %s from %s", result, source)
         return result
+
+    def _accepted_at_once(self, dt: float) -> None:
+        """Counts an append the log kept at once; a quick one in plain numbers (see _latency)."""
+        self.accepted += 1
+        if dt <= self._quick_bound:
+            self._quick += 1
+            self._quick_seconds += dt
+        else:
+            self.latency.observe(dt)
 
     def stats(self) -> dict[str, float | Histogram]:
         """Counters for the metrics collector (``server.metrics`` protocol)."""
