@@ -95,8 +95,14 @@ class Ingest:
         t0 = time.perf_counter()
         event = make_event(path, body, parsed=parsed, owned=owned)
         done = self.log.append(event) if dedup is None else self.log.append(event, dedup=dedup)
-        if isinstance(done, Appended):
-            self._accepted_at_once(time.perf_counter() - t0)
+        if isinstance(done, Appended):  # kept at once; a quick one counted in plain numbers
+            self.accepted += 1
+            dt = time.perf_counter() - t0
+            if dt <= self._quick_bound:
+                self._quick += 1
+                self._quick_seconds += dt
+            else:
+                self.latency.observe(dt)
             return done
         fut = asyncio.ensure_future(done)
         self.pending += 1
@@ -118,15 +124,6 @@ class Ingest:
         result = await asyncio.shield(done)
         logger.debug("accepted %s from %s", result, source)
         return result
-
-    def _accepted_at_once(self, dt: float) -> None:
-        """Counts an append the log kept at once; a quick one in plain numbers (see _latency)."""
-        self.accepted += 1
-        if dt <= self._quick_bound:
-            self._quick += 1
-            self._quick_seconds += dt
-        else:
-            self.latency.observe(dt)
 
     def stats(self) -> dict[str, float | Histogram]:
         """Counters for the metrics collector (``server.metrics`` protocol)."""
