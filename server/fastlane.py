@@ -104,8 +104,9 @@ _ERROR_500 = b"500 Internal Server Error\n\nServer got itself in trouble"
 
 #: distinct publish targets a lane keeps parsed (10 000 topics each published to in turn fit),
 #: and the bytes of request targets they may hold in all: the cache is cleared when either is
-#: reached; a target longer than TARGET_MAX is parsed each time, never kept. With the topics and
-#: paths a kept target holds, that bounds the cache at a few MB (~360 B per ``/git/repoNNNN``)
+#: reached; a target longer than TARGET_MAX is parsed each time, never kept. With the path and
+#: topics a kept target holds: ~380 B per ``/git/repoNNNN`` (3.8 MB for 10 000 of them), at
+#: most ~9.5 MB (2 048 targets of 256 bytes with 64 topics each)
 TARGET_CACHE = 16384
 TARGET_CACHE_BYTES = 512 * 1024
 TARGET_MAX = 256
