@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -101,6 +102,11 @@ _Pending = tuple["Appended | asyncio.Future[Appended | None]", bytes, bytes, "by
 
 #: what aiohttp answers when a handler raised something else than a refusal (and it closes)
 _ERROR_500 = b"500 Internal Server Error\n\nServer got itself in trouble"
+
+#: origin-form request targets made of these bytes only: llhttp (strict) accepts each of them in a
+#: request line (its URL_CHAR set, no query, fragment or quoting characters; tests/test_fastlane.py
+#: checks it byte by byte against httptools)
+_PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9\-._~/%!$&'()*+,;=:@]*")
 
 #: distinct publish targets a lane keeps parsed (10 000 topics each published to in turn fit),
 #: and the bytes of request targets they may hold in all: the cache is cleared when either is
@@ -653,7 +659,12 @@ class _Reader:
                 if (line - 11 > at and data.startswith(method) and data[at - 1] == 32
                         and data.startswith(b" HTTP/1.1\r\n", line - 11)):
                     url = data[at:line - 11]
-                    pub = self.conn.lane.known_target(url)
+                    lane = self.conn.lane
+                    pub = lane.known_target(url)
+                    if pub is None and len(url) <= TARGET_MAX and _PLAIN_TARGET.fullmatch(url):
+                        pub = lane.publish_target(url)  # a first publish to it, llhttp would accept
+                        if pub is not None and pub.secure:
+                            pub = None
             else:
                 pub = None
             if pub is not None:

@@ -164,3 +164,31 @@ async def test_more_target_bytes_than_kept_each_routed_to_its_own_path(daemon_fa
         assert statuses == [b"403" if t == "/secret/x" else b"202" for t in targets]
         paths = [(await sub.next(10))["pubsub_path"] for _ in range(len(targets) - 1)]
     assert paths == [t for t in targets if t != "/secret/x"]
+
+
+def test_plain_targets_are_request_targets_llhttp_accepts() -> None:
+    """Every byte the fast lane's plain-target check lets through (a first publish to a target is
+    then not parsed by llhttp) is one llhttp accepts in a request target, and passes on as is."""
+    import httptools
+
+    from server.fastlane import _PLAIN_TARGET
+
+    class Seen:
+        def __init__(self) -> None:
+            self.url = b""
+            self.complete = False
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_message_complete(self) -> None:
+            self.complete = True
+
+    plain = [c for c in range(256) if _PLAIN_TARGET.fullmatch(b"/a%cb" % c)]
+    assert len(plain) == 81 and b"?"[0] not in plain and b" "[0] not in plain
+    for c in plain:
+        target = b"/a%cb" % c
+        seen = Seen()
+        httptools.HttpRequestParser(seen).feed_data(
+            b"PUT " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        assert seen.complete and seen.url == target, target
