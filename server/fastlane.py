@@ -639,7 +639,9 @@ class _Reader:
         accepted by llhttp in an earlier request line and the lane keeps its publish target
         (:meth:`Lane.known_target`: no secure topic): llhttp reads a request line's target on
         its own (the headers after it do not change what it accepts), and the lane's decision
-        depends on the target only through that publish target.
+        depends on the target only through that publish target. A target not seen before is
+        taken the same way when it is plain origin-form (:data:`_PLAIN_TARGET`: bytes llhttp
+        accepts in a target) and a publish target without a secure topic.
         """
         parser = self.parser
         if parser is None:
