@@ -259,12 +259,12 @@ class Watchdog:
 
     def expired(self) -> bool:
         """After a ``CancelledError``: True (and the cancellation withdrawn) if this watchdog
-        cancelled the task; False if someone else did (the error must then propagate)."""
+        cancelled the task and nobody else did; False if the task's owner cancelled it too (as
+        ``asyncio.timeout`` does: the error must then propagate)."""
         if not self.fired:
             return False
         self.fired = False
-        self._task.uncancel()
-        return True
+        return self._task.uncancel() == 0
 
     def close(self) -> None:
         self.when = None
