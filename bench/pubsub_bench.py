@@ -173,6 +173,13 @@ class Result:
     #: the log: memory, sqlite, or "redis (APPENDFSYNC)" (Redis' appendfsync setting in the run)
     log: str = "memory"
     lane: str = "fast"
+    #: cluster runs, over the measured window: Redis' own CPU per event (µs, from /proc), events
+    #: per append call (EVAL), entries per XREAD (all nodes' reads), Redis' command time per
+    #: event (µs, INFO commandstats)
+    redis_cpu_us: float | None = None
+    events_per_append: float | None = None
+    entries_per_read: float | None = None
+    redis_cmd_us: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -332,6 +339,30 @@ class RedisServer:
                 break
             await asyncio.sleep(0.02)
         raise RuntimeError(f"redis-server did not answer within {within}s")
+
+    async def command(self, *args: str) -> bytes:
+        """One command's raw answer (RESP), on a connection of its own."""
+        reader, writer = await asyncio.open_connection(HOST, self.port)
+        try:
+            parts = [b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args]
+            writer.write(b"*%d\r\n" % len(args) + b"".join(parts))
+            head = await asyncio.wait_for(reader.readline(), 5)
+            if head.startswith(b"$"):
+                return await asyncio.wait_for(reader.readexactly(int(head[1:]) + 2), 5)
+            return head
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def commandstats(self) -> dict[str, tuple[int, int]]:
+        """``INFO commandstats`` as command: (calls, µs)."""
+        out: dict[str, tuple[int, int]] = {}
+        for line in (await self.command("INFO", "commandstats")).decode().splitlines():
+            name, _, rest = line.partition(":")
+            if name.startswith("cmdstat_"):
+                kv = dict(x.split("=", 1) for x in rest.split(","))
+                out[name[8:]] = (int(kv["calls"]), int(kv["usec"]))
+        return out
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -557,6 +588,22 @@ def fill_counts(res: Result, reports: list[dict[str, Any]], done: dict[str, Any]
         res.deliveries_per_s = round(res.delivered / res.seconds, 1)
 
 
+def fill_redis(res: Result, ticks: int, stats: dict[str, tuple[int, int]], nodes: int) -> None:
+    """What Redis did per event over the measured window (cluster runs)."""
+    appends = stats.get("xadd", (0, 0))[0]
+    if not appends:
+        return
+    res.redis_cpu_us = round(ticks / CLK_TCK * 1e6 / appends, 1)
+    calls = stats.get("eval", (0, 0))[0] + stats.get("evalsha", (0, 0))[0] + stats.get("fcall", (0, 0))[0]
+    if calls:
+        res.events_per_append = round(appends / calls, 1)
+    reads = stats.get("xread", (0, 0))[0]
+    if reads:
+        res.entries_per_read = round(appends * nodes / reads, 1)
+    top = ("eval", "evalsha", "fcall", "xread", "xtrim", "xinfo|stream", "time")
+    res.redis_cmd_us = round(sum(stats.get(c, (0, 0))[1] for c in top) / appends, 1)
+
+
 async def fill_latency(res: Result, probes: Worker) -> None:
     lat = sorted((await probes.ask("latencies"))["latencies_us"])
     res.latency_samples = len(lat)
@@ -667,6 +714,9 @@ async def run_scenario(p: Params) -> Result:
         workers.append(pub)
         await pub.start(p.python, 30)
         server_pids = [d.pid for d in daemons] + ([redis.pid] if redis else [])
+        if redis is not None:
+            await redis.command("CONFIG", "RESETSTAT")
+            redis_ticks = cpu_ticks(redis.pid)
         clock = CpuClock(server_pids, [w.pid for w in workers], ((p.server_cpu,), p.load_cpus))
         if stalled is not None:
             watch = asyncio.get_running_loop().create_task(stalled.watch(connected, deadline))
@@ -678,6 +728,8 @@ async def run_scenario(p: Params) -> Result:
 
         fill_counts(res, await drain([w for w in workers if w.mode == "sub"], deadline), done)
         clock.fill(res)
+        if redis is not None:
+            fill_redis(res, cpu_ticks(redis.pid) - redis_ticks, await redis.commandstats(), p.nodes)
         if p.probes:
             await fill_latency(res, workers[0])
         if stalled is not None and watch is not None:

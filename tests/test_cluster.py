@@ -610,3 +610,103 @@ async def test_entries_hold_the_bytes_nodes_send_and_older_entries_are_read(
     finally:
         r.close()
         await log.close()
+
+
+async def test_one_timer_per_loop_bounds_every_call_and_never_fires_early(
+        redis_server: RedisServer) -> None:
+    """The writer, the reply reader and the reader bound each call with one re-armed timer
+    (``Watchdog``) instead of a timer per call. Calls that succeed for longer than the timeout in
+    all never time out; a hung Redis still gets a 503 within the timeout, the reading resumes
+    after the last entry when it wakes (no gap, no duplicate), and close() (the owner's
+    cancellation) is not taken for a timeout while an append waits on the hung Redis."""
+    from hub.event import make_event
+    from server.errors import ServiceUnavailable
+
+    timeout = 0.3
+    log = RedisLog(redis_server.url, STREAM, 100_000, timeout=timeout)
+    got: list[Event] = []
+    log.tail(got.append)
+    await log.start()
+    acked: list[str] = []
+    closed = False
+    try:
+        t0, waves = time.monotonic(), 0
+        while time.monotonic() - t0 < 4 * timeout or waves < 20:  # appends over many deadlines
+            acks = await asyncio.gather(*(log.append(make_event("/t/w", {"w": waves, "i": i}))
+                                          for i in range(4)))
+            acked += [a.cursor for a in acks if a is not None]
+            waves += 1
+        assert len(acked) == 4 * waves and log.outage.count == 0
+        await await_until(lambda: len(got) == len(acked), EVENT_TIMEOUT, "every append read back")
+
+        redis_server.pause()  # hung: connections open, nothing answered
+        try:
+            t1 = time.monotonic()
+            with pytest.raises(ServiceUnavailable):
+                await log.append(make_event("/t/hung", {}))
+            assert time.monotonic() - t1 < timeout + 1.0  # bounded by the timeout, not a hang
+            assert log.outage.down
+        finally:
+            redis_server.resume()
+        end = time.monotonic() + EVENT_TIMEOUT
+        for _ in iter(int, 1):  # until Redis answers again (each try bounded by the timeout)
+            try:
+                after = await log.append(make_event("/t/after", {}))
+            except ServiceUnavailable:
+                assert time.monotonic() < end, "Redis did not come back"
+                continue
+            assert after is not None
+            acked.append(after.cursor)
+            break
+        await await_until(lambda: bool(got) and got[-1].cursor == acked[-1], EVENT_TIMEOUT,
+                          "the reader to resume")
+        # a 503 means "not stored" (the hung batch reached Redis after its deadline)
+        assert [e.cursor for e in got] == acked and len(set(acked)) == len(acked)
+
+        redis_server.pause()
+        try:
+            pending = log.append(make_event("/t/closing", {}))
+            t2 = time.monotonic()
+            await log.close()
+            closed = True
+            assert time.monotonic() - t2 < 4 * timeout + 2.0
+            with pytest.raises(ServiceUnavailable):
+                await pending
+        finally:
+            redis_server.resume()
+    finally:
+        if not closed:
+            await log.close()
+
+
+async def test_a_large_read_back_lets_the_next_read_gather_and_loses_nothing(
+        redis_server: RedisServer) -> None:
+    """After a read of at least ``COALESCE_AT`` entries (a flood) the next XREAD waits a moment
+    so that it takes more at once; it still continues after the last entry read: every event of
+    a burst and the lone events after it are read back once, in the stream's order. A lone
+    event never waits."""
+    from hub.event import make_event
+    from plugins.backlog_redis import COALESCE_AT
+
+    log = RedisLog(redis_server.url, STREAM, 100_000)
+    got: list[Event] = []
+    log.tail(got.append)
+    await log.start()
+    try:
+        # one batch (one script call): the reader sees all of it in one read, or none of it
+        burst = await asyncio.gather(*(log.append(make_event("/t/burst", {"i": i}))
+                                       for i in range(4 * COALESCE_AT)))
+        acked = [a.cursor for a in burst if a is not None]
+        await await_until(lambda: len(got) == len(acked), EVENT_TIMEOUT, "the burst read back")
+        assert log.coalesced_reads >= 1
+        coalesced = log.coalesced_reads
+        for i in range(3):  # lone events: small reads, no pause after them
+            one = await log.append(make_event("/t/lone", {"i": i}))
+            assert one is not None
+            acked.append(one.cursor)
+            await await_until(lambda: got[-1].cursor == acked[-1], EVENT_TIMEOUT, "a lone event")
+        assert log.coalesced_reads == coalesced
+        assert [e.cursor for e in got] == acked and len(set(acked)) == len(acked)
+        assert [e.payload["i"] for e in got] == [*range(4 * COALESCE_AT), 0, 1, 2]
+    finally:
+        await log.close()
