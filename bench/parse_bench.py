@@ -5,12 +5,15 @@
     .venv/bin/python bench/parse_bench.py --root OTHER    # another checkout (e.g. an older one)
     .venv/bin/python bench/parse_bench.py --json
     taskset -c 1 .venv/bin/python bench/parse_bench.py --pipeline 1 --access-log   # as the harness
+    taskset -c 1 .venv/bin/python bench/parse_bench.py --pipeline 1 --access-log --targets 10000
 
 Two figures, best of ``--repeat`` runs:
 
 * ``publish``: the whole fast-lane path of one plain publish (parse, decide, validate the JSON,
   stamp and route it through the hub with no subscriber, write the 202), for requests arriving
-  ``--pipeline`` per read, as the harness's ingest load sends them;
+  ``--pipeline`` per read, as the harness's ingest load sends them; ``--targets N``: request
+  *i* goes to ``/git/repo(i mod N)`` (every request has a different target, as the harness's
+  selective load sends them) instead of one target for all;
 * ``head``: the same requests through the parser alone (``--root`` trees with ``parse_head``
   use it; trees with httptools use an ``httptools.HttpRequestParser`` with the fast lane's
   callbacks and ``negotiate()``), i.e. the HTTP parsing cost per request.
@@ -88,7 +91,14 @@ class _Dropped(io.TextIOBase):
         return len(s)
 
 
-async def run(requests: int, pipeline: int, repeat: int, access_log: bool = False) -> dict[str, Any]:
+def selective_requests(targets: int) -> list[bytes]:
+    """The harness's selective publishes: one request per target ``/git/repo0`` ... ``/git/repoN-1``."""
+    return [b"PUT /git/repo%d HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (i, len(BODY), BODY) for i in range(targets)]
+
+
+async def run(requests: int, pipeline: int, repeat: int, access_log: bool = False,
+              targets: int = 0) -> dict[str, Any]:
     from server import fastlane
     from server.app import STATE, build_app
     from server.config import parse_config
@@ -101,18 +111,26 @@ async def run(requests: int, pipeline: int, repeat: int, access_log: bool = Fals
     lane = fastlane.Lane(state, lambda: None)  # type: ignore[arg-type,return-value]
     chunk = REQUEST * pipeline
     reads = requests // pipeline
+    if targets:
+        one = selective_requests(targets)
+        chunks = [b"".join(one[(k * pipeline + j) % targets] for j in range(pipeline))
+                  for k in range(targets)]
+    else:
+        chunks = [chunk]
+    chunks = (chunks * (reads // len(chunks) + 1))[:reads]
 
     def publish() -> None:
         proto = fastlane.FastLane(lane)
         t = SinkTransport()
         proto.connection_made(t)
-        for _ in range(reads):
-            proto.data_received(chunk)
+        for c in chunks:
+            proto.data_received(c)
         if t.written != reads * pipeline:
             raise RuntimeError(f"{t.written} answers for {reads * pipeline} requests")
         proto.connection_lost(None)
 
-    res: dict[str, Any] = {"requests": reads * pipeline, "pipeline": pipeline, "access_log": access_log}
+    res: dict[str, Any] = {"requests": reads * pipeline, "pipeline": pipeline, "access_log": access_log,
+                           "targets": targets or 1}
     access = logging.getLogger(ACCESS_LOGGER)
     if access_log:
         setup_logging("info")  # the daemon's default: access lines buffered, written in batches
@@ -129,8 +147,7 @@ async def run(requests: int, pipeline: int, repeat: int, access_log: bool = Fals
         parse_head = fastlane.parse_head
 
         def head() -> None:
-            for _ in range(reads):
-                buf = chunk
+            for buf in chunks:
                 while buf:
                     he = buf.find(b"\r\n\r\n")
                     parsed = parse_head(buf[:he])
@@ -168,8 +185,8 @@ async def run(requests: int, pipeline: int, repeat: int, access_log: bool = Fals
 
         def head() -> None:
             cb = Callbacks()
-            for _ in range(reads):
-                cb.parser.feed_data(chunk)
+            for c in chunks:
+                cb.parser.feed_data(c)
         res["parser"] = "httptools"
     res["head_us"] = _timed(head, repeat) / (reads * pipeline) * 1e6
     return res
@@ -183,18 +200,21 @@ def main() -> int:
     ap.add_argument("--pipeline", type=int, default=16, help="requests per read")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--access-log", action="store_true", help="access log on, as by default")
+    ap.add_argument("--targets", type=int, default=0,
+                    help="distinct request targets, request i to /git/repo(i mod N) (0: one target)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(a.root.resolve()))
-    res = asyncio.run(run(a.requests, a.pipeline, a.repeat, a.access_log))
+    res = asyncio.run(run(a.requests, a.pipeline, a.repeat, a.access_log, a.targets))
     res["root"] = str(a.root)
     if a.json:
         sys.stdout.write(json.dumps(res) + "\n")
     else:
         sys.stdout.write(f"{res['root']}: publish {res['publish_us']:.2f} µs/request, "
                          f"head ({res['parser']}) {res['head_us']:.2f} µs/request, "
-                         f"{res['pipeline']} per read, access log {'on' if res['access_log'] else 'off'}\n")
+                         f"{res['pipeline']} per read, {res['targets']} target(s), "
+                         f"access log {'on' if res['access_log'] else 'off'}\n")
     return 0
 
 

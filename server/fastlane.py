@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -102,8 +103,19 @@ _Pending = tuple["Appended | asyncio.Future[Appended | None]", bytes, bytes, "by
 #: what aiohttp answers when a handler raised something else than a refusal (and it closes)
 _ERROR_500 = b"500 Internal Server Error\n\nServer got itself in trouble"
 
-#: distinct publish targets a lane keeps parsed
-TARGET_CACHE = 1024
+#: origin-form request targets made of these bytes only: llhttp (strict) accepts each of them in a
+#: request line (its URL_CHAR set, no query, fragment or quoting characters; tests/test_fastlane.py
+#: checks it byte by byte against httptools)
+_PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9\-._~/%!$&'()*+,;=:@]*")
+
+#: distinct publish targets a lane keeps parsed (10 000 topics each published to in turn fit),
+#: and the bytes of request targets they may hold in all: the cache is cleared when either is
+#: reached; a target longer than TARGET_MAX is parsed each time, never kept. With the path and
+#: topics a kept target holds: ~380 B per ``/git/repoNNNN`` (3.8 MB for 10 000 of them), at
+#: most ~9.5 MB (2 048 targets of 256 bytes with 64 topics each)
+TARGET_CACHE = 16384
+TARGET_CACHE_BYTES = 512 * 1024
+TARGET_MAX = 256
 
 
 class _Date:
@@ -145,8 +157,10 @@ class Lane:
         self.accepted_len = len(body)
         self.accepted_sec = -1
         self.accepted_bytes = b""
-        #: parsed publish targets by request target (see :meth:`publish_target`)
+        #: parsed publish targets by request target (see :meth:`publish_target`), and the bytes
+        #: of their request targets: every key is a target llhttp accepted in a request line
         self.targets: dict[bytes, PublishTarget] = {}
+        self.targets_bytes = 0
         self.targets_secure = state.config.clients.secure_topics
         #: request targets, user agents and peers kept by streams, one object per distinct value
         #: (idle subscribers are many and mostly alike; bounded: cleared when full)
@@ -166,11 +180,13 @@ class Lane:
 
     def publish_target(self, url: bytes) -> PublishTarget | None:
         """:func:`publish_target` of a request target, None if it is not one; parsed once per
-        distinct target (up to :data:`TARGET_CACHE` of them), not per publish."""
+        distinct target (up to :data:`TARGET_CACHE` of them), not per publish. ``url`` is a
+        request target llhttp accepted (the fast lane's parser called back with it)."""
         secure = self.state.config.clients.secure_topics
         targets = self.targets
         if secure is not self.targets_secure:  # (the configuration is fixed today: belt and braces)
             targets.clear()
+            self.targets_bytes = 0
             self.targets_secure = secure
         pub = targets.get(url)
         if pub is None:
@@ -178,9 +194,21 @@ class Lane:
                 pub = publish_target(url.decode("latin-1"), secure)
             except TopicError:
                 return None
-            if len(targets) >= TARGET_CACHE:
-                targets.clear()  # many distinct targets: start over rather than grow
-            targets[url] = pub
+            n = len(url)
+            if n <= TARGET_MAX:
+                if len(targets) >= TARGET_CACHE or self.targets_bytes + n > TARGET_CACHE_BYTES:
+                    targets.clear()  # many distinct targets: start over rather than grow
+                    self.targets_bytes = 0
+                targets[url] = pub
+                self.targets_bytes += n
+        return pub
+
+    def known_target(self, url: bytes) -> PublishTarget | None:
+        """The kept publish target of a request target llhttp accepted before and the fast lane
+        may serve (no secure topic), else None (unknown, or aiohttp's)."""
+        pub = self.targets.get(url)
+        if pub is None or pub.secure or self.targets_secure is not self.state.config.clients.secure_topics:
+            return None
         return pub
 
     def share(self, value: _T) -> _T:
@@ -560,8 +588,8 @@ class _Reader:
     """
 
     __slots__ = ("answered", "body", "buf", "cl", "conn", "dup", "head_end", "headers", "in_head",
-                 "last", "last_head", "method", "mstart", "parser", "pos", "pub", "ready", "sse", "stop",
-                 "url", "ws")
+                 "last", "last_head", "last_rest", "method", "mstart", "parser", "pos", "pub", "ready",
+                 "sse", "stop", "url", "ws")
 
     def __init__(self, conn: FastLane) -> None:
         self.conn = conn
@@ -596,6 +624,8 @@ class _Reader:
         #: decided: (publish target, method, request target, user agent, Content-Length)
         self.last_head = b""
         self.last: tuple[PublishTarget, bytes, bytes, bytes | None, int] | None = None
+        #: that head without its request line: its header lines and the blank line
+        self.last_rest = b""
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``, then serve what the fast lane serves. Returns the bytes kept for the
@@ -605,18 +635,45 @@ class _Reader:
         (a publisher sends the same head each time) is not parsed again: at a message boundary,
         llhttp's callbacks and the lane's decision on those bytes are the same as last time,
         but for what may have changed since (draining, the allow-list), which is checked again.
+        Nor is one whose head differs from it in the request target only, when that target was
+        accepted by llhttp in an earlier request line and the lane keeps its publish target
+        (:meth:`Lane.known_target`: no secure topic): llhttp reads a request line's target on
+        its own (the headers after it do not change what it accepts), and the lane's decision
+        depends on the target only through that publish target. A target not seen before is
+        taken the same way when it is plain origin-form (:data:`_PLAIN_TARGET`: bytes llhttp
+        accepts in a target) and a publish target without a secure topic.
         """
         parser = self.parser
         if parser is None:
             return None
-        head = self.last_head
-        if head and not self.buf and data.startswith(head):
-            last = self.last
-            if last is not None and len(data) == len(head) + last[4]:
+        last = self.last
+        if last is not None and not self.buf:
+            rest = self.last_rest
+            head = self.last_head
+            line = len(data) - len(rest) - last[4]  # where the head's header lines start, if it is one
+            if line == len(head) - len(rest) and data.startswith(head):  # the same head
+                pub: PublishTarget | None = last[0]
+                url = last[2]
+            elif line > 0 and data.startswith(rest, line):  # the same but for the request line
+                method = last[1]
+                at = len(method) + 1  # the target: between "METHOD " and " HTTP/1.1\r\n"
+                pub = None
+                if (line - 11 > at and data.startswith(method) and data[at - 1] == 32
+                        and data.startswith(b" HTTP/1.1\r\n", line - 11)):
+                    url = data[at:line - 11]
+                    lane = self.conn.lane
+                    pub = lane.known_target(url)
+                    if pub is None and len(url) <= TARGET_MAX and _PLAIN_TARGET.fullmatch(url):
+                        pub = lane.publish_target(url)  # a first publish to it, llhttp would accept
+                        if pub is not None and pub.secure:
+                            pub = None
+            else:
+                pub = None
+            if pub is not None:
                 conn = self.conn
                 state = conn.lane.state
                 if not state.closing and state.allow.allows(conn.peer):
-                    if conn.publish(last[1], last[2], last[0], data[len(head):], last[3]):
+                    if conn.publish(last[1], url, pub, data[line + len(rest):], last[3]):
                         self.answered = True
                         return b""
                     self.buf = data  # aiohttp answers it (pos is 0: nothing else is unanswered)
@@ -666,7 +723,7 @@ class _Reader:
     def close(self) -> None:
         """Free the parser now (not at the next garbage collection). Never from a callback."""
         self.parser = None
-        self.buf = self.url = self.body = self.last_head = b""
+        self.buf = self.url = self.body = self.last_head = self.last_rest = b""
         self.last = None
 
     # -- parser callbacks: they record, feed() acts -------------------------------------------
@@ -730,7 +787,8 @@ class _Reader:
                 buf = self.buf
                 head = self.last_head
                 if len(head) != head_end - start or not buf.startswith(head, start):
-                    self.last_head = buf[start:head_end]
+                    self.last_head = head = buf[start:head_end]
+                    self.last_rest = head[head.find(b"\r\n") + 2:]
                 self.last = (pub, self.method, self.url, ua, self.cl)
             elif self.head_end != len(self.buf):
                 self.stop = self.mstart  # bytes after a subscription: unusual, aiohttp's

@@ -85,6 +85,10 @@ _BEFORE_DURATION, _AFTER_DURATION = ACCESS_MESSAGE.split("%.6f")
 _TEXT_LINE = "%s,%03d%s%.6f%s"
 #: distinct (peer, request line, status, size, user agent) whose line text is kept
 _PARTS_MAX = 1024
+#: a fast-lane publish's text access line: its time text, milliseconds, the text up to its
+#: request target, the target, the text from the target to the duration, the duration and the
+#: text after it (see TextFormatter.access_lines)
+_TARGET_LINE = "%s,%03d%s%s%s%.6f%s"
 
 
 def log_access(peer: str, request_line: str, status: int, size: int | str, seconds: float,
@@ -170,6 +174,19 @@ def _traceback(formatter: logging.Formatter, record: logging.LogRecord) -> str:
     return text
 
 
+def _around_target(peer: str, method: bytes, status: int, n: int | str, ua: str | bytes
+                   ) -> tuple[str, str, str]:
+    """The text of a text access line of a request ``(method, target)`` between its time and its
+    target, from its target to its duration, and after it: :func:`_around_duration` split at the
+    target (escaping is character by character, so the parts escaped apart are the whole
+    escaped)."""
+    if type(ua) is bytes:
+        ua = ua.decode("latin-1")
+    before, _, after = _BEFORE_DURATION.partition('"%s"')
+    return (f" {_INFO} {ACCESS_LOGGER}: " + escape(before % peer + f'"{method.decode()} '),
+            escape(' HTTP/1.1"' + after % (status, n)), escape(_AFTER_DURATION % ua))
+
+
 def _around_duration(peer: str, request: str | tuple[bytes, bytes], status: int, n: int | str,
                      ua: str | bytes) -> tuple[str, str]:
     """The text of a text access line between its time and its duration, and after it (the
@@ -189,7 +206,7 @@ class TextFormatter(CachedTimeFormatter):
     def __init__(self, fmt: str | None = None) -> None:
         super().__init__(fmt)
         #: the constant parts of access lines by their fields (see :meth:`access_lines`)
-        self._parts: dict[tuple[object, ...], tuple[str, str]] = {}
+        self._parts: dict[tuple[object, ...], tuple[str, ...]] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = escape(record.getMessage())
@@ -206,15 +223,32 @@ class TextFormatter(CachedTimeFormatter):
 
         The text around the duration (level, logger's name, peer, request line, status, size;
         the user agent) is built and escaped once per distinct set of those fields (a publisher
-        sends the same ones each time), so a line is one ``%`` of the time and duration.
+        sends the same ones each time), so a line is one ``%`` of the time and duration. A
+        fast-lane request ``(method, target)`` whose target is not the line before's has its
+        parts kept without the target (a publisher to many topics sends many targets), and its
+        target escaped in the line.
         """
         lines = []
         parts = self._parts
+        prev = None
         for created, peer, request, status, n, seconds, ua in raw:
             sec = int(created)
             if sec != self._sec:
                 self._sec = sec
                 self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created))
+            if type(request) is tuple and request[1] != prev:
+                prev = request[1]
+                key: tuple[object, ...] = (peer, request[0], status, n, ua)
+                split = parts.get(key)
+                if split is None:
+                    if len(parts) >= _PARTS_MAX:
+                        parts.clear()
+                    split = parts[key] = _around_target(peer, request[0], status, n, ua)
+                target = request[1].decode("latin-1")
+                lines.append(_TARGET_LINE % (self._text, int((created - sec) * 1000), split[0],
+                                             target if target.isprintable() else escape(target),
+                                             split[1], seconds, split[2]))
+                continue
             key = (peer, request, status, n, ua)
             around = parts.get(key)
             if around is None:

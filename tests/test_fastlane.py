@@ -125,3 +125,70 @@ async def test_many_publish_targets_each_routed_to_its_own_path(daemon_factory: 
         assert again.startswith(b"HTTP/1.1 403")
         paths = [(await sub.next(10))["pubsub_path"] for _ in targets]
     assert paths == [*targets[:-2], "/many/y", "/many/y"]
+
+
+async def test_more_target_bytes_than_kept_each_routed_to_its_own_path(daemon_factory: DaemonFactory) -> None:
+    """Long targets, more of them than the publish-target cache keeps by bytes (it starts over),
+    and targets too long to be kept, sent one per read as a publisher to many topics sends them
+    (the fast lane then reuses what it parsed before for a target it knows): each goes where it
+    says, a secure one is refused."""
+    port = free_port()
+    cfg = base_config(port)
+    cfg["clients"]["secure_topics"] = ["secret"]
+    d = daemon_factory(config=cfg, port=port)
+    pad = "p" * 180
+    # 3 000 x ~190 bytes > 512 KiB: kept from about the 2 800th on; then targets it keeps, and
+    # targets it no longer keeps
+    targets = [f"/long/{pad}{i}" for i in [*range(3000), *range(2900, 3000), *range(100)]]
+    targets[1000:1000] = [f"/long/{'q' * 300}", f"/long/{'q' * 300}", "/secret/x", "/long/y"]
+    reader, writer = await asyncio.open_connection(HOST, port)
+    statuses: list[bytes] = []
+    async with subscribe(d.url, "/long") as sub:
+        await wait_subscribers(d.url, 1)
+        try:
+            for t in targets:
+                if t == "/secret/x":  # aiohttp's 403 (and the connection): go on on a new one
+                    out = await exchange(port, b"PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                                         % t.encode(), b"\r\n\r\n")
+                    statuses.append(out[9:12])
+                    continue
+                writer.write(b'PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n{"k": 1}' % t.encode())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                n = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+                await reader.readexactly(n)
+                statuses.append(head[9:12])
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert statuses == [b"403" if t == "/secret/x" else b"202" for t in targets]
+        paths = [(await sub.next(10))["pubsub_path"] for _ in range(len(targets) - 1)]
+    assert paths == [t for t in targets if t != "/secret/x"]
+
+
+def test_plain_targets_are_request_targets_llhttp_accepts() -> None:
+    """Every byte the fast lane's plain-target check lets through (a first publish to a target is
+    then not parsed by llhttp) is one llhttp accepts in a request target, and passes on as is."""
+    import httptools
+
+    from server.fastlane import _PLAIN_TARGET
+
+    class Seen:
+        def __init__(self) -> None:
+            self.url = b""
+            self.complete = False
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_message_complete(self) -> None:
+            self.complete = True
+
+    plain = [c for c in range(256) if _PLAIN_TARGET.fullmatch(b"/a%cb" % c)]
+    assert len(plain) == 81 and b"?"[0] not in plain and b" "[0] not in plain
+    for c in plain:
+        target = b"/a%cb" % c
+        seen = Seen()
+        httptools.HttpRequestParser(seen).feed_data(
+            b"PUT " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        assert seen.complete and seen.url == target, target

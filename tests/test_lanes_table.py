@@ -631,3 +631,88 @@ async def test_one_head_repeated_across_read_boundaries(lanes: dict[str, Daemon]
                 await writer.wait_closed()
         assert [(await sub.next())["i"] for _ in range(6)] == list(range(6))
     await wait_subscribers(d.url, 0)
+
+
+#: (target, body, the status both lanes answer) on one connection, each written once the answer
+#: before it is in: targets a publisher to many topics sends, each twice (the second time the
+#: fast lane knows the target), then targets the lane refuses or leaves to aiohttp
+OTHER_TARGETS: list[tuple[bytes, int]] = [
+    (b"/sel/a", 202), (b"/sel/b?x=1", 202), (b"/sel/%62", 202), (b"/sel/x/../c", 202),
+    (b"http://h:2069/sel/d", 202), (b"/private/sel/p", 202),
+    (b"/sel/a", 202), (b"/sel/b?x=1", 202), (b"/sel/%62", 202), (b"/sel/x/../c", 202),
+    (b"http://h:2069/sel/d", 202), (b"/private/sel/p", 202),
+    (b"/sel/a\x7f", 400),  # llhttp refuses it: aiohttp's 400, which closes the connection
+]
+
+
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_one_head_with_other_targets(lanes: dict[str, Daemon], lane: str) -> None:
+    """A publisher sends the same headers to a different target each time: each target is read
+    on its own (query dropped, percent-encoding and dot-segments resolved, private kept
+    private), a refused one answered as aiohttp does, and each publish logged with its own
+    target."""
+    d = lanes[lane]
+    extra = b"Host: x\r\nUser-Agent: other-targets/1\r\nContent-Type: application/json\r\n"
+    requests = [put(t, b'{"i": %d}' % i, extra=extra) for i, (t, _) in enumerate(OTHER_TARGETS)]
+    async with subscribe(d.url, "/sel") as anon, \
+            subscribe(d.url, "/sel", headers=auth_header("reader", "reader-pw")) as reader:
+        await wait_subscribers(d.url, 2)
+        got = await answers_in_turn(d.port, requests)
+        assert [status for status, _ in got] == [s for _, s in OTHER_TARGETS]
+        paths = [("/sel/a", ["sel", "a"]), ("/sel/b", ["sel", "b"]), ("/sel/%62", ["sel", "b"]),
+                 ("/sel/c", ["sel", "c"]), ("/sel/d", ["sel", "d"])]
+        assert [((ev := await anon.next())["i"], (ev["pubsub_path"], ev["pubsub_topics"]))
+                for _ in range(10)] == [*enumerate(paths), *enumerate(paths, 6)]
+        seen: list[tuple[int, tuple[str, list[str]]]] = []
+        while len(seen) < 12:
+            ev = await reader.next()
+            if "i" in ev:  # (the reader also sees private presence events)
+                seen.append((ev["i"], (ev["pubsub_path"], ev["pubsub_topics"])))
+        private = ("/private/sel/p", ["sel", "p"])
+        assert seen == [*enumerate([*paths, private]), *enumerate([*paths, private], 6)]
+    await wait_subscribers(d.url, 0)
+    wait_until(lambda: d.log().count('"other-targets/1"') >= 12, 10, "the access lines")
+    for t, status in OTHER_TARGETS[:-1]:
+        if lane == "aiohttp" and t.startswith(b"http://"):
+            t = t[len(b"http://h:2069"):]  # aiohttp's access line has the path of an absolute form
+        line = re.compile(rf'pypubsub\.access: 127\.0\.0\.1 "PUT {re.escape(t.decode())} HTTP/1\.1" '
+                          rf'{status} \d+ \d+\.\d{{6}} "other-targets/1"$', re.M)
+        assert len(line.findall(d.log())) == 2, t
+
+
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+@pytest.mark.parametrize("target", [b"/secret", b"/x/../secret", b"/d%C3%A9", b"http://h:2069/private/secret"])
+async def test_a_known_secure_target_stays_secure(lanes: dict[str, Daemon], lane: str, target: bytes) -> None:
+    """A secure target another connection published to before (the fast lane has parsed it) is
+    still answered 403 after a publish with the same headers elsewhere on a connection."""
+    d = lanes[lane]
+    extra = b"Host: x\r\nUser-Agent: secure-again/1\r\n"
+    assert await status_of(d.port, put(target, extra=extra)) == 403
+    got = await answers_in_turn(d.port, [put(b"/open", extra=extra), put(target, extra=extra),
+                                         put(b"/open", extra=extra)])
+    assert [status for status, _ in got] == [202, 403, 202]
+
+
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_a_target_known_from_another_connection(lanes: dict[str, Daemon], lane: str) -> None:
+    """A target first published to on one connection, then on another with other headers (other
+    method, user agent, length): served and logged with the second connection's own."""
+    d = lanes[lane]
+    first = put(b"/known/1", b'{"i": 0}', extra=b"Host: x\r\nUser-Agent: first/1\r\n")
+    async with subscribe(d.url, "/known") as sub:
+        await wait_subscribers(d.url, 1)
+        assert await status_of(d.port, first) == 202
+        extra = b"Host: y\r\nUser-Agent: second/1\r\n"
+        got = await answers_in_turn(d.port, [
+            put(b"/known/2", b'{"i": 1}', extra=extra), put(b"/known/1", b'{"i": 2}', extra=extra),
+            put(b"/known/1", b'{"i": 33}', extra=extra),
+            put(b"/known/1", b'{"i": 4}', extra=extra, method=b"POST"),
+            put(b"/known/1", b'{"i": 5}', extra=extra)])
+        assert [status for status, _ in got] == [202] * 5
+        assert [(await sub.next())["i"] for _ in range(6)] == [0, 1, 2, 33, 4, 5]
+    await wait_subscribers(d.url, 0)
+    wait_until(lambda: d.log().count('/known/1 HTTP/1.1" 202') >= 5, 10, "the access lines")
+    for method, ua, n in ((b"PUT", b"first/1", 1), (b"PUT", b"second/1", 3), (b"POST", b"second/1", 1)):
+        line = re.compile(rb'pypubsub\.access: 127\.0\.0\.1 "%s /known/1 HTTP/1\.1" 202 \d+ \d+\.\d{6} "%s"$'
+                          % (method, re.escape(ua)), re.M)
+        assert len(line.findall(d.log().encode())) == n, (method, ua)

@@ -163,6 +163,8 @@ def some_access_lines() -> None:
     for seconds in (0.5, 1e-6, 12.25):  # the same fields again (a publisher's next publishes)
         log_publish("127.0.0.1", b"POST", b"/a/b", 39, seconds, b"-")
         log_access("::1", f"GET /s/{HOSTILE[0]} HTTP/1.1", 200, "-", seconds, HOSTILE[0])
+    for target in (b"/m/1", b"/m/%2e", b"/m/3?q=1", b"/m/\x1b[2J"):  # a publisher to many topics
+        log_publish("127.0.0.1", b"PUT", target, 39, 0.25, b"many/1")
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
@@ -185,7 +187,7 @@ def test_raw_access_lines_equal_the_logging_ones(
     some_access_lines()
     h.flush()
     assert out.getvalue() == fast
-    assert len(fast.splitlines()) == 2 * len(HOSTILE) + 7 and "\x1b" not in fast
+    assert len(fast.splitlines()) == 2 * len(HOSTILE) + 11 and "\x1b" not in fast
     if fmt == "json":
         assert all(json.loads(ln)["logger"] == ACCESS_LOGGER for ln in fast.splitlines())
 
