@@ -154,9 +154,11 @@ class Lane:
         body = ACCEPTED_TEXT.encode()
         self.accepted_tail = (b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(body), body))
-        self.accepted_len = len(body)
         self.accepted_sec = -1
         self.accepted_bytes = b""
+        #: the size of the whole 202 (its Date always has the same length): what aiohttp's
+        #: access line gives as the response's size
+        self.accepted_len = len(self.accepted())
         #: parsed publish targets by request target (see :meth:`publish_target`), and the bytes
         #: of their request targets: every key is a target llhttp accepted in a request line
         self.targets: dict[bytes, PublishTarget] = {}
@@ -524,7 +526,7 @@ class FastLane(asyncio.Protocol):
                     % (len(body), _Date.now(), SERVER_SOFTWARE.encode()))
             status, close = 500, True
         if access_logger.isEnabledFor(logging.INFO):
-            log_access(self.peer, f"{method.decode()} {target} HTTP/1.1", status, len(body),
+            log_access(self.peer, f"{method.decode()} {target} HTTP/1.1", status, len(head) + len(body),
                        time.monotonic() - t0, (ua or b"-").decode("latin-1"))
         return head + body, close
 
@@ -743,6 +745,9 @@ class _Reader:
         buf = self.buf
         start = self.mstart
         if self.dup or buf[start:start + 1] in (b"\r", b"\n"):  # repeats, or blank lines first
+            self.stop = start
+            return
+        if self.url[:1] != b"/":  # absolute form (or "*"): aiohttp's, which logs only its path
             self.stop = start
             return
         # llhttp accepted this head strictly (CRLF only): it ends at the first blank line

@@ -673,8 +673,8 @@ async def test_one_head_with_other_targets(lanes: dict[str, Daemon], lane: str) 
     await wait_subscribers(d.url, 0)
     wait_until(lambda: d.log().count('"other-targets/1"') >= 12, 10, "the access lines")
     for t, status in OTHER_TARGETS[:-1]:
-        if lane == "aiohttp" and t.startswith(b"http://"):
-            t = t[len(b"http://h:2069"):]  # aiohttp's access line has the path of an absolute form
+        if t.startswith(b"http://"):
+            t = t[len(b"http://h:2069"):]  # the access line has the path of an absolute form
         line = re.compile(rf'pypubsub\.access: 127\.0\.0\.1 "PUT {re.escape(t.decode())} HTTP/1\.1" '
                           rf'{status} \d+ \d+\.\d{{6}} "other-targets/1"$', re.M)
         assert len(line.findall(d.log())) == 2, t
@@ -716,3 +716,47 @@ async def test_a_target_known_from_another_connection(lanes: dict[str, Daemon], 
         line = re.compile(rb'pypubsub\.access: 127\.0\.0\.1 "%s /known/1 HTTP/1\.1" 202 \d+ \d+\.\d{6} "%s"$'
                           % (method, re.escape(ua)), re.M)
         assert len(line.findall(d.log().encode())) == n, (method, ua)
+
+
+#: publishes whose access lines both lanes must write alike: (request target, body)
+LOGGED = [(b"/logged/a", b'{"k": 1}'), (b"/logged/b?q=1", b'{"k": 2}'),
+          (b"http://h:2069/logged/c", b'{"k": 3}'), (b"/logged/d", b"{nope"), (b"/logged/e", b"[1]")]
+
+
+def _access_fields(log: str, agent: str) -> list[tuple[str, str, str]]:
+    """(request line, status, size) of each access line written for user agent ``agent``."""
+    line = re.compile(rf'pypubsub\.access: 127\.0\.0\.1 "([^"]*)" (\d+) (\S+) \d+\.\d{{6}} '
+                      rf'"{re.escape(agent)}"$', re.M)
+    return [(m[1], m[2], m[3]) for m in line.finditer(log)]
+
+
+async def _publish_logged(d: Daemon, agent: str) -> tuple[list[int], list[tuple[str, str, str]]]:
+    """Send :data:`LOGGED` on one connection: the size of each answer, and the access lines."""
+    extra = b"Host: x\r\nUser-Agent: %s\r\n" % agent.encode()
+    reader, writer = await asyncio.open_connection(HOST, d.port)
+    sizes: list[int] = []
+    try:
+        for target, body in LOGGED:
+            writer.write(put(target, body, extra=extra))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                          if h.lower().startswith(b"content-length:"))
+            sizes.append(len(head) + len(await reader.readexactly(length)))
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    wait_until(lambda: len(_access_fields(d.log(), agent)) >= len(LOGGED), 10, "the access lines")
+    return sizes, _access_fields(d.log(), agent)
+
+
+async def test_publishes_are_logged_alike_in_both_lanes(lanes: dict[str, Daemon]) -> None:
+    """The access line of a publish, accepted or refused, has the same request line (the path of
+    an absolute form), status and size (the whole response's bytes) in both lanes."""
+    sizes, fields = await _publish_logged(lanes["fast"], "logged-alike/1")
+    assert (sizes, fields) == await _publish_logged(lanes["aiohttp"], "logged-alike/1")
+    assert [r for r, _, _ in fields] == ["PUT /logged/a HTTP/1.1", "PUT /logged/b?q=1 HTTP/1.1",
+                                         "PUT /logged/c HTTP/1.1", "PUT /logged/d HTTP/1.1",
+                                         "PUT /logged/e HTTP/1.1"]
+    assert [s for _, s, _ in fields] == ["202", "202", "202", "400", "400"]
+    assert [int(n) for _, _, n in fields] == sizes
