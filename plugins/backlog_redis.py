@@ -19,8 +19,8 @@ import collections
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -212,6 +212,9 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+_T = TypeVar("_T")
+
+
 class Watchdog:
     """The deadline of one task's successive calls, on one timer: what ``asyncio.timeout_at``
     per call does, without a timer (and a context manager) per call.
@@ -256,6 +259,19 @@ class Watchdog:
         self.when = None
         self.fired = True
         self._task.cancel()
+
+    async def call(self, when: float, aw: Awaitable[_T], what: str) -> _T:
+        """``await aw`` with the deadline ``when``: ``TimeoutError(what)`` once it passed (a
+        cancellation by the task's owner propagates as such)."""
+        self.arm(when)
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            if not self.expired():
+                raise
+            raise TimeoutError(what) from None
+        finally:
+            self.disarm()
 
     def expired(self) -> bool:
         """After a ``CancelledError``: True (and the cancellation withdrawn) if this watchdog
@@ -591,6 +607,7 @@ class RedisLog:
         from redis.exceptions import RedisError
 
         loop = dog.loop
+        late_text = f"no answer within {self.timeout:g} s"
         for _ in iter(int, 1):  # until closed
             if not self._queue or len(self._inflight) >= MAX_INFLIGHT:
                 if self._closing and not self._queue:
@@ -610,18 +627,8 @@ class RedisLog:
                 if not batch:
                     continue
             self._sending = batch
-            dog.arm(batch[0][4])
             try:
-                try:
-                    if not self._inflight:  # connected, nothing unread (a socket Redis closed)
-                        await redis.connection_pool.ensure_connection(conn)
-                    await conn.send_packed_command(self._packed(batch), check_health=False)
-                except asyncio.CancelledError:
-                    if not dog.expired():
-                        raise
-                    raise TimeoutError(f"no answer within {self.timeout:g} s") from None
-                finally:
-                    dog.disarm()
+                await dog.call(batch[0][4], self._send(redis, conn, batch), late_text)
             except (RedisError, OSError, TimeoutError) as e:
                 self._sending = []
                 _refuse(batch)
@@ -630,6 +637,11 @@ class RedisLog:
             self._sending = []
             self._inflight.append(batch)
             sent.set()
+
+    async def _send(self, redis: Redis, conn: AbstractConnection, batch: list[_Queued]) -> None:
+        if not self._inflight:  # connected, nothing unread (a socket Redis closed)
+            await redis.connection_pool.ensure_connection(conn)
+        await conn.send_packed_command(self._packed(batch), check_health=False)
 
     async def _reply_loop(self) -> None:
         """Reads the answers to the batches in flight, in order; an answer that does not come
@@ -647,6 +659,7 @@ class RedisLog:
     async def _read_replies(self, sent: asyncio.Event, conn: AbstractConnection, dog: Watchdog) -> None:
         from redis.exceptions import RedisError, ResponseError
 
+        late_text = f"no answer within {self.timeout:g} s"
         for _ in iter(int, 1):  # until closed
             if not self._inflight:
                 if self._closing and (self._writer is None or self._writer.done()):
@@ -656,15 +669,7 @@ class RedisLog:
                 continue
             batch, generation = self._inflight[0], self._generation
             try:
-                dog.arm(batch[0][4])
-                try:
-                    out = await conn.read_response()
-                except asyncio.CancelledError:
-                    if not dog.expired():
-                        raise
-                    raise TimeoutError(f"no answer within {self.timeout:g} s") from None
-                finally:
-                    dog.disarm()
+                out = await dog.call(batch[0][4], conn.read_response(), late_text)
                 if not isinstance(out, list) or len(out) != len(batch) or not all(
                         r is None or isinstance(r, bytes) for r in out):  # never acknowledge on doubt
                     raise ServiceUnavailable(f"unexpected answer from Redis: {out!r:.80}", RETRY_AFTER)
@@ -778,6 +783,7 @@ class RedisLog:
 
         backoff = RECONNECT_MIN
         beyond = BLOCK_MS / 1000 + self.timeout  # a read's deadline: beyond the block
+        late_text = f"no answer to XREAD within {beyond:g} s"
         for _ in iter(int, 1):  # until cancelled or closing
             conn, reader = self._rconn, self._reader
             if conn is None or reader is None or self._closing:
@@ -785,18 +791,7 @@ class RedisLog:
             try:
                 if not self.loaded:
                     await self._prepare()
-                dog.arm(dog.loop.time() + beyond)
-                try:
-                    await reader.connection_pool.ensure_connection(conn)
-                    await conn.send_packed_command((self._xread_head, _bulk(self.last_id)),
-                                                   check_health=False)
-                    resp = await conn.read_response()
-                except asyncio.CancelledError:
-                    if not dog.expired():
-                        raise
-                    raise TimeoutError(f"no answer to XREAD within {beyond:g} s") from None
-                finally:
-                    dog.disarm()
+                resp = await dog.call(dog.loop.time() + beyond, self._xread(reader, conn), late_text)
             except (RedisError, OSError, TimeoutError) as e:
                 if self.closing:  # close() ended the connection
                     return
@@ -818,6 +813,12 @@ class RedisLog:
             if n >= COALESCE_AT:  # a flood: let entries gather for the next read
                 self.coalesced_reads += 1
                 await asyncio.sleep(COALESCE_PAUSE)  # batching under load, not synchronisation
+
+    async def _xread(self, reader: Redis, conn: AbstractConnection) -> Any:
+        """The blocking XREAD from the last id read, answered raw."""
+        await reader.connection_pool.ensure_connection(conn)
+        await conn.send_packed_command((self._xread_head, _bulk(self.last_id)), check_health=False)
+        return await conn.read_response()
 
     def _take(self, entry_id: bytes, fields: Sequence[bytes], *, route: bool) -> None:
         """One entry read back (its fields as a flat name, value list): into the mirror, then
