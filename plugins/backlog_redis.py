@@ -135,18 +135,17 @@ _SEQ_LIMIT = 1 << 74
 
 # -- the cluster cursor -------------------------------------------------------------------------
 def _split_id(entry_id: bytes | str) -> tuple[int, int]:
-    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = s.partition("-")
+    """``(ms, seq)`` of a stream entry id ``<ms>-<seq>`` (``int()`` reads the digits of either type)."""
+    if isinstance(entry_id, bytes):
+        m, _, q = entry_id.partition(b"-")
+        return int(m), int(q or 0)
+    ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
 
 def entry_position(entry_id: bytes | str) -> tuple[int, str]:
     """The log position and the cursor of the stream entry ``entry_id`` (``<ms>-<seq>``)."""
-    if isinstance(entry_id, bytes):
-        m, _, q = entry_id.partition(b"-")
-        ms, seq = int(m), int(q or 0)
-    else:
-        ms, seq = _split_id(entry_id)
+    ms, seq = _split_id(entry_id)
     return ms << 64 | seq, fast_cursor(ms, seq)
 
 

@@ -497,8 +497,7 @@ class SqliteLog:
             return fut
         self._events.append(event)
         self._futs.append(fut)
-        if self._flush_handle is None and not self._busy:
-            self._flush_handle = loop.call_soon(self._flush)
+        self._schedule()
         return fut
 
     def _idle(self) -> bool:
