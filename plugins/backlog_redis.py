@@ -822,6 +822,11 @@ class RedisLog:
                 continue
             backoff = RECONNECT_MIN
             self.outage.ok()
+            if resp and self._inflight:
+                # Redis sends a read its entries before the appends their acknowledgements:
+                # one turn of the loop lets the replies that came with them in first, so this
+                # node's own entries are reused, not decoded (the read back's order is the same)
+                await asyncio.sleep(0)
             n = 0
             for _key, entries in _streams(resp):
                 n += len(entries)
