@@ -247,6 +247,8 @@ class WsLane:
         self.conns: dict[WsConn, None] = {}
         self.step = state.config.server.ping_interval / TICKS
         self.timer: asyncio.TimerHandle | None = None
+        #: shutdown: resolved when the last connection has ended (:meth:`wait_closed`)
+        self.emptied: asyncio.Future[None] | None = None
 
     def add(self, conn: WsConn) -> None:
         self.conns[conn] = None
@@ -259,6 +261,22 @@ class WsLane:
             c.heartbeat()
         if self.conns:
             self.timer = asyncio.get_running_loop().call_later(self.step, self._tick)
+
+    async def wait_closed(self) -> None:
+        """Shutdown, once every stream has ended: until every connection is over (each closing
+        handshake is bounded by :data:`CLOSE_TIMEOUT`; the caller bounds the wait too)."""
+        if not self.conns:
+            return
+        if self.emptied is None or self.emptied.done():
+            self.emptied = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self.emptied)
+
+    def forget(self, conn: WsConn) -> bool:
+        """``conn`` ended; whether it was still counted (the lane then gives its slot back)."""
+        counted = self.conns.pop(conn, 0) is None
+        if not self.conns and self.emptied is not None and not self.emptied.done():
+            self.emptied.set_result(None)
+        return counted
 
     def close_idle(self) -> None:
         """Shutdown (the lane accepts no more handshakes): no more heartbeats; connections whose
@@ -300,7 +318,7 @@ class WsConn(asyncio.Protocol):
     # -- the transport's side ----------------------------------------------------------------
     def connection_lost(self, _exc: Exception | None) -> None:
         lane = self.lane
-        if lane.conns.pop(self, 0) is None:
+        if lane.forget(self):
             lane.state.limits.release(self.peer)
         if self.timer is not None:
             self.timer.cancel()

@@ -33,6 +33,7 @@ from server.app import STATE, State
 from server.config import Config, TlsConfig
 from server.errors import ConfigError
 from server.fastlane import KEEPALIVE_TIMEOUT, FastLaneSite, Lane
+from server.fastws import CLOSE_TIMEOUT as WS_CLOSE_TIMEOUT
 from server.gate import GateSite
 from server.limits import AcceptErrorLog
 from server.notify import Notifier
@@ -170,6 +171,15 @@ async def drain(state: State, sites: list[web.BaseSite], lanes: list[Lane], grac
         for s in streams[i:i + batch]:
             s.end("shutdown")
         logger.debug("draining: %d of %d stream(s) ended", min(n, i + batch), n)
+    # WebSocket subscribers were sent close 1001: their answers are awaited (aiohttp's are,
+    # in its handlers, by the runner's cleanup), so that no peer's close meets a closed socket
+    try:
+        async with asyncio.timeout(min(grace, WS_CLOSE_TIMEOUT + DRAIN_STEP)):
+            for lane in lanes:
+                await lane.ws.wait_closed()
+    except TimeoutError:
+        logger.info("draining: %d WebSocket closing handshake(s) unanswered",
+                    sum(len(lane.ws.conns) for lane in lanes))
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, state: State, stop: asyncio.Event,

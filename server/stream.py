@@ -88,7 +88,7 @@ def _reset_on_close(t: asyncio.Transport) -> None:
         return
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError as e:  # already gone: nothing left to free
+    except (OSError, ValueError) as e:  # already gone (uvloop: fd -1): nothing left to free
         logger.debug("SO_LINGER on overflow failed: %s", e)
 
 

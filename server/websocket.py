@@ -23,7 +23,7 @@ from hub.topics import TopicSpec
 from server.app import SERVER_HEADER, State, _peer, gap_notice, reauthenticate, replay_request
 from server.auth import Principal
 from server.formats import WEBSOCKET, WS_GOING_AWAY
-from server.stream import close_stream, open_stream
+from server.stream import Stream, close_stream, open_stream
 from server.tasks import cancel_and_wait
 
 __all__ = ["websocket_response"]
@@ -55,35 +55,38 @@ async def websocket_response(request: web.Request, state: State, spec: TopicSpec
     stream = open_stream(state, transport, WEBSOCKET, spec, _peer(request), who,
                          acl=who.acl if who is not None else NO_ACL,
                          preamble=gap_notice(WEBSOCKET, asked, answer), hold=replay is not None)
-    closer: list[asyncio.Task[bool]] = []
-
-    def on_done(fut: asyncio.Future[str]) -> None:
-        # shutdown: the close handshake breaks the receive loop below (aiohttp allows close()
-        # from another task); overflow and a vanished peer end it through the transport
-        if fut.result() == "shutdown" and not ws.closed:
-            closer.append(asyncio.get_running_loop().create_task(
-                ws.close(code=WS_GOING_AWAY, message=b"server shutting down"),
-                name=f"pypubsub-ws-close-{stream.id}"))
-
-    stream.done.add_done_callback(on_done)
     why = "gone"
+    # one task per subscriber reads what the peer sends (nothing is expected: aiohttp answers
+    # pings and the closing handshake); this handler waits for it or for the stream's end
+    receiving: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+        _drain_incoming(ws, stream), name=f"pypubsub-ws-read-{stream.id}")
     try:
         if replay is not None:
             await replay.run(stream)
             stream.release()
-        # one task per subscriber: this handler, reading what the peer sends (nothing is
-        # expected; aiohttp answers pings and the closing handshake) until the connection ends
+        await asyncio.wait((receiving, stream.done), return_when=asyncio.FIRST_COMPLETED)
+        if stream.done.done() and stream.done.result() == "shutdown" and not ws.closed:
+            # the closing handshake from this task, never from another one: aiohttp's close()
+            # beside a pending receive() closes the connection without waiting for the peer's
+            # close frame, which then meets a closed socket, and the peer sees a reset
+            await cancel_and_wait(receiving)
+            await ws.close(code=WS_GOING_AWAY, message=b"server shutting down")
+        else:
+            await receiving  # overflow or a vanished peer: the connection is ending
+        why = stream.done.result() if stream.done.done() else "gone"
+    finally:  # (the handler is cancelled when the connection is lost: teardown comes first)
+        close_stream(state, stream, why)
+        stream.end(why)
+        await cancel_and_wait(receiving)
+    return ws
+
+
+async def _drain_incoming(ws: web.WebSocketResponse, stream: Stream) -> None:
+    """Read (and drop) what the peer sends until the connection ends."""
+    try:
         async for msg in ws:
             if msg.type is WSMsgType.ERROR:
                 logger.debug("websocket %r: %s", stream, ws.exception())
                 break
-        why = stream.done.result() if stream.done.done() else "gone"
-    finally:
-        close_stream(state, stream, why)
-        stream.end(why)
-        if closer:  # let the closing handshake finish (bounded), then make sure it is over
-            try:
-                await asyncio.wait(closer, timeout=CLOSE_TIMEOUT + 1.0)
-            finally:
-                await cancel_and_wait(*closer)
-    return ws
+    except ConnectionError as e:  # a pong (aiohttp's answer to a ping) to a peer gone
+        logger.debug("websocket %r: %s", stream, e)
