@@ -158,7 +158,7 @@ class Result:
     rss_base_mb: float = 0.0
     rss_per_conn_kb: float = 0.0
     server_cpu_pct: float = 0.0
-    #: the daemons' CPU time per published event (µs; every node summed)
+    #: CPU time per published event (µs) of every daemon, and of Redis in cluster runs
     server_cpu_us: float | None = None
     load_cpu_pct: float = 0.0
     load_cores: int = 1
