@@ -119,7 +119,7 @@ async def run(a: argparse.Namespace, port: int, redis_pid: int) -> dict[str, flo
     for log in logs:
         await log.close()
     n = a.events
-    out = {"events/s": n / (t1 - t0), "nodes us/event": (c1 - c0) / n * 1e6,
+    out = {"events/s": n / (t1 - t0), "node us/event": (c1 - c0) / n * 1e6,
            "redis us/event": (r1 - r0) / n * 1e6,
            "events/append call": n / max(s1.get("eval", 0) - s0.get("eval", 0), 1),
            "entries/read": n * a.nodes / max(s1.get("xread", 0) - s0.get("xread", 0), 1)}
