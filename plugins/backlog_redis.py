@@ -73,9 +73,11 @@ COALESCE_PAUSE = 0.001
 #: a batch is on its way goes out at once instead of waiting for that round trip.
 MAX_INFLIGHT = 4
 #: Entries this node appended and Redis acknowledged, kept until the reader reaches them (it
-#: then reuses the event instead of decoding the entry); past this many (a reader far behind,
-#: entries trimmed before it read them) they are forgotten and the entries decoded as others'.
-OWN_LIMIT = 2 * MAX_BATCH * MAX_INFLIGHT
+#: then reuses the event instead of decoding the entry); past this many, or this many bytes of
+#: events (a reader far behind, entries trimmed before it read them), they are forgotten and
+#: the entries decoded as others' are.
+OWN_LIMIT = MAX_BATCH * MAX_INFLIGHT
+OWN_BYTES = 16 << 20
 
 #: Stream entry fields. ``p``: the event's JSON up to its ``pubsub_cursor`` value (the stamped
 #: event's bytes as every node sends them, but for the cursor, which the entry id gives: a node
@@ -387,8 +389,10 @@ class RedisLog:
         self.clock_error = 0.0
         #: topics and private flag of the paths read back (bounded)
         self._paths: dict[str, tuple[tuple[str, ...], bool, frozenset[str]]] = {}
-        #: this node's acknowledged entries not yet read back, by entry id
+        #: this node's acknowledged entries not yet read back, by entry id, and (at least) their
+        #: bytes (counted from the last time there were none)
         self._own: dict[bytes, _Own] = {}
+        self._own_bytes = 0
         #: entries read back whose event this node had appended (reused, not decoded)
         self.own_reused = 0
         #: entries read back, entries that were not events, resets detected
@@ -708,6 +712,7 @@ class RedisLog:
             self._wake_writer()
             self.outage.ok()
             own, last = self._own, self.mirror.last_position
+            held = self._own_bytes if own else 0
             for q, r in zip(batch, out, strict=True):
                 fut = q[3]
                 if r is None:
@@ -717,11 +722,14 @@ class RedisLog:
                 position, cursor = entry_position(r)
                 ev = q[5]
                 if ev is not None and position > last:  # not read back yet: the reader reuses it
-                    if len(own) >= OWN_LIMIT:
+                    held += len(q[1])
+                    if len(own) >= OWN_LIMIT or held > OWN_BYTES:
                         own.clear()
+                        held = len(q[1])
                     own[r] = (q[1], ev, position, cursor)
                 if not fut.done():
                     fut.set_result(Appended(position, cursor))
+            self._own_bytes = held
 
     def _wake_writer(self) -> None:
         if self._wake is not None:

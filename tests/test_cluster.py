@@ -806,3 +806,37 @@ def test_an_own_event_is_reused_only_for_its_own_bytes_and_once() -> None:
         assert (ev.position, ev.cursor, ev.payload["pubsub_cursor"]) == (position, cursor, cursor)
         assert json.loads(ev.json) == ev.payload
     assert not log._own
+
+
+async def test_own_events_kept_for_a_reader_far_behind_are_bounded(redis_server: RedisServer) -> None:
+    """Events kept for the node's own reader are bounded in bytes (``OWN_BYTES``): past it the
+    oldest are forgotten, and their entries decoded as others' are. The reader, held while 20
+    MiB are appended, still takes every event once, in the stream's order."""
+    from hub.event import make_event
+    from plugins.backlog_redis import OWN_BYTES
+    from server.tasks import cancel_and_wait
+
+    log = RedisLog(redis_server.url, STREAM, 1000)
+    got: list[Event] = []
+    log.tail(got.append)
+    await log.start()
+    try:
+        await cancel_and_wait(log._tasks[0])  # the reader held, as in the test above
+        assert log._rconn is not None
+        await log._rconn.disconnect(nowait=True)
+        big = "x" * (1 << 20)
+        n = 20
+        acked = []
+        for w in range(0, n, 4):
+            acks = await asyncio.gather(*(log.append(make_event("/t/big", {"i": i, "b": big}))
+                                          for i in range(w, w + 4)))
+            acked += [a.cursor for a in acks if a is not None]
+            assert log._own_bytes <= OWN_BYTES and len(log._own) < n
+        assert len(acked) == n and len(log._own) < n
+        log._tasks[0] = asyncio.get_running_loop().create_task(log._read_loop())
+        await await_until(lambda: len(got) == n, EVENT_TIMEOUT, "every entry read back")
+        assert [e.cursor for e in got] == acked and [e.payload["i"] for e in got] == list(range(n))
+        assert all(e.payload["pubsub_cursor"] == e.cursor and json.loads(e.json) == e.payload for e in got)
+        assert 0 < log.own_reused < n and not log._own
+    finally:
+        await log.close()
