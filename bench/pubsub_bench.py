@@ -158,6 +158,8 @@ class Result:
     rss_base_mb: float = 0.0
     rss_per_conn_kb: float = 0.0
     server_cpu_pct: float = 0.0
+    #: CPU time per published event (µs) of every daemon, and of Redis in cluster runs
+    server_cpu_us: float | None = None
     load_cpu_pct: float = 0.0
     load_cores: int = 1
     server_core_busy_pct: float | None = None
@@ -570,6 +572,8 @@ class CpuClock:
         (d0, l0, cores0), (d1, l1, cores1) = self.start, self.read()
         if res.seconds > 0:
             res.server_cpu_pct = round(100.0 * (d1 - d0) / CLK_TCK / res.seconds, 1)
+        if res.published > 0:
+            res.server_cpu_us = round((d1 - d0) / CLK_TCK * 1e6 / res.published, 1)
             res.load_cpu_pct = round(100.0 * (l1 - l0) / CLK_TCK / res.seconds, 1)
         busy = [round(100.0 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else None
                 for (b0, t0), (b1, t1) in zip(cores0, cores1, strict=True)]

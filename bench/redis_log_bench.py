@@ -3,14 +3,16 @@
 
     taskset -c 1 .venv/bin/python bench/redis_log_bench.py                 # this checkout
     taskset -c 1 .venv/bin/python bench/redis_log_bench.py --root /tmp/base   # another checkout
+    taskset -c 1 .venv/bin/python bench/redis_log_bench.py --nodes 3 --redis-cpu 0  # 3 logs, 1 stream
     .venv/bin/python bench/redis_log_bench.py --fsync everysec --dedup
 
 Starts its own ``redis-server`` (AOF, ``appendfsync always`` unless ``--fsync``) on a free
 loopback port, one :class:`plugins.backlog_redis.RedisLog` on it, and publishes ``--events``
 events in waves of ``--inflight`` appends (as the fast lane's pipelined publishers do), each
-wave awaited, every event read back and handed to the tail. Reports appends/s and the CPU time
-per event of this process (``time.process_time``) and of redis-server (``/proc``), the figures
-to compare between two checkouts on a shared machine.
+wave awaited, every event read back and handed to the tail (``--nodes 3``: three logs on the
+one stream, the appends spread over them, each reading every event back, as three daemons
+do). Reports appends/s and the CPU time per event of this process (``time.process_time``) and
+of redis-server (``/proc``), the figures to compare between two checkouts on a shared machine.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def commandstats(port: int) -> dict[str, int]:
+    """Calls per command since Redis started (``INFO commandstats``)."""
+    import redis
+
+    with redis.Redis(host=HOST, port=port) as r:
+        info: dict[str, dict[str, int]] = r.info("commandstats")
+    return {name.removeprefix("cmdstat_"): v["calls"] for name, v in info.items()}
+
+
 def start_redis(workdir: Path, fsync: str, cpu: int | None) -> tuple[subprocess.Popen[bytes], int]:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -71,22 +82,25 @@ async def run(a: argparse.Namespace, port: int, redis_pid: int) -> dict[str, flo
     from hub.event import make_event
     from plugins.backlog_redis import RedisLog
 
-    log: Any = RedisLog(f"redis://{HOST}:{port}/0", "bench", 0)
-    got = 0
-    done = asyncio.Event()
+    logs: list[Any] = [RedisLog(f"redis://{HOST}:{port}/0", "bench", 0) for _ in range(a.nodes)]
+    got = [0] * a.nodes
+    done = [asyncio.Event() for _ in range(a.nodes)]
 
-    def tail(_event: object) -> None:
-        nonlocal got
-        got += 1
-        if got >= a.events:
-            done.set()
+    def tail(i: int) -> Any:
+        def count(_event: object) -> None:
+            got[i] += 1
+            if got[i] >= a.events:
+                done[i].set()
+        return count
 
-    log.tail(tail)
-    await log.start()
+    for i, log in enumerate(logs):
+        log.tail(tail(i))
+        await log.start()
     body = {"x": "y" * a.size, "n": 1}
     parsed = (("bench", "all"), False)
     if a.latency:
-        return await latency(a, log, parsed, body)
+        return await latency(a, logs[0], parsed, body)
+    s0 = commandstats(port)
     c0, r0, t0 = time.process_time(), proc_cpu(redis_pid), time.perf_counter()
     sent = 0
     while sent < a.events:
@@ -94,15 +108,25 @@ async def run(a: argparse.Namespace, port: int, redis_pid: int) -> dict[str, flo
         futs = []
         for i in range(k):
             ev = make_event("/bench/all", body, parsed=parsed)
+            log = logs[(sent + i) % a.nodes]  # the publishers spread over the nodes
             futs.append(log.append(ev, dedup=f"m{sent + i}") if a.dedup else log.append(ev))
         sent += k
         await asyncio.gather(*futs)
-    await asyncio.wait_for(done.wait(), 30)
+    for d in done:
+        await asyncio.wait_for(d.wait(), 30)
     t1, c1, r1 = time.perf_counter(), time.process_time(), proc_cpu(redis_pid)
-    await log.close()
+    s1 = commandstats(port)
+    for log in logs:
+        await log.close()
     n = a.events
-    return {"events/s": n / (t1 - t0), "node us/event": (c1 - c0) / n * 1e6,
-            "redis us/event": (r1 - r0) / n * 1e6}
+    out = {"events/s": n / (t1 - t0), "node us/event": (c1 - c0) / n * 1e6,
+           "redis us/event": (r1 - r0) / n * 1e6,
+           "events/append call": n / max(s1.get("eval", 0) - s0.get("eval", 0), 1),
+           "entries/read": n * a.nodes / max(s1.get("xread", 0) - s0.get("xread", 0), 1)}
+    if hasattr(logs[0], "own_reused"):  # entries read back whose event was reused, not decoded
+        reused, read = sum(g.own_reused for g in logs), sum(g.entries_read for g in logs)
+        out["own reused %"] = 100 * reused / max(read, 1)
+    return out
 
 
 async def latency(a: argparse.Namespace, log: Any, parsed: Any, body: dict[str, Any]) -> dict[str, float]:
@@ -145,6 +169,9 @@ def main() -> int:
                     help="the checkout whose plugins/backlog_redis.py is measured")
     ap.add_argument("--events", type=int, default=20000)
     ap.add_argument("--inflight", type=int, default=32, help="appends per wave")
+    ap.add_argument("--nodes", type=int, default=1,
+                    help="cluster logs in this process on the one Redis: the appends spread over "
+                         "them, each reads every event back (CPU is their sum)")
     ap.add_argument("--size", type=int, default=100, help="bytes of each event's body")
     ap.add_argument("--fsync", choices=("always", "everysec", "no"), default="always")
     ap.add_argument("--dedup", action="store_true", help="every append with a de-duplication id")

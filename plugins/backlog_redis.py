@@ -72,6 +72,12 @@ COALESCE_PAUSE = 0.001
 #: Batches sent on the append connection before the first is answered: an append queued while
 #: a batch is on its way goes out at once instead of waiting for that round trip.
 MAX_INFLIGHT = 4
+#: Entries this node appended and Redis acknowledged, kept until the reader reaches them (it
+#: then reuses the event instead of decoding the entry); past this many, or this many bytes of
+#: events (a reader far behind, entries trimmed before it read them), they are forgotten and
+#: the entries decoded as others' are.
+OWN_LIMIT = MAX_BATCH * MAX_INFLIGHT
+OWN_BYTES = 16 << 20
 
 #: Stream entry fields. ``p``: the event's JSON up to its ``pubsub_cursor`` value (the stamped
 #: event's bytes as every node sends them, but for the cursor, which the entry id gives: a node
@@ -120,8 +126,12 @@ return out
 """
 
 #: an append waiting for the writer: its field name, its bytes, its de-duplication id (b'' for
-#: none), the publisher's future, and the loop time by which it must be answered
-_Queued = tuple[bytes, bytes, bytes, "asyncio.Future[Appended | None]", float]
+#: none), the publisher's future, the loop time by which it must be answered, and the event
+#: itself when the reader may reuse it (its entry holds the bytes before the cursor: ``p``)
+_Queued = tuple[bytes, bytes, bytes, "asyncio.Future[Appended | None]", float, "Event | None"]
+#: an entry this node appended and has not read back yet: its bytes, the event, its position
+#: and its cursor (from the id Redis gave it)
+_Own = tuple[bytes, Event, int, str]
 
 #: The share of ``timeout`` kept between Redis' deadline for a batch and the node's: a batch Redis
 #: stored must be answered before the node gives up on it (fsync, the way back, the node's loop).
@@ -379,6 +389,12 @@ class RedisLog:
         self.clock_error = 0.0
         #: topics and private flag of the paths read back (bounded)
         self._paths: dict[str, tuple[tuple[str, ...], bool, frozenset[str]]] = {}
+        #: this node's acknowledged entries not yet read back, by entry id, and (at least) their
+        #: bytes (counted from the last time there were none)
+        self._own: dict[bytes, _Own] = {}
+        self._own_bytes = 0
+        #: entries read back whose event this node had appended (reused, not decoded)
+        self.own_reused = 0
         #: entries read back, entries that were not events, resets detected
         self.entries_read = 0
         self.unreadable = 0
@@ -522,8 +538,8 @@ class RedisLog:
             raise RuntimeError("RedisLog not started")
         entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrevrange(
             self.stream, "+", "-", count=max(self.size, 1))  # type: ignore[assignment]
-        for entry_id, fields in reversed(entries):
-            self._take(entry_id, [x for kv in fields.items() for x in kv], route=False)
+        self._take([(entry_id, [x for kv in fields.items() for x in kv])
+                    for entry_id, fields in reversed(entries)], route=False)
 
     async def close(self) -> None:
         self._closing = True
@@ -548,7 +564,8 @@ class RedisLog:
             await cancel_and_wait(t)
         self._tasks = []
         await self._aclose()
-        logger.info("cluster log %s closed: %d entries read since start", self.where, self.entries_read)
+        logger.info("cluster log %s closed: %d entries read since start (%d of them this node's, "
+                    "not decoded again)", self.where, self.entries_read, self.own_reused)
 
     async def _aclose(self) -> None:
         for c in (self._wconn, self._rconn):
@@ -563,7 +580,8 @@ class RedisLog:
     # -- writing ------------------------------------------------------------------------
     def append(self, event: Event, *, dedup: str | None = None) -> asyncio.Future[Appended | None]:
         """Queue the stamped event for the next batch; resolves once Redis acknowledged it
-        (None: a duplicate). The event is routed when this node's reader reads it back."""
+        (None: a duplicate). The event is routed when this node's reader reads it back: the
+        fresh ``event`` itself (the log's from now on), given the entry's cursor and position."""
         loop = self._loop
         if loop is None or self._closing or self._refusing or self._wake is None:
             fut: asyncio.Future[Appended | None] = asyncio.get_running_loop().create_future()
@@ -581,7 +599,7 @@ class RedisLog:
         else:
             name, data = EVENT_FIELD, j
         self._queue.append((name, data, b"" if dedup is None else dedup.encode(), fut,
-                            loop.time() + self.timeout))
+                            loop.time() + self.timeout, event if name is PREFIX_FIELD else None))
         self._wake.set()
         return fut
 
@@ -693,14 +711,25 @@ class RedisLog:
             self._inflight.popleft()
             self._wake_writer()
             self.outage.ok()
+            own, last = self._own, self.mirror.last_position
+            held = self._own_bytes if own else 0
             for q, r in zip(batch, out, strict=True):
                 fut = q[3]
-                if fut.done():
-                    continue
                 if r is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_result(Appended(*entry_position(r)))
+                    if not fut.done():
+                        fut.set_result(None)
+                    continue
+                position, cursor = entry_position(r)
+                ev = q[5]
+                if ev is not None and position > last:  # not read back yet: the reader reuses it
+                    held += len(q[1])
+                    if len(own) >= OWN_LIMIT or held > OWN_BYTES:
+                        own.clear()
+                        held = len(q[1])
+                    own[r] = (q[1], ev, position, cursor)
+                if not fut.done():
+                    fut.set_result(Appended(position, cursor))
+            self._own_bytes = held
 
     def _wake_writer(self) -> None:
         if self._wake is not None:
@@ -758,7 +787,7 @@ class RedisLog:
         """The batch's one EVAL, as RESP bytes (built here: no per-command packing)."""
         parts = [b"*%d\r\n" % (9 + 3 * len(batch)), self._call_head,
                  self._new_epoch(), _bulk(self._deadline(batch)), self._dedup_ttl]
-        for name, data, dedup, _fut, _t in batch:
+        for name, data, dedup, _fut, _t, _ev in batch:
             parts.append(b"$%d\r\n%b\r\n$1\r\n%b\r\n$%d\r\n" % (len(dedup), dedup, name, len(data)))
             parts.append(data)
             parts.append(b"\r\n")
@@ -801,14 +830,15 @@ class RedisLog:
                 continue
             backoff = RECONNECT_MIN
             self.outage.ok()
+            if resp and self._inflight:
+                # Redis sends a read its entries before the appends their acknowledgements:
+                # one turn of the loop lets the replies that came with them in first, so this
+                # node's own entries are reused, not decoded (the read back's order is the same)
+                await asyncio.sleep(0)
             n = 0
             for _key, entries in _streams(resp):
                 n += len(entries)
-                for entry_id, fields in entries:
-                    try:
-                        self._take(entry_id, fields, route=True)
-                    except Exception:  # task boundary: one bad entry must not stop the node's reads
-                        logger.exception("cluster log %s: entry %r not routed", self.where, entry_id)
+                self._take(entries, route=True)
             if n >= COALESCE_AT:  # a flood: let entries gather for the next read
                 self.coalesced_reads += 1
                 await asyncio.sleep(COALESCE_PAUSE)  # batching under load, not synchronisation
@@ -819,62 +849,100 @@ class RedisLog:
         await conn.send_packed_command((self._xread_head, _bulk(self.last_id)), check_health=False)
         return await conn.read_response()
 
-    def _take(self, entry_id: bytes, fields: Sequence[bytes], *, route: bool) -> None:
-        """One entry read back (its fields as a flat name, value list): into the mirror, then
-        (live) to the node's hub."""
-        m, _, q = entry_id.partition(b"-")
-        ms, seq = int(m), int(q or 0)
-        position = ms << 64 | seq
-        if position <= self.mirror.last_position:
-            return  # already taken (cannot happen with XREAD after last_id; cheap to guard)
-        cursor = fast_cursor(ms, seq)
-        self.last_id = entry_id
-        self.entries_read += 1
-        # the writer's entries are [p|e, bytes, g, epoch]; look further only for others
-        epoch: bytes | None
-        if len(fields) == 4 and fields[2] == EPOCH_FIELD:
-            name, data, epoch = fields[0], fields[1], fields[3]
-        else:
-            named = dict(zip(fields[::2], fields[1::2], strict=False))
-            epoch = named.get(EPOCH_FIELD)
-            name = PREFIX_FIELD if PREFIX_FIELD in named else EVENT_FIELD
-            data = named.get(name) or b""
-        if epoch != self.epoch:
-            if self.epoch is not None or len(self.mirror):
-                self._reset("an entry of a new epoch")
-            self.epoch = epoch
-        try:
-            if name == PREFIX_FIELD:
-                event = self._event(data + cursor.encode() + b'"}', cursor, position)
-            else:
-                event = self._restamped(data, cursor, position)
-        except (orjson.JSONDecodeError, EventError, TopicError) as e:
-            self.unreadable += 1
-            logger.warning("cluster log %s: skipping entry %s, not an event (%s)",
-                           self.where, entry_id.decode(errors="replace"), e)
-            return
-        self.mirror.keep(event)
-        if route and self._consumer is not None:
-            self._consumer(event)
+    def _take(self, entries: Sequence[tuple[bytes, Sequence[bytes]]], *, route: bool) -> None:
+        """Entries read back, in stream order (each its id and its fields as a flat name, value
+        list): into the mirror, then (live) to the node's hub. One loop, its lookups hoisted: it
+        runs for every entry on every node.
 
-    def _event(self, json: bytes, cursor: str, position: int) -> Event:
-        """The event whose stamped JSON (cursor included) the entry holds: parsed, not rebuilt."""
-        obj = orjson.loads(json)
-        if type(obj) is not dict:  # orjson gives exact types: no subclass to allow for
-            raise EventError("not a JSON object")
-        path, ts = obj.get("pubsub_path"), obj.get("pubsub_timestamp")
-        if type(path) is not str or (type(ts) is not float and type(ts) is not int):
-            raise EventError("no pubsub_path or pubsub_timestamp")
-        parsed = self._paths.get(path)
-        if parsed is None:
-            if path != remove_dot_segments(path):
-                raise EventError(f"pubsub_path {path!r} is not canonical")
-            topics, private = parse_publish_path(path)
-            if len(self._paths) >= PATH_CACHE:
-                self._paths.clear()
-            parsed = self._paths[path] = (topics, private, frozenset(topics))
-        # positional (Event's field order): a fifth cheaper than by keyword on this path
-        return Event(parsed[0], parsed[1], path, float(ts), cursor, obj, json, parsed[2], {}, position)
+        An entry this node appended (Redis gave its id to the append) holds the event this node
+        built: that event is stamped with the entry's cursor and taken here, at its place in the
+        stream, instead of being decoded again."""
+        mirror, paths, own = self.mirror, self._paths, self._own
+        keep, consumer = mirror.keep, self._consumer if route else None
+        last, last_id, epoch_now, taken, reused = mirror.last_position, self.last_id, self.epoch, 0, 0
+        try:
+            for entry_id, fields in entries:
+                try:
+                    mine = own.pop(entry_id, None) if own else None
+                    if mine is None:
+                        m, _, q = entry_id.partition(b"-")
+                        ms, seq = int(m), int(q or 0)
+                        position, cursor = ms << 64 | seq, ""
+                    else:
+                        position, cursor = mine[2], mine[3]
+                    if position <= last:
+                        continue  # already taken (cannot happen with XREAD after last_id; cheap to guard)
+                    last_id, taken = entry_id, taken + 1
+                    # the writer's entries are [p|e, bytes, g, epoch]; look further only for others
+                    epoch: bytes | None
+                    if len(fields) == 4 and fields[2] == EPOCH_FIELD:
+                        name, data, epoch = fields[0], fields[1], fields[3]
+                    else:
+                        named = dict(zip(fields[::2], fields[1::2], strict=False))
+                        epoch = named.get(EPOCH_FIELD)
+                        name = PREFIX_FIELD if PREFIX_FIELD in named else EVENT_FIELD
+                        data = named.get(name) or b""
+                    if epoch != epoch_now:
+                        if epoch_now is not None or len(mirror):
+                            self._reset("an entry of a new epoch")
+                        epoch_now = self.epoch = epoch
+                    if mine is not None and name == PREFIX_FIELD and data == mine[0] \
+                            and not mine[1].position and type(payload := mine[1].payload) is dict:
+                        # this node's event, as Redis holds it (the bytes are compared: after a
+                        # reset, Redis may give the id to another node's entry), taken once
+                        event = mine[1]
+                        event.cursor = cursor
+                        event.json = data + cursor.encode() + b'"}'
+                        payload["pubsub_cursor"] = cursor
+                        event.position = position
+                        reused += 1
+                    elif name != PREFIX_FIELD:
+                        event = self._restamped(data, cursor or entry_position(entry_id)[1], position)
+                    else:  # the stamped JSON (cursor included): parsed, not rebuilt
+                        if not cursor:
+                            cursor = fast_cursor(ms, seq)
+                        json = data + cursor.encode() + b'"}'
+                        obj = orjson.loads(json)
+                        if type(obj) is not dict:  # orjson gives exact types: no subclass to allow for
+                            raise EventError("not a JSON object")
+                        path, ts = obj.get("pubsub_path"), obj.get("pubsub_timestamp")
+                        if type(path) is not str or (type(ts) is not float and type(ts) is not int):
+                            raise EventError("no pubsub_path or pubsub_timestamp")
+                        parsed = paths.get(path)
+                        if parsed is None:
+                            parsed = self._parse_path(path)
+                        # positional (Event's field order): a fifth cheaper than by keyword here
+                        event = Event(parsed[0], parsed[1], path, float(ts), cursor, obj, json,
+                                      parsed[2], {}, position)
+                except (orjson.JSONDecodeError, EventError, TopicError) as e:
+                    self.unreadable += 1
+                    logger.warning("cluster log %s: skipping entry %s, not an event (%s)",
+                                   self.where, entry_id.decode(errors="replace"), e)
+                    continue
+                except Exception:  # task boundary: one bad entry must not stop the node's reads
+                    logger.exception("cluster log %s: entry %r not taken", self.where, entry_id)
+                    continue
+                keep(event)
+                last = position
+                if consumer is not None:
+                    try:
+                        consumer(event)
+                    except Exception:  # task boundary: one subscriber's failure must not stop the reads
+                        logger.exception("cluster log %s: entry %r not routed", self.where, entry_id)
+        finally:
+            self.last_id = last_id
+            self.entries_read += taken
+            self.own_reused += reused
+
+    def _parse_path(self, path: str) -> tuple[tuple[str, ...], bool, frozenset[str]]:
+        """The topics, private flag and topic set of an entry's ``pubsub_path`` (cached)."""
+        if path != remove_dot_segments(path):
+            raise EventError(f"pubsub_path {path!r} is not canonical")
+        topics, private = parse_publish_path(path)
+        if len(self._paths) >= PATH_CACHE:
+            self._paths.clear()
+        parsed = self._paths[path] = (topics, private, frozenset(topics))
+        return parsed
 
     def _restamped(self, data: bytes, cursor: str, position: int) -> Event:
         """An event stored whole (``e``): stamped again with its cluster cursor."""
@@ -891,6 +959,7 @@ class RedisLog:
         self.resets += 1
         lost = len(self.mirror)
         self.mirror.clear()
+        self._own.clear()  # entries of the old stream: never read back
         logger.warning("cluster log %s: the stream was reset (%s): acknowledged events may be "
                        "lost; %d retained event(s) dropped, clients resuming from before the "
                        "reset are told their cursor is not found", self.where, why, lost)

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support import HOST, DaemonFactory, subscribe, wait_subscribers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,10 +178,14 @@ async def test_ingest_loses_nothing_and_logs_every_publish(daemon_factory: Daemo
     assert log.count('"GET /bench/ingest HTTP/1.1" 200 - ') == 1  # the stream's end line
 
 
-def test_redis_log_bench_reads_back_every_append() -> None:
-    """bench/redis_log_bench.py at a tiny scale: every append acknowledged and read back."""
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_redis_log_bench_reads_back_every_append(nodes: int) -> None:
+    """bench/redis_log_bench.py at a tiny scale: every append acknowledged and read back (by
+    every log, with ``--nodes 3``)."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "redis_log_bench.py"), "--events", "300",
-                           "--dedup", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+                           "--dedup", "--nodes", str(nodes), "--json"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)
     assert res["events/s"] > 0 and res["node us/event"] > 0
+    assert 0 <= res["own reused %"] <= 100 / nodes + 1e-9 and res["entries/read"] > 0

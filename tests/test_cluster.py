@@ -710,3 +710,133 @@ async def test_a_large_read_back_lets_the_next_read_gather_and_loses_nothing(
         assert [e.payload["i"] for e in got] == [*range(4 * COALESCE_AT), 0, 1, 2]
     finally:
         await log.close()
+
+
+# -- a node's own entries ---------------------------------------------------------------------------
+async def test_own_events_are_reused_at_their_place_in_the_stream_with_its_cursor(
+        redis_server: RedisServer) -> None:
+    """A node reading back an entry it appended takes the event it built (not a decoded copy),
+    given the entry's cursor and position, when its reading reaches that entry: every node
+    takes every event once, in the stream's order, its own interleaved with the others'; the
+    reused event is the same, byte for byte, as the one the other nodes decode.
+
+    Two nodes' readers are held while the appends are acknowledged (so they read back after
+    every reply: each of their own entries must be reused); the third reads all along (its
+    replies and its read back race: reused or decoded, the same event either way)."""
+    from hub.event import make_event
+    from server.tasks import cancel_and_wait
+
+    logs = [RedisLog(redis_server.url, STREAM, 1000) for _ in range(NODES)]
+    got: list[list[Event]] = [[] for _ in logs]
+    for log, out in zip(logs, got, strict=True):
+        log.tail(out.append)
+        await log.start()
+    held = logs[:2]
+    for log in held:  # stop reading (as close() does: the connection of the blocked XREAD too)
+        await cancel_and_wait(log._tasks[0])
+        assert log._rconn is not None
+        await log._rconn.disconnect(nowait=True)
+    r = redis_server.client()
+    try:
+        appended: list[list[Event]] = [[] for _ in logs]
+        waves, per_node = 20, 3
+        for w in range(waves):  # every node appends in every wave: their entries interleave
+            evs = [(i, make_event(f"/t/n{i}", {"w": w, "k": k, "s": "é\"\\"}))
+                   for k in range(per_node) for i in range(NODES)]
+            for i, ev in evs:
+                appended[i].append(ev)
+            acks = await asyncio.gather(*(logs[i].append(ev) for i, ev in evs))
+            assert all(a is not None for a in acks)
+        total = waves * per_node * NODES
+        await await_until(lambda: len(got[2]) == total, EVENT_TIMEOUT, "the third node's read back")
+        assert not got[0] and not got[1]
+        for log in held:  # reading again, after the last entry read (none)
+            log._tasks[0] = asyncio.get_running_loop().create_task(log._read_loop())
+        await await_until(lambda: all(len(g) == total for g in got), EVENT_TIMEOUT, "every entry read back")
+        entries = stream_entries(r, STREAM)
+        assert len(entries) == total
+        for i, (log, events) in enumerate(zip(logs, got, strict=True)):
+            assert log.unreadable == 0 and log.entries_read == total
+            mine = {id(ev) for ev in appended[i]}  # alive: ``appended`` holds them
+            reused = 0
+            for (entry_id, fields), ev in zip(entries, events, strict=True):
+                position, cursor = entry_position(entry_id)
+                assert (ev.position, ev.cursor, ev.payload["pubsub_cursor"]) == (position, cursor, cursor)
+                assert ev.json == fields[b"p"] + cursor.encode() + b'"}'
+                assert json.loads(ev.json) == ev.payload
+                reused += id(ev) in mine
+            assert reused == log.own_reused
+            if log in held:
+                assert reused == waves * per_node  # every one of its own
+            assert not log._own
+        # the same events, in the same order, on every node
+        for a, b in zip(got[0], got[1], strict=True):
+            assert (a.cursor, a.position, a.json, a.topics, a.private, a.path, a.timestamp) == \
+                (b.cursor, b.position, b.json, b.topics, b.private, b.path, b.timestamp)
+            assert a.payload == b.payload
+        assert [e.cursor for e in got[0]] == [e.cursor for e in got[2]]
+        assert len({e.cursor for e in got[0]}) == total
+    finally:
+        r.close()
+        for log in logs:
+            await log.close()
+
+
+def test_an_own_event_is_reused_only_for_its_own_bytes_and_once() -> None:
+    """The reader reuses an event this node appended only when the entry under that id holds
+    the bytes the node sent (after a reset, Redis may give the id to another node's entry) and
+    only once (the same event object appended twice is decoded the second time)."""
+    from hub.event import make_event
+
+    log = RedisLog("redis://127.0.0.1:1/0", STREAM, 100)  # not started: entries are handed in
+    got: list[Event] = []
+    log.tail(got.append)
+    mine, theirs = make_event("/t/mine", {"k": 1}), make_event("/t/theirs", {"k": 2})
+    ids = [b"1700000000000-0", b"1700000000000-1", b"1700000000001-0"]
+    for entry_id in ids:  # as the reply to the append does: the event under the id Redis gave
+        position, cursor = entry_position(entry_id)
+        log._own[entry_id] = (mine.json[:-38], mine, position, cursor)
+    log._take([(ids[0], [b"p", theirs.json[:-38], b"g", b"e1"]),  # another's bytes under the id
+               (ids[1], [b"p", mine.json[:-38], b"g", b"e1"]),  # this node's: reused
+               (ids[2], [b"p", mine.json[:-38], b"g", b"e1"])], route=True)  # the same object again
+    assert [e.payload["k"] for e in got] == [2, 1, 1] and log.own_reused == 1
+    assert got[0] is not theirs and got[1] is mine and got[2] is not mine
+    for entry_id, ev in zip(ids, got, strict=True):
+        position, cursor = entry_position(entry_id)
+        assert (ev.position, ev.cursor, ev.payload["pubsub_cursor"]) == (position, cursor, cursor)
+        assert json.loads(ev.json) == ev.payload
+    assert not log._own
+
+
+async def test_own_events_kept_for_a_reader_far_behind_are_bounded(redis_server: RedisServer) -> None:
+    """Events kept for the node's own reader are bounded in bytes (``OWN_BYTES``): past it the
+    oldest are forgotten, and their entries decoded as others' are. The reader, held while 20
+    MiB are appended, still takes every event once, in the stream's order."""
+    from hub.event import make_event
+    from plugins.backlog_redis import OWN_BYTES
+    from server.tasks import cancel_and_wait
+
+    log = RedisLog(redis_server.url, STREAM, 1000)
+    got: list[Event] = []
+    log.tail(got.append)
+    await log.start()
+    try:
+        await cancel_and_wait(log._tasks[0])  # the reader held, as in the test above
+        assert log._rconn is not None
+        await log._rconn.disconnect(nowait=True)
+        big = "x" * (1 << 20)
+        n = 20
+        acked = []
+        for w in range(0, n, 4):
+            acks = await asyncio.gather(*(log.append(make_event("/t/big", {"i": i, "b": big}))
+                                          for i in range(w, w + 4)))
+            acked += [a.cursor for a in acks if a is not None]
+            assert log._own_bytes <= OWN_BYTES and len(log._own) < n
+        assert len(acked) == n and len(log._own) < n
+        log._tasks[0] = asyncio.get_running_loop().create_task(log._read_loop())
+        await await_until(lambda: len(got) == n, EVENT_TIMEOUT, "every entry read back")
+        assert [e.cursor for e in got] == acked and [e.payload["i"] for e in got] == list(range(n))
+        assert all(e.payload["pubsub_cursor"] == e.cursor and json.loads(e.json) == e.payload for e in got)
+        assert 0 < log.own_reused < n and not log._own
+    finally:
+        await log.close()
