@@ -108,6 +108,8 @@ class Params:
     via_aiohttp: bool = False
     #: Redis' appendfsync for cluster runs (always: no acknowledged event lost)
     redis_fsync: str = "always"
+    #: core redis-server is pinned to in cluster runs (None: the daemons' core)
+    redis_cpu: int | None = None
     #: one daemon whose log is SQLite with fsync on (a persistent backlog of ``events`` events)
     sqlite: bool = False
 
@@ -303,7 +305,8 @@ class Daemon:
 
 
 class RedisServer:
-    """``redis-server`` for cluster runs: AOF (``appendfsync always`` unless told), pinned as a daemon."""
+    """``redis-server`` for cluster runs: AOF (``appendfsync always`` unless told), pinned as a
+    daemon (to the daemons' core unless ``--redis-cpu`` says another)."""
 
     def __init__(self, p: Params, rundir: Path) -> None:
         binary = shutil.which("redis-server")
@@ -314,8 +317,9 @@ class RedisServer:
         cmd = [binary, "--port", str(self.port), "--bind", HOST, "--dir", str(rundir), "--save", "",
                "--appendonly", "yes", "--appendfsync", p.redis_fsync, "--daemonize", "no",
                "--logfile", str(rundir / "redis.log")]
-        if shutil.which("taskset") is not None and p.server_cpu in os.sched_getaffinity(0):
-            cmd = ["taskset", "-c", str(p.server_cpu), *cmd]
+        cpu = p.server_cpu if p.redis_cpu is None else p.redis_cpu
+        if shutil.which("taskset") is not None and cpu in os.sched_getaffinity(0):
+            cmd = ["taskset", "-c", str(cpu), *cmd]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         self.pid = self.proc.pid
@@ -899,6 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the daemons' log on Redis Streams (implied by --nodes > 1)")
     ap.add_argument("--redis-fsync", choices=("always", "everysec", "no"), default="always",
                     help="Redis' appendfsync in cluster runs (default: always)")
+    ap.add_argument("--redis-cpu", type=int, default=None,
+                    help="core redis-server is pinned to in cluster runs (default: the daemons')")
     ap.add_argument("--sqlite", action="store_true",
                     help="one daemon with a persistent backlog in SQLite, fsync on (not with --redis)")
     ap.add_argument("--via-aiohttp", action="store_true",
@@ -938,7 +944,8 @@ def main(argv: list[str] | None = None) -> int:
                    stream_buffer=a.stream_buffer, procs=a.procs, probes=a.probes,
                    pub_conns=a.pub_conns, server_cpu=a.server_cpu, load_cpus=a.load_cpus,
                    python=a.python, max_time=a.max_time, nodes=max(1, a.nodes), redis=a.redis,
-                   via_aiohttp=a.via_aiohttp, redis_fsync=a.redis_fsync, sqlite=a.sqlite)
+                   via_aiohttp=a.via_aiohttp, redis_fsync=a.redis_fsync, sqlite=a.sqlite,
+                   redis_cpu=a.redis_cpu)
         logger.info("running %s over %s", scenario, transport)
         try:
             res = asyncio.run(interruptible(run_scenario(p)))
