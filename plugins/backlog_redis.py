@@ -389,8 +389,7 @@ class RedisLog:
         self.clock_error = 0.0
         #: topics and private flag of the paths read back (bounded)
         self._paths: dict[str, tuple[tuple[str, ...], bool, frozenset[str]]] = {}
-        #: this node's acknowledged entries not yet read back, by entry id, and (at least) their
-        #: bytes (counted from the last time there were none)
+        #: this node's acknowledged entries not yet read back, by entry id, and their bytes
         self._own: dict[bytes, _Own] = {}
         self._own_bytes = 0
         #: entries read back whose event this node had appended (reused, not decoded)
@@ -712,7 +711,7 @@ class RedisLog:
             self._wake_writer()
             self.outage.ok()
             own, last = self._own, self.mirror.last_position
-            held = self._own_bytes if own else 0
+            held = self._own_bytes
             for q, r in zip(batch, out, strict=True):
                 fut = q[3]
                 if r is None:
@@ -725,7 +724,7 @@ class RedisLog:
                     held += len(q[1])
                     if len(own) >= OWN_LIMIT or held > OWN_BYTES:
                         own.clear()
-                        held = len(q[1])
+                        held = len(q[1])  # (the reader subtracts what it takes)
                     own[r] = (q[1], ev, position, cursor)
                 if not fut.done():
                     fut.set_result(Appended(position, cursor))
@@ -865,10 +864,9 @@ class RedisLog:
                 try:
                     mine = own.pop(entry_id, None) if own else None
                     if mine is None:
-                        m, _, q = entry_id.partition(b"-")
-                        ms, seq = int(m), int(q or 0)
-                        position, cursor = ms << 64 | seq, ""
+                        position, cursor = entry_position(entry_id)
                     else:
+                        self._own_bytes -= len(mine[0])
                         position, cursor = mine[2], mine[3]
                     if position <= last:
                         continue  # already taken (cannot happen with XREAD after last_id; cheap to guard)
@@ -897,10 +895,8 @@ class RedisLog:
                         event.position = position
                         reused += 1
                     elif name != PREFIX_FIELD:
-                        event = self._restamped(data, cursor or entry_position(entry_id)[1], position)
+                        event = self._restamped(data, cursor, position)
                     else:  # the stamped JSON (cursor included): parsed, not rebuilt
-                        if not cursor:
-                            cursor = fast_cursor(ms, seq)
                         json = data + cursor.encode() + b'"}'
                         obj = orjson.loads(json)
                         if type(obj) is not dict:  # orjson gives exact types: no subclass to allow for
@@ -960,6 +956,7 @@ class RedisLog:
         lost = len(self.mirror)
         self.mirror.clear()
         self._own.clear()  # entries of the old stream: never read back
+        self._own_bytes = 0
         logger.warning("cluster log %s: the stream was reset (%s): acknowledged events may be "
                        "lost; %d retained event(s) dropped, clients resuming from before the "
                        "reset are told their cursor is not found", self.where, why, lost)
