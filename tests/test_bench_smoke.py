@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,24 @@ def test_redis_log_bench_reads_back_every_append(nodes: int) -> None:
     res = json.loads(proc.stdout)
     assert res["events/s"] > 0 and res["node us/event"] > 0
     assert 0 <= res["own reused %"] <= 100 / nodes + 1e-9 and res["entries/read"] > 0
+
+
+def test_price_probe_reports_every_second_per_cpu() -> None:
+    """bench/price_probe.py for 2 s on one CPU, another kept busy: a sample each second per CPU,
+    the busy one flagged, and the spinner gone when it returns."""
+    cpus = sorted(os.sched_getaffinity(0))
+    probed, busy = cpus[0], cpus[-1]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "price_probe.py"), "--seconds", "2",
+                           "--cpus", f"{probed},{busy}", "--keep-busy", str(busy), "--json"],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    for cpu in {probed, busy}:
+        mine = [r for r in rows if r["cpu"] == cpu]
+        assert len(mine) >= 2, rows
+        assert all(r["unit_us"] > 0 and r["samples"] > 0 for r in mine)
+        assert all(r["busy"] is (cpu == busy) for r in mine)
+    assert "kept busy" in proc.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "price_probe.py"), "--cpus", "4096"],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert bad.returncode == 2 and "CPU 4096 is not available" in bad.stderr
