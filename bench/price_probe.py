@@ -131,6 +131,9 @@ def main() -> int:
                 if a.json:
                     sys.stdout.write(json.dumps({"cpu": c, "second": item[0], "unit_us": round(item[1], 1),
                                                  "samples": item[2], "busy": c in a.keep_busy}) + "\n")
+    except BrokenPipeError:  # the reader went away (``| head``): nothing left to report to
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         for p in (*probes, *spinners):
             p.join(timeout=2)
