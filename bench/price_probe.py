@@ -99,7 +99,7 @@ def spread(medians: list[float]) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpus", type=cpu_list, default=None, help="CPUs to probe (default: 0,1)")
+    ap.add_argument("--cpus", type=cpu_list, default="0,1", help="CPUs to probe (default: 0,1)")
     ap.add_argument("--seconds", type=float, default=30.0, help="how long (default 30)")
     ap.add_argument("--interval", type=float, default=0.01, help="seconds between units (default 0.01)")
     ap.add_argument("--work", type=int, default=3000, help="iterations per unit (default 3000)")
@@ -108,7 +108,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object per CPU and second")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    cpus = a.cpus if a.cpus is not None else cpu_list("0,1")
+    cpus: list[int] = a.cpus
     if a.seconds <= 0 or a.interval < 0 or a.work <= 0:
         ap.error("--seconds and --work must be positive, --interval not negative")
     ctx = multiprocessing.get_context("fork")

@@ -22,6 +22,7 @@ from hub.router import NO_ACL
 from hub.topics import TopicSpec
 from server.app import SERVER_HEADER, State, _peer, gap_notice, reauthenticate, replay_request
 from server.auth import Principal
+from server.fastws import CLOSE_TIMEOUT
 from server.formats import WEBSOCKET, WS_GOING_AWAY
 from server.stream import Stream, close_stream, open_stream
 from server.tasks import cancel_and_wait
@@ -30,8 +31,6 @@ __all__ = ["websocket_response"]
 
 logger = logging.getLogger(__name__)
 
-#: seconds the closing handshake may take (our close frame, the peer's answer)
-CLOSE_TIMEOUT = 2.0
 #: a subscriber has nothing to say: a message larger than this is a protocol error
 MAX_INCOMING = 4096
 
