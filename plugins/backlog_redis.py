@@ -326,6 +326,87 @@ class Outage:
             self.since = None
 
 
+#: what a connection taken over calls with each answer, and once when it fails
+_Answered = Callable[["_Taken", object], None]
+_Failed = Callable[["_Taken", BaseException], None]
+
+
+class _Taken(asyncio.Protocol):
+    """A connection to Redis once redis-py has connected it (TLS, AUTH, SELECT: all redis-py's),
+    its protocol from then on: each answer is parsed (hiredis) and handed to ``answered`` in the
+    event loop's read callback as it arrives, not by a task awaiting redis-py's reader once per
+    answer. ``failed`` is called once, when the connection is lost or its bytes are not RESP."""
+
+    def __init__(self, transport: asyncio.WriteTransport, answered: _Answered, failed: _Failed) -> None:
+        import hiredis
+        from redis.exceptions import InvalidResponse, ResponseError
+
+        self.transport = transport
+        self.answered = answered
+        self.failed = failed
+        self.parser = hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
+        self.invalid: type[Exception] = InvalidResponse
+        #: answers taken since connected
+        self.answers = 0
+        self.lost = False
+        self.paused = False
+        self._drained: asyncio.Future[None] | None = None
+
+    @classmethod
+    def take_over(cls, conn: AbstractConnection, answered: _Answered, failed: _Failed) -> _Taken:
+        """Become the protocol of ``conn``'s transport (connected, nothing unread)."""
+        writer = getattr(conn, "_writer", None)  # redis-py's StreamWriter (no public accessor)
+        if not isinstance(writer, asyncio.StreamWriter) or writer.transport.is_closing():
+            raise ConnectionError("the Redis connection is not open")
+        transport = writer.transport  # (uvloop's: not an asyncio class, so not checked as one)
+        taken = cls(transport, answered, failed)
+        transport.set_protocol(taken)
+        return taken
+
+    def data_received(self, data: bytes) -> None:
+        parser, answered = self.parser, self.answered
+        parser.feed(data)
+        try:
+            out = parser.gets()
+            while out is not False and not self.lost:
+                self.answers += 1
+                answered(self, out)
+                out = parser.gets()
+        except self.invalid as e:  # not RESP: nothing more on this connection can be trusted
+            self.failed(self, ServiceUnavailable(f"invalid answer from Redis: {e}", RETRY_AFTER))
+
+    def eof_received(self) -> bool:
+        return False  # Redis closed its end: close ours (connection_lost follows)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake()
+        self.failed(self, exc or ConnectionError("Redis closed the connection"))
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        d, self._drained = self._drained, None
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    async def drained(self) -> None:
+        """Until Redis reads what was written (or the connection is gone)."""
+        if self.paused and not self.lost:
+            d = self._drained = asyncio.get_running_loop().create_future()
+            await d
+
+    def close(self) -> None:
+        self.lost = True
+        self._wake()
+        self.transport.abort()
+
+
 class RedisLog:
     """One node's view of the cluster log: appends go to Redis, the node routes what it reads."""
 
@@ -364,14 +445,29 @@ class RedisLog:
         self._queue: list[_Queued] = []
         self._sending: list[_Queued] = []
         self._inflight: collections.deque[list[_Queued]] = collections.deque()
-        #: the append connection's generation: a failure fails only its own batches
-        self._generation = 0
-        #: wakes the writer (appends queued, a batch answered), the reply reader (a batch sent)
+        #: the append connection's protocol once taken over from redis-py (None: to connect)
+        self._replies: _Taken | None = None
+        #: the append connection's transport was taken over (redis-py must reconnect it)
+        self._taken = False
+        #: the oldest batch in flight's deadline, and the one timer that watches it
+        self._reply_due: float | None = None
+        self._reply_timer: asyncio.TimerHandle | None = None
+        #: resolved once no batch is in flight (close() waits for the last answers)
+        self._answered: asyncio.Future[None] | None = None
+        #: the read connection's protocol once taken over (None: to connect), whether its
+        #: transport was taken over, the XREAD's deadline (None: none outstanding) and its timer,
+        #: the pause after a large read, and what the reading task waits on (the failure)
+        self._entries: _Taken | None = None
+        self._rtaken = False
+        self._read_due: float | None = None
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._read_pause: asyncio.TimerHandle | None = None
+        self._read_lost: asyncio.Future[BaseException] | None = None
+        self._read_beyond = BLOCK_MS / 1000 + timeout  # a read's deadline: beyond the block
+        #: wakes the writer (appends queued, a batch answered)
         self._wake: asyncio.Event | None = None
-        self._sent: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._writer: asyncio.Task[None] | None = None
-        self._replier: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: the id of the last entry read back: the next XREAD continues after it, always
         self.last_id = b"0-0"
@@ -470,11 +566,9 @@ class RedisLog:
             logger.warning("cluster log %s: starting without Redis; the node is unready and "
                            "refuses publishes until Redis answers", self.where)
         loop = self._loop = asyncio.get_running_loop()
-        self._wake, self._sent = asyncio.Event(), asyncio.Event()
+        self._wake = asyncio.Event()
         self._writer = loop.create_task(self._write_loop(), name="pypubsub-redis-writer")
-        self._replier = loop.create_task(self._reply_loop(), name="pypubsub-redis-replies")
-        for t in (self._writer, self._replier):
-            t.add_done_callback(self._writer_ended)
+        self._writer.add_done_callback(self._writer_ended)
         self._tasks = [loop.create_task(self._read_loop(), name="pypubsub-redis-reader"),
                        loop.create_task(self._maintain_loop(), name="pypubsub-redis-maintainer")]
 
@@ -542,14 +636,16 @@ class RedisLog:
 
     async def close(self) -> None:
         self._closing = True
-        if self._writer is not None and self._replier is not None:
-            # the writer ends once what is queued was sent (or timed out), the reply reader
-            # once every batch sent was answered (or timed out)
+        if self._writer is not None:
+            # the writer ends once what is queued was sent (or timed out); then every batch
+            # sent is answered, or fails at its deadline (the reply timer)
             self._wake_writer()
             await cancel_and_wait_after(self._writer, self.timeout * 2)
-            if self._sent is not None:
-                self._sent.set()
-            await cancel_and_wait_after(self._replier, self.timeout * 2)
+            if self._inflight and self._loop is not None:
+                answered = self._answered = self._loop.create_future()
+                await asyncio.wait([answered], timeout=self.timeout * 2)
+            self._answered = None
+            self._stop_reply_timer()
             _refuse(self._unsettled(), "shutting down: event not stored")
             self._sending, self._queue = [], []
             self._inflight.clear()
@@ -562,6 +658,11 @@ class RedisLog:
         for t in self._tasks:
             await cancel_and_wait(t)
         self._tasks = []
+        self._read_failed(self._entries, ConnectionError("closed"))
+        for h in (self._read_timer, self._reply_timer):
+            if h is not None:
+                h.cancel()
+        self._read_timer = self._reply_timer = None
         await self._aclose()
         logger.info("cluster log %s closed: %d entries read since start (%d of them this node's, "
                     "not decoded again)", self.where, self.entries_read, self.own_reused)
@@ -605,21 +706,21 @@ class RedisLog:
     async def _write_loop(self) -> None:
         """Sends the appends: all those queued meanwhile go in one script call (one round trip,
         and one fsync in Redis), in queue order, up to ``MAX_INFLIGHT`` batches on the
-        connection before the first is answered (:meth:`_reply_loop` reads the answers); ends
-        once closing and nothing is left to send."""
+        connection before the first is answered (:meth:`_replied` takes the answers as they
+        arrive); ends once closing and nothing is left to send."""
 
-        wake, sent = self._wake, self._sent
-        conn, redis, loop, task = self._wconn, self._redis, self._loop, asyncio.current_task()
-        if wake is None or sent is None or conn is None or redis is None or loop is None or task is None:
+        wake, conn, redis, loop = self._wake, self._wconn, self._redis, self._loop
+        task = asyncio.current_task()
+        if wake is None or conn is None or redis is None or loop is None or task is None:
             raise RuntimeError("RedisLog._write_loop runs only after start()")
         dog = Watchdog(loop, task)
         try:
-            await self._write_batches(wake, sent, conn, redis, dog)
+            await self._write_batches(wake, conn, redis, dog)
         finally:
             dog.close()
 
-    async def _write_batches(self, wake: asyncio.Event, sent: asyncio.Event, conn: AbstractConnection,
-                             redis: Redis, dog: Watchdog) -> None:
+    async def _write_batches(self, wake: asyncio.Event, conn: AbstractConnection, redis: Redis,
+                             dog: Watchdog) -> None:
         from redis.exceptions import RedisError
 
         loop = dog.loop
@@ -648,103 +749,136 @@ class RedisLog:
             except (RedisError, OSError, TimeoutError) as e:
                 self._sending = []
                 _refuse(batch)
-                await self._fail_connection(e)
+                self.outage.failed(e)
+                self._replies_failed(self._replies, e)
+                self._taken = False
+                await conn.disconnect(nowait=True)
                 continue
             self._sending = []
-            self._inflight.append(batch)
-            sent.set()
 
     async def _send(self, redis: Redis, conn: AbstractConnection, batch: list[_Queued]) -> None:
-        if not self._inflight:  # connected, nothing unread (a socket Redis closed)
+        """Write the batch's EVAL; it is in flight from then on (its answer may come any time)."""
+        replies = self._replies
+        if replies is None:  # (re)connect: redis-py does TLS, AUTH, SELECT; the answers are ours
+            if self._taken:  # redis-py's state of the connection taken over before: reset it
+                self._taken = False
+                await conn.disconnect(nowait=True)
             await redis.connection_pool.ensure_connection(conn)
-        await conn.send_packed_command(self._packed(batch), check_health=False)
+            replies = self._replies = _Taken.take_over(conn, self._replied, self._replies_failed)
+            self._taken = True
+        replies.transport.writelines(self._packed(batch))
+        self._inflight.append(batch)
+        self._watch_replies()
+        if replies.paused:  # Redis is not reading: wait (within the batch's deadline)
+            await replies.drained()
 
-    async def _reply_loop(self) -> None:
-        """Reads the answers to the batches in flight, in order; an answer that does not come
-        in time, or cannot be trusted, fails every batch in flight (and the connection)."""
+    def _replied(self, replies: _Taken, out: object) -> None:
+        """The answer to the oldest batch in flight (as it arrives: :class:`_Taken`)."""
+        from redis.exceptions import ResponseError
 
-        sent, conn, loop, task = self._sent, self._wconn, self._loop, asyncio.current_task()
-        if sent is None or conn is None or loop is None or task is None:
-            raise RuntimeError("RedisLog._reply_loop runs only after start()")
-        dog = Watchdog(loop, task)
-        try:
-            await self._read_replies(sent, conn, dog)
-        finally:
-            dog.close()
-
-    async def _read_replies(self, sent: asyncio.Event, conn: AbstractConnection, dog: Watchdog) -> None:
-        from redis.exceptions import RedisError, ResponseError
-
-        late_text = f"no answer within {self.timeout:g} s"
-        for _ in iter(int, 1):  # until closed
-            if not self._inflight:
-                if self._closing and (self._writer is None or self._writer.done()):
-                    return
-                await sent.wait()
-                sent.clear()
-                continue
-            batch, generation = self._inflight[0], self._generation
-            try:
-                out = await dog.call(batch[0][4], conn.read_response(), late_text)
-                if not isinstance(out, list) or len(out) != len(batch) or not all(
-                        r is None or isinstance(r, bytes) for r in out):  # never acknowledge on doubt
-                    raise ServiceUnavailable(f"unexpected answer from Redis: {out!r:.80}", RETRY_AFTER)
-            except ResponseError as e:  # Redis answered and refused the batch (out of memory, late)
-                self._inflight.popleft()
-                self._wake_writer()
-                if str(e).startswith("PUBSUBLATE"):
-                    self.late_batches += 1
-                    self.outage.failed(TimeoutError(f"Redis ran a batch after its deadline ({e})"))
-                    _refuse(batch)
-                    continue
-                self.outage.ok()
-                _refuse(batch, f"Redis refused the event: {str(e)[:200]}")
-                continue
-            except (RedisError, OSError, TimeoutError, ServiceUnavailable) as e:
-                if generation == self._generation:  # not already failed by the writer
-                    if isinstance(e, ServiceUnavailable):
-                        logger.error("cluster log %s: %s: %d append(s) refused", self.where,
-                                     e.reason, sum(len(b) for b in self._inflight))
-                    await self._fail_connection(e)
-                continue
-            self._inflight.popleft()
-            self._wake_writer()
+        inflight = self._inflight
+        if replies is not self._replies:
+            return  # a connection already given up: its batches were refused
+        if not inflight:
+            self._replies_failed(replies, ServiceUnavailable(
+                f"an answer from Redis to no request: {out!r:.80}", RETRY_AFTER))
+            return
+        if isinstance(out, ResponseError):  # Redis refused the batch (out of memory, late)
+            batch = inflight.popleft()
+            self._batch_answered()
+            if str(out).startswith("PUBSUBLATE"):
+                self.late_batches += 1
+                self.outage.failed(TimeoutError(f"Redis ran a batch after its deadline ({out})"))
+                _refuse(batch)
+                return
             self.outage.ok()
-            own, last = self._own, self.mirror.last_position
-            held = self._own_bytes
-            for q, r in zip(batch, out, strict=True):
-                fut = q[3]
-                if r is None:
-                    if not fut.done():
-                        fut.set_result(None)
-                    continue
-                position, cursor = entry_position(r)
-                ev = q[5]
-                if ev is not None and position > last:  # not read back yet: the reader reuses it
-                    held += len(q[1])
-                    if len(own) >= OWN_LIMIT or held > OWN_BYTES:
-                        own.clear()
-                        held = len(q[1])  # (the reader subtracts what it takes)
-                    own[r] = (q[1], ev, position, cursor)
+            _refuse(batch, f"Redis refused the event: {str(out)[:200]}")
+            return
+        batch = inflight[0]
+        if type(out) is not list or len(out) != len(batch) or not all(
+                r is None or type(r) is bytes for r in out):  # never acknowledge on doubt
+            self._replies_failed(replies, ServiceUnavailable(
+                f"unexpected answer from Redis: {out!r:.80}", RETRY_AFTER))
+            return
+        inflight.popleft()
+        self._batch_answered()
+        self.outage.ok()
+        own, last = self._own, self.mirror.last_position
+        held = self._own_bytes
+        for q, r in zip(batch, out, strict=True):
+            fut = q[3]
+            if r is None:
                 if not fut.done():
-                    fut.set_result(Appended(position, cursor))
-            self._own_bytes = held
+                    fut.set_result(None)
+                continue
+            position, cursor = entry_position(r)
+            ev = q[5]
+            if ev is not None and position > last:  # not read back yet: the reader reuses it
+                held += len(q[1])
+                if len(own) >= OWN_LIMIT or held > OWN_BYTES:
+                    own.clear()
+                    held = len(q[1])  # (the reader subtracts what it takes)
+                own[r] = (q[1], ev, position, cursor)
+            if not fut.done():
+                fut.set_result(Appended(position, cursor))
+        self._own_bytes = held
+
+    def _batch_answered(self) -> None:
+        """The oldest batch in flight was answered: watch the next one's deadline, let the
+        writer send more, tell close() when nothing is left in flight."""
+        self._watch_replies()
+        self._wake_writer()
+        answered = self._answered
+        if answered is not None and not self._inflight and not answered.done():
+            answered.set_result(None)
+
+    def _replies_failed(self, replies: _Taken | None, error: BaseException) -> None:
+        """The append connection failed (closed, an answer late or not to be trusted): every
+        batch in flight is refused (its answer can no longer be told from another's) and the
+        connection closed; the writer connects again for the next batch. A connection Redis
+        closed while nothing was in flight is no outage (Redis closes idle clients)."""
+        if replies is None or replies is not self._replies:
+            return
+        self._replies = None
+        inflight = self._inflight
+        if inflight or not isinstance(error, (ConnectionError, OSError)):
+            if isinstance(error, ServiceUnavailable):
+                logger.error("cluster log %s: %s: %d append(s) refused", self.where,
+                             error.reason, sum(len(b) for b in inflight))
+            else:
+                self.outage.failed(error)
+        while inflight:
+            _refuse(inflight.popleft())
+        self._batch_answered()
+        replies.close()
+
+    def _watch_replies(self) -> None:
+        """Keep the reply timer on the oldest batch in flight's deadline: one timer, re-armed
+        only when it fires before the deadline in force (as :class:`Watchdog` does)."""
+        inflight = self._inflight
+        due = self._reply_due = inflight[0][0][4] if inflight else None
+        if due is not None and self._reply_timer is None and self._loop is not None:
+            self._reply_timer = self._loop.call_at(due, self._replies_late)
+
+    def _replies_late(self) -> None:
+        self._reply_timer = None
+        due, loop = self._reply_due, self._loop
+        if due is None or loop is None:
+            return
+        if loop.time() < due:
+            self._reply_timer = loop.call_at(due, self._replies_late)
+            return
+        self._replies_failed(self._replies, TimeoutError(f"no answer within {self.timeout:g} s"))
+
+    def _stop_reply_timer(self) -> None:
+        self._reply_due = None
+        if self._reply_timer is not None:
+            self._reply_timer.cancel()
+            self._reply_timer = None
 
     def _wake_writer(self) -> None:
         if self._wake is not None:
             self._wake.set()
-
-    async def _fail_connection(self, error: BaseException) -> None:
-        """The append connection failed: every batch in flight is refused (its answer can no
-        longer be told from another's) and the connection closed (redis-py connects it again
-        on its next use)."""
-        self._generation += 1
-        if not isinstance(error, ServiceUnavailable):
-            self.outage.failed(error)
-        while self._inflight:
-            _refuse(self._inflight.popleft())
-        self._wake_writer()
-        await self._drop_connection(self._wconn)
 
     async def _drop_connection(self, conn: AbstractConnection | None) -> None:
         """Close ``conn`` at once: a reply still on its way must never be read as another's
@@ -794,59 +928,117 @@ class RedisLog:
 
     # -- reading back -------------------------------------------------------------------
     async def _read_loop(self) -> None:
-        """Owns the blocking XREAD: always from the last id read, reconnecting after outages."""
-
-        loop, task = self._loop, asyncio.current_task()
-        if loop is None or task is None:
-            raise RuntimeError("RedisLog._read_loop runs only after start()")
-        dog = Watchdog(loop, task)
-        try:
-            await self._read_entries(dog)
-        finally:
-            dog.close()
-
-    async def _read_entries(self, dog: Watchdog) -> None:
+        """Owns the read connection: connects it (redis-py), takes it over, and keeps one
+        blocking XREAD outstanding on it, always from the last id read (:meth:`_read_next`,
+        :meth:`_read_back`); after a failure, connects again with back-off."""
         from redis.exceptions import RedisError
 
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("RedisLog._read_loop runs only after start()")
         backoff = RECONNECT_MIN
-        beyond = BLOCK_MS / 1000 + self.timeout  # a read's deadline: beyond the block
-        late_text = f"no answer to XREAD within {beyond:g} s"
         for _ in iter(int, 1):  # until cancelled or closing
             conn, reader = self._rconn, self._reader
             if conn is None or reader is None or self._closing:
                 return
+            entries = None
             try:
                 if not self.loaded:
                     await self._prepare()
-                resp = await dog.call(dog.loop.time() + beyond, self._xread(reader, conn), late_text)
-            except (RedisError, OSError, TimeoutError) as e:
+                if self._rtaken:  # redis-py's state of the connection taken over before: reset it
+                    self._rtaken = False
+                    await conn.disconnect(nowait=True)
+                async with asyncio.timeout(self.timeout):
+                    await reader.connection_pool.ensure_connection(conn)
+                lost = self._read_lost = loop.create_future()
+                entries = self._entries = _Taken.take_over(conn, self._read_back, self._read_failed)
+                self._rtaken = True
+                self._read_next()
+                error = await lost
+                raise error if isinstance(error, (RedisError, OSError, TimeoutError, ServiceUnavailable)) \
+                    else ConnectionError(f"the read connection failed: {error!r}")
+            except (RedisError, OSError, TimeoutError, ServiceUnavailable) as e:
                 if self.closing:  # close() ended the connection
                     return
+                if entries is not None:
+                    self._read_failed(entries, e)
+                    if entries.answers:
+                        backoff = RECONNECT_MIN
                 await self._drop_connection(conn)
+                self._rtaken = False
                 self.outage.failed(e)
                 await asyncio.sleep(backoff)  # back-off before reconnecting, not synchronisation
                 backoff = min(backoff * 2, RECONNECT_MAX)
-                continue
-            backoff = RECONNECT_MIN
-            self.outage.ok()
-            if resp and self._inflight:
-                # Redis sends a read its entries before the appends their acknowledgements:
-                # one turn of the loop lets the replies that came with them in first, so this
-                # node's own entries are reused, not decoded (the read back's order is the same)
-                await asyncio.sleep(0)
-            n = 0
-            for _key, entries in _streams(resp):
-                n += len(entries)
-                self._take(entries, route=True)
-            if n >= COALESCE_AT:  # a flood: let entries gather for the next read
-                self.coalesced_reads += 1
-                await asyncio.sleep(COALESCE_PAUSE)  # batching under load, not synchronisation
 
-    async def _xread(self, reader: Redis, conn: AbstractConnection) -> Any:
-        """The blocking XREAD from the last id read, answered raw."""
-        await reader.connection_pool.ensure_connection(conn)
-        await conn.send_packed_command((self._xread_head, _bulk(self.last_id)), check_health=False)
-        return await conn.read_response()
+    def _read_next(self) -> None:
+        """Send the blocking XREAD from the last id read (its deadline: beyond the block)."""
+        self._read_pause = None
+        entries, loop = self._entries, self._loop
+        if entries is None or entries.lost or loop is None or self._closing:
+            return
+        entries.transport.write(self._xread_head + _bulk(self.last_id))
+        self._read_due = loop.time() + self._read_beyond
+        if self._read_timer is None:
+            self._read_timer = loop.call_at(self._read_due, self._read_late)
+
+    def _read_late(self) -> None:
+        """The read timer: re-armed while the deadline in force is ahead (as :class:`Watchdog`)."""
+        self._read_timer = None
+        due, loop = self._read_due, self._loop
+        if due is None or loop is None:
+            return
+        if loop.time() < due:
+            self._read_timer = loop.call_at(due, self._read_late)
+            return
+        self._read_failed(self._entries, TimeoutError(f"no answer to XREAD within {self._read_beyond:g} s"))
+
+    def _read_back(self, entries: _Taken, resp: object) -> None:
+        """The answer to the XREAD (as it arrives: :class:`_Taken`)."""
+        from redis.exceptions import ResponseError
+
+        if entries is not self._entries:
+            return
+        self._read_due = None
+        if isinstance(resp, ResponseError):
+            self._read_failed(entries, resp)
+            return
+        self.outage.ok()
+        if resp and self._inflight and self._loop is not None:
+            # Redis sends a read its entries before the appends their acknowledgements: one
+            # turn of the loop lets the answers that came with them in first, so this node's
+            # own entries are reused, not decoded (the read back's order is the same)
+            self._loop.call_soon(self._read_take, entries, resp)
+            return
+        self._read_take(entries, resp)
+
+    def _read_take(self, entries: _Taken, resp: object) -> None:
+        """Take the entries read back, then read on (at once, or after a pause under a flood)."""
+        if entries is not self._entries:
+            return  # given up meanwhile: the next connection reads these entries again
+        n = 0
+        for _key, es in _streams(resp):
+            n += len(es)
+            self._take(es, route=True)
+        if n >= COALESCE_AT and self._loop is not None:  # a flood: let entries gather for the next read
+            self.coalesced_reads += 1
+            self._read_pause = self._loop.call_later(COALESCE_PAUSE, self._read_next)
+        else:
+            self._read_next()
+
+    def _read_failed(self, entries: _Taken | None, error: BaseException) -> None:
+        """The read connection failed (lost, late, refused, not RESP): close it; the reading
+        task connects again and continues after the last entry read."""
+        if entries is None or entries is not self._entries:
+            return
+        self._entries = None
+        self._read_due = None
+        if self._read_pause is not None:
+            self._read_pause.cancel()
+            self._read_pause = None
+        entries.close()
+        lost = self._read_lost
+        if lost is not None and not lost.done():
+            lost.set_result(error)
 
     def _take(self, entries: Sequence[tuple[bytes, Sequence[bytes]]], *, route: bool) -> None:
         """Entries read back, in stream order (each its id and its fields as a flat name, value

@@ -614,8 +614,8 @@ async def test_entries_hold_the_bytes_nodes_send_and_older_entries_are_read(
 
 async def test_one_timer_per_loop_bounds_every_call_and_never_fires_early(
         redis_server: RedisServer) -> None:
-    """The writer, the reply reader and the reader bound each call with one re-armed timer
-    (``Watchdog``) instead of a timer per call. Calls that succeed for longer than the timeout in
+    """The writer, the answers to its batches and the reader's XREAD are each bounded by one
+    re-armed timer instead of a timer per call. Calls that succeed for longer than the timeout in
     all never time out; a hung Redis still gets a 503 within the timeout, the reading resumes
     after the last entry when it wakes (no gap, no duplicate), and close() (the owner's
     cancellation) is not taken for a timeout while an append waits on the hung Redis."""
@@ -677,6 +677,44 @@ async def test_one_timer_per_loop_bounds_every_call_and_never_fires_early(
     finally:
         if not closed:
             await log.close()
+
+
+async def test_connections_redis_closes_are_opened_again_without_gap_or_duplicate(
+        redis_server: RedisServer) -> None:
+    """Redis (an operator's CLIENT KILL, a proxy, an idle timeout) may close a node's
+    connections. The append connection closed while nothing is in flight is opened again for
+    the next append: no refusal, no outage. The read connection closed under its blocking XREAD
+    is opened again and the reading continues after the last entry read."""
+    from hub.event import make_event
+
+    log = RedisLog(redis_server.url, STREAM, 1000)
+    got: list[Event] = []
+    log.tail(got.append)
+    await log.start()
+    r = redis_server.client()
+
+    def client_id(cmd: str) -> int:
+        ids = [c["id"] for c in r.client_list() if c["cmd"] == cmd]
+        assert len(ids) == 1, f"one connection whose last command is {cmd}: {r.client_list()}"
+        return int(ids[0])
+
+    try:
+        acked = [await log.append(make_event("/t/a", {"i": 0}))]
+        await await_until(lambda: len(got) == 1, EVENT_TIMEOUT, "the first event read back")
+        r.client_kill_filter(_id=str(client_id("eval")))
+        await await_until(lambda: log._replies is None, EVENT_TIMEOUT, "the node to see the close")
+        acked.append(await log.append(make_event("/t/a", {"i": 1})))
+        assert acked[-1] is not None and log.outage.count == 0
+        await await_until(lambda: len(got) == 2, EVENT_TIMEOUT, "the second event read back")
+        r.client_kill_filter(_id=str(client_id("xread")))
+        for i in range(2, 6):
+            acked.append(await log.append(make_event("/t/a", {"i": i})))
+        await await_until(lambda: len(got) == 6, EVENT_TIMEOUT, "the reading to resume")
+        assert [e.cursor for e in got] == [a.cursor for a in acked if a is not None]
+        assert [e.payload["i"] for e in got] == list(range(6)) and log.unreadable == 0
+    finally:
+        r.close()
+        await log.close()
 
 
 async def test_a_large_read_back_lets_the_next_read_gather_and_loses_nothing(
