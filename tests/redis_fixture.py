@@ -35,7 +35,8 @@ def _pong(port: int) -> bool:
 class RedisServer:
     """One redis-server process; restartable on the same port and files."""
 
-    def __init__(self, workdir: Path, *, aof: bool = True) -> None:
+    def __init__(self, workdir: Path, *, aof: bool = True, tls: bool = False,
+                 password: str | None = None) -> None:
         binary = shutil.which(REDIS_SERVER)
         if binary is None:
             pytest.fail(f"{REDIS_SERVER} is not installed (scripts/install.sh --dev installs it)")
@@ -46,14 +47,36 @@ class RedisServer:
         self.aof = aof
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "redis.log"
+        self.password = password
+        #: with ``tls``: TLS only (no plain port), a certificate for 127.0.0.1 from a test CA
+        self.ca_path: Path | None = None
+        if tls:
+            import trustme
+
+            ca = trustme.CA()
+            cert = ca.issue_cert(HOST)
+            self.ca_path = workdir / "ca.pem"
+            ca.cert_pem.write_to_path(str(self.ca_path))
+            cert.cert_chain_pems[0].write_to_path(str(workdir / "cert.pem"))
+            cert.private_key_pem.write_to_path(str(workdir / "key.pem"))
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        if self.ca_path is not None:
+            return f"rediss://{auth}{HOST}:{self.port}/0?ssl_ca_certs={self.ca_path}"
+        return f"redis://{auth}{HOST}:{self.port}/0"
 
     def start(self) -> RedisServer:
         args = [self.binary, "--port", str(self.port), "--bind", HOST, "--dir", str(self.workdir),
                 "--save", "", "--daemonize", "no", "--logfile", str(self.log_path)]
+        if self.ca_path is not None:
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port),
+                         "--tls-cert-file", str(self.workdir / "cert.pem"),
+                         "--tls-key-file", str(self.workdir / "key.pem"),
+                         "--tls-ca-cert-file", str(self.ca_path), "--tls-auth-clients", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
         if self.aof:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -63,13 +86,20 @@ class RedisServer:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited {self.proc.returncode}: "
                                    f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            return _pong(self.port)
+            return _pong(self.port) if self.ca_path is None and not self.password else self._ping()
 
         wait_until(up, 10, "redis-server to answer PING")
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host=HOST, port=self.port, socket_timeout=5)
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+    def _ping(self) -> bool:
+        try:
+            with redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5) as r:
+                return bool(r.ping())
+        except (redis.RedisError, OSError):
+            return False
 
     def kill(self) -> None:
         """SIGKILL (what a crash looks like)."""

@@ -25,6 +25,7 @@ from hub.event import Event
 from hub.hub import Hub
 from hub.keys import Key
 from plugins.backlog_redis import RedisLog, cursor_entry, entry_cursor, entry_position
+from server.errors import ServiceUnavailable
 from server.ingest import Ingest
 from server.replay import CURSOR_FOUND_HEADER, CURSOR_HEADER, SINCE_HEADER
 from tests.redis_fixture import RedisServer, redis_server, stream_entries
@@ -620,7 +621,6 @@ async def test_one_timer_per_loop_bounds_every_call_and_never_fires_early(
     after the last entry when it wakes (no gap, no duplicate), and close() (the owner's
     cancellation) is not taken for a timeout while an append waits on the hung Redis."""
     from hub.event import make_event
-    from server.errors import ServiceUnavailable
 
     timeout = 0.3
     log = RedisLog(redis_server.url, STREAM, 100_000, timeout=timeout)
@@ -715,6 +715,41 @@ async def test_connections_redis_closes_are_opened_again_without_gap_or_duplicat
     finally:
         r.close()
         await log.close()
+
+
+async def test_tls_and_a_password_in_the_url(tmp_path: Path) -> None:
+    """``rediss://`` with a password: appends and the read back run over TLS (the connections
+    redis-py opened, AUTH included, then read by the log), also after Redis closed them."""
+    from hub.event import make_event
+
+    server = RedisServer(tmp_path / "tls", tls=True, password="s3cret-pw").start()
+    log = RedisLog(server.url, STREAM, 1000)
+    got: list[Event] = []
+    log.tail(got.append)
+    r = server.client()
+    try:
+        await log.start()
+        acked = [await log.append(make_event("/t/tls", {"i": i})) for i in range(3)]
+        await await_until(lambda: len(got) == 3, EVENT_TIMEOUT, "the events read back over TLS")
+        # every connection of the node (appends, reading, the pool's)
+        assert int(r.client_kill_filter(skipme=True)) >= 2
+        end = time.monotonic() + EVENT_TIMEOUT
+        for i in range(3, 6):
+            for _ in iter(int, 1):  # the first append may meet the closing connection: a 503
+                try:
+                    acked.append(await log.append(make_event("/t/tls", {"i": i})))
+                    break
+                except ServiceUnavailable:
+                    assert time.monotonic() < end, "appends refused after Redis closed the connections"
+                    await asyncio.sleep(0.05)  # a publisher's back-off, not synchronisation
+        await await_until(lambda: len(got) == 6, EVENT_TIMEOUT, "the reading to resume over TLS")
+        assert [e.cursor for e in got] == [a.cursor for a in acked if a is not None]
+        assert [e.payload["i"] for e in got] == list(range(6)) and log.unreadable == 0
+        assert "s3cret" not in repr(log) and "s3cret" not in log.where
+    finally:
+        r.close()
+        await log.close()
+        server.stop()
 
 
 async def test_a_large_read_back_lets_the_next_read_gather_and_loses_nothing(
