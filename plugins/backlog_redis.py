@@ -224,48 +224,76 @@ def _redacted(url: str) -> str:
 _T = TypeVar("_T")
 
 
+class Deadline:
+    """One timer for successive deadlines (one per call): what a timer per call does, without
+    one. :meth:`set` gives the deadline in force (None: none); the timer is armed once and,
+    when it fires before the deadline in force, re-armed for it; at a deadline that passed it
+    calls ``expired`` (under steady traffic it fires about once per deadline's length, not
+    once per call)."""
+
+    __slots__ = ("_at", "_handle", "_loop", "expired", "when")
+
+    def __init__(self, expired: Callable[[], None]) -> None:
+        self.expired = expired
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0
+        self.when: float | None = None
+
+    def set(self, when: float | None) -> None:
+        self.when = when
+        if when is not None and (self._handle is None or when < self._at):
+            if self._handle is not None:
+                self._handle.cancel()
+            loop = self._loop = self._loop or asyncio.get_running_loop()
+            self._at = when
+            self._handle = loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        when, loop = self.when, self._loop
+        if when is None or loop is None:
+            return
+        if loop.time() < when:
+            self._at = when
+            self._handle = loop.call_at(when, self._fire)
+            return
+        self.when = None
+        self.expired()
+
+    def close(self) -> None:
+        self.when = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Watchdog:
-    """The deadline of one task's successive calls, on one timer: what ``asyncio.timeout_at``
-    per call does, without a timer (and a context manager) per call.
+    """The deadline of one task's successive calls, on one timer (:class:`Deadline`): what
+    ``asyncio.timeout_at`` per call does, without a timer (and a context manager) per call.
+    At a deadline that passed it cancels the task, and :meth:`expired` then tells the task's
+    ``CancelledError`` from a cancellation by its owner."""
 
-    :meth:`arm` sets the deadline of the call about to be awaited, :meth:`disarm` clears it. The
-    timer is armed once and, when it fires before the deadline in force, re-armed for it; at a
-    deadline that passed it cancels the task, and :meth:`expired` then tells the task's
-    ``CancelledError`` from a cancellation by its owner (the deadlines a task arms only grow, so
-    under steady traffic the timer fires about once per deadline's length, not once per call)."""
-
-    __slots__ = ("_at", "_handle", "_task", "fired", "loop", "when")
+    __slots__ = ("_deadline", "_task", "fired", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
         self.loop = loop
         self._task = task
-        self._handle: asyncio.TimerHandle | None = None
-        self._at = 0.0
-        #: the deadline in force (None: no call awaited under a deadline)
-        self.when: float | None = None
+        self._deadline = Deadline(self._fire)
         self.fired = False
 
+    @property
+    def when(self) -> float | None:
+        """The deadline in force (None: no call awaited under a deadline)."""
+        return self._deadline.when
+
     def arm(self, when: float) -> None:
-        self.when = when
-        if self._handle is None or when < self._at:
-            if self._handle is not None:
-                self._handle.cancel()
-            self._at = when
-            self._handle = self.loop.call_at(when, self._fire)
+        self._deadline.set(when)
 
     def disarm(self) -> None:
-        self.when = None
+        self._deadline.set(None)
 
     def _fire(self) -> None:
-        self._handle = None
-        when = self.when
-        if when is None:
-            return
-        if self.loop.time() < when:
-            self._at = when
-            self._handle = self.loop.call_at(when, self._fire)
-            return
-        self.when = None
         self.fired = True
         self._task.cancel()
 
@@ -292,10 +320,7 @@ class Watchdog:
         return self._task.uncancel() == 0
 
     def close(self) -> None:
-        self.when = None
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._deadline.close()
 
 
 class Outage:
@@ -450,8 +475,7 @@ class RedisLog:
         #: the append connection's transport was taken over (redis-py must reconnect it)
         self._taken = False
         #: the oldest batch in flight's deadline, and the one timer that watches it
-        self._reply_due: float | None = None
-        self._reply_timer: asyncio.TimerHandle | None = None
+        self._reply_deadline = Deadline(self._replies_late)
         #: resolved once no batch is in flight (close() waits for the last answers)
         self._answered: asyncio.Future[None] | None = None
         #: the read connection's protocol once taken over (None: to connect), whether its
@@ -459,8 +483,7 @@ class RedisLog:
         #: the pause after a large read, and what the reading task waits on (the failure)
         self._entries: _Taken | None = None
         self._rtaken = False
-        self._read_due: float | None = None
-        self._read_timer: asyncio.TimerHandle | None = None
+        self._read_deadline = Deadline(self._read_late)
         self._read_pause: asyncio.TimerHandle | None = None
         self._read_lost: asyncio.Future[BaseException] | None = None
         self._read_beyond = BLOCK_MS / 1000 + timeout  # a read's deadline: beyond the block
@@ -645,7 +668,7 @@ class RedisLog:
                 answered = self._answered = self._loop.create_future()
                 await asyncio.wait([answered], timeout=self.timeout * 2)
             self._answered = None
-            self._stop_reply_timer()
+            self._reply_deadline.set(None)
             _refuse(self._unsettled(), "shutting down: event not stored")
             self._sending, self._queue = [], []
             self._inflight.clear()
@@ -659,10 +682,8 @@ class RedisLog:
             await cancel_and_wait(t)
         self._tasks = []
         self._read_failed(self._entries, ConnectionError("closed"))
-        for h in (self._read_timer, self._reply_timer):
-            if h is not None:
-                h.cancel()
-        self._read_timer = self._reply_timer = None
+        self._read_deadline.close()
+        self._reply_deadline.close()
         await self._aclose()
         logger.info("cluster log %s closed: %d entries read since start (%d of them this node's, "
                     "not decoded again)", self.where, self.entries_read, self.own_reused)
@@ -853,28 +874,12 @@ class RedisLog:
         replies.close()
 
     def _watch_replies(self) -> None:
-        """Keep the reply timer on the oldest batch in flight's deadline: one timer, re-armed
-        only when it fires before the deadline in force (as :class:`Watchdog` does)."""
+        """The reply deadline in force: the oldest batch in flight's (None: nothing in flight)."""
         inflight = self._inflight
-        due = self._reply_due = inflight[0][0][4] if inflight else None
-        if due is not None and self._reply_timer is None and self._loop is not None:
-            self._reply_timer = self._loop.call_at(due, self._replies_late)
+        self._reply_deadline.set(inflight[0][0][4] if inflight else None)
 
     def _replies_late(self) -> None:
-        self._reply_timer = None
-        due, loop = self._reply_due, self._loop
-        if due is None or loop is None:
-            return
-        if loop.time() < due:
-            self._reply_timer = loop.call_at(due, self._replies_late)
-            return
         self._replies_failed(self._replies, TimeoutError(f"no answer within {self.timeout:g} s"))
-
-    def _stop_reply_timer(self) -> None:
-        self._reply_due = None
-        if self._reply_timer is not None:
-            self._reply_timer.cancel()
-            self._reply_timer = None
 
     def _wake_writer(self) -> None:
         if self._wake is not None:
@@ -977,19 +982,9 @@ class RedisLog:
         if entries is None or entries.lost or loop is None or self._closing:
             return
         entries.transport.write(self._xread_head + _bulk(self.last_id))
-        self._read_due = loop.time() + self._read_beyond
-        if self._read_timer is None:
-            self._read_timer = loop.call_at(self._read_due, self._read_late)
+        self._read_deadline.set(loop.time() + self._read_beyond)
 
     def _read_late(self) -> None:
-        """The read timer: re-armed while the deadline in force is ahead (as :class:`Watchdog`)."""
-        self._read_timer = None
-        due, loop = self._read_due, self._loop
-        if due is None or loop is None:
-            return
-        if loop.time() < due:
-            self._read_timer = loop.call_at(due, self._read_late)
-            return
         self._read_failed(self._entries, TimeoutError(f"no answer to XREAD within {self._read_beyond:g} s"))
 
     def _read_back(self, entries: _Taken, resp: object) -> None:
@@ -998,7 +993,7 @@ class RedisLog:
 
         if entries is not self._entries:
             return
-        self._read_due = None
+        self._read_deadline.set(None)
         if isinstance(resp, ResponseError):
             self._read_failed(entries, resp)
             return
@@ -1031,7 +1026,7 @@ class RedisLog:
         if entries is None or entries is not self._entries:
             return
         self._entries = None
-        self._read_due = None
+        self._read_deadline.set(None)
         if self._read_pause is not None:
             self._read_pause.cancel()
             self._read_pause = None
