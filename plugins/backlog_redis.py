@@ -399,6 +399,9 @@ class _Taken(asyncio.Protocol):
                 out = parser.gets()
         except self.invalid as e:  # not RESP: nothing more on this connection can be trusted
             self.failed(self, ServiceUnavailable(f"invalid answer from Redis: {e}", RETRY_AFTER))
+        except Exception as e:  # callback boundary: a bug of ours must not leave the connection hanging
+            logger.exception("cluster log: an answer from Redis not taken")
+            self.failed(self, ServiceUnavailable(f"an answer from Redis not taken: {e!r:.200}", RETRY_AFTER))
 
     def eof_received(self) -> bool:
         return False  # Redis closed its end: close ours (connection_lost follows)
@@ -826,23 +829,28 @@ class RedisLog:
         self.outage.ok()
         own, last = self._own, self.mirror.last_position
         held = self._own_bytes
-        for q, r in zip(batch, out, strict=True):
-            fut = q[3]
-            if r is None:
+        try:
+            for q, r in zip(batch, out, strict=True):
+                fut = q[3]
+                if r is None:
+                    if not fut.done():
+                        fut.set_result(None)
+                    continue
+                position, cursor = entry_position(r)
+                ev = q[5]
+                if ev is not None and position > last:  # not read back yet: the reader reuses it
+                    held += len(q[1])
+                    if len(own) >= OWN_LIMIT or held > OWN_BYTES:
+                        own.clear()
+                        held = len(q[1])  # (the reader subtracts what it takes)
+                    own[r] = (q[1], ev, position, cursor)
                 if not fut.done():
-                    fut.set_result(None)
-                continue
-            position, cursor = entry_position(r)
-            ev = q[5]
-            if ev is not None and position > last:  # not read back yet: the reader reuses it
-                held += len(q[1])
-                if len(own) >= OWN_LIMIT or held > OWN_BYTES:
-                    own.clear()
-                    held = len(q[1])  # (the reader subtracts what it takes)
-                own[r] = (q[1], ev, position, cursor)
-            if not fut.done():
-                fut.set_result(Appended(position, cursor))
-        self._own_bytes = held
+                    fut.set_result(Appended(position, cursor))
+        except Exception:  # (an entry id out of the cursor's range): no publish of it may hang
+            _refuse(batch, "Redis answered with an entry id this node cannot read (the event may be stored)")
+            raise
+        finally:
+            self._own_bytes = held
 
     def _batch_answered(self) -> None:
         """The oldest batch in flight was answered: watch the next one's deadline, let the
@@ -1011,9 +1019,14 @@ class RedisLog:
         if entries is not self._entries:
             return  # given up meanwhile: the next connection reads these entries again
         n = 0
-        for _key, es in _streams(resp):
-            n += len(es)
-            self._take(es, route=True)
+        try:
+            for _key, es in _streams(resp):
+                n += len(es)
+                self._take(es, route=True)
+        except Exception as e:  # callback boundary (an answer not shaped as XREAD's): read again
+            logger.exception("cluster log %s: a read back not taken", self.where)
+            self._read_failed(entries, ServiceUnavailable(f"a read back not taken: {e!r:.200}", RETRY_AFTER))
+            return
         if n >= COALESCE_AT and self._loop is not None:  # a flood: let entries gather for the next read
             self.coalesced_reads += 1
             self._read_pause = self._loop.call_later(COALESCE_PAUSE, self._read_next)
