@@ -490,6 +490,8 @@ class RedisLog:
         self._read_pause: asyncio.TimerHandle | None = None
         self._read_lost: asyncio.Future[BaseException] | None = None
         self._read_beyond = BLOCK_MS / 1000 + timeout  # a read's deadline: beyond the block
+        #: a send of what is queued is due in this turn of the loop
+        self._flush_soon = False
         #: wakes the writer (appends queued, a batch answered)
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -724,11 +726,44 @@ class RedisLog:
             name, data = EVENT_FIELD, j
         self._queue.append((name, data, b"" if dedup is None else dedup.encode(), fut,
                             loop.time() + self.timeout, event if name is PREFIX_FIELD else None))
-        self._wake.set()
+        if not self._flush_soon:
+            self._flush_soon = True
+            loop.call_soon(self._flush)
         return fut
 
+    def _flush(self) -> None:
+        """Send what was queued in this turn of the loop, in batches, from the loop's callback
+        (the writer task only (re)connects, and waits while Redis does not read)."""
+        self._flush_soon = False
+        replies, loop, inflight = self._replies, self._loop, self._inflight
+        if replies is None or replies.paused or loop is None:
+            self._wake_writer()
+            return
+        while self._queue and len(inflight) < MAX_INFLIGHT:
+            batch = self._next_batch(loop.time())
+            if batch:
+                replies.transport.writelines(self._packed(batch))
+                inflight.append(batch)
+                self._watch_replies()
+        if self._closing and not self._queue:
+            self._wake_writer()
+
+    def _next_batch(self, now: float) -> list[_Queued]:
+        """The next batch off the queue; each append is answered within its own ``timeout``,
+        also when it waited behind a batch to a hung Redis: one whose time is up is refused
+        unsent."""
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        if batch[0][4] <= now:
+            late = [q for q in batch if q[4] <= now]
+            self.outage.failed(TimeoutError(f"no answer within {self.timeout:g} s"))
+            _refuse(late)
+            batch = [q for q in batch if q[4] > now]
+        return batch
+
     async def _write_loop(self) -> None:
-        """Sends the appends: all those queued meanwhile go in one script call (one round trip,
+        """Sends the appends that :meth:`_flush` cannot: while the connection is to be opened
+        (redis-py connects it, then it is taken over) or Redis is not reading what was written.
+        Like :meth:`_flush`, all those queued meanwhile go in one script call (one round trip,
         and one fsync in Redis), in queue order, up to ``MAX_INFLIGHT`` batches on the
         connection before the first is answered (:meth:`_replied` takes the answers as they
         arrive); ends once closing and nothing is left to send."""
@@ -756,17 +791,9 @@ class RedisLog:
                 await wake.wait()
                 wake.clear()
                 continue
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            # each append is answered within its own ``timeout``, also when it waited behind a
-            # batch to a hung Redis: one whose time is up is refused unsent
-            now = loop.time()
-            late = [q for q in batch if q[4] <= now]
-            if late:
-                self.outage.failed(TimeoutError(f"no answer within {self.timeout:g} s"))
-                _refuse(late)
-                batch = [q for q in batch if q[4] > now]
-                if not batch:
-                    continue
+            batch = self._next_batch(loop.time())
+            if not batch:
+                continue
             self._sending = batch
             try:
                 await dog.call(batch[0][4], self._send(redis, conn, batch), late_text)
@@ -856,7 +883,11 @@ class RedisLog:
         """The oldest batch in flight was answered: watch the next one's deadline, let the
         writer send more, tell close() when nothing is left in flight."""
         self._watch_replies()
-        self._wake_writer()
+        if self._queue and not self._flush_soon and self._loop is not None:
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
+        elif self._closing:
+            self._wake_writer()
         answered = self._answered
         if answered is not None and not self._inflight and not answered.done():
             answered.set_result(None)

@@ -717,6 +717,29 @@ async def test_connections_redis_closes_are_opened_again_without_gap_or_duplicat
         await log.close()
 
 
+async def test_appends_of_one_turn_of_the_loop_go_in_one_script_call(redis_server: RedisServer) -> None:
+    """The appends queued while the event loop runs one turn (a read of many publishes) are
+    sent as one batch: one script call, one round trip and one fsync in Redis."""
+    from hub.event import make_event
+
+    log = RedisLog(redis_server.url, STREAM, 1000)
+    got: list[Event] = []
+    log.tail(got.append)
+    await log.start()
+    r = redis_server.client()
+    try:
+        await log.append(make_event("/t/first", {}))  # connected, nothing in flight
+        r.config_resetstat()
+        acks = await asyncio.gather(*(log.append(make_event("/t/burst", {"i": i})) for i in range(100)))
+        assert all(a is not None for a in acks)
+        assert int(r.info("commandstats")["cmdstat_eval"]["calls"]) == 1
+        await await_until(lambda: len(got) == 101, EVENT_TIMEOUT, "the burst read back")
+        assert [e.payload.get("i") for e in got[1:]] == list(range(100))
+    finally:
+        r.close()
+        await log.close()
+
+
 async def test_tls_and_a_password_in_the_url(tmp_path: Path) -> None:
     """``rediss://`` with a password: appends and the read back run over TLS (the connections
     redis-py opened, AUTH included, then read by the log), also after Redis closed them."""
