@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 
 from hub.cursor import new_cursor
 from hub.event import Event
@@ -567,6 +568,23 @@ async def test_sqs_message_enters_the_stream_once(
     assert sorted(stored) == list(range(5))
 
 
+@contextlib.asynccontextmanager
+async def reading_log(server: RedisServer, size: int
+                      ) -> AsyncIterator[tuple[RedisLog, list[Event], redis.Redis]]:
+    """A started cluster log on ``server`` whose tail collects what it reads back, and a client
+    of that Redis; both closed after."""
+    log = RedisLog(server.url, STREAM, size)
+    got: list[Event] = []
+    log.tail(got.append)
+    r = server.client()
+    try:
+        await log.start()
+        yield log, got, r
+    finally:
+        r.close()
+        await log.close()
+
+
 # -- the entries' formats ---------------------------------------------------------------------------
 async def test_entries_hold_the_bytes_nodes_send_and_older_entries_are_read(
         redis_server: RedisServer) -> None:
@@ -577,12 +595,7 @@ async def test_entries_hold_the_bytes_nodes_send_and_older_entries_are_read(
     from hub.event import make_event
     from plugins.backlog_redis import fast_cursor
 
-    log = RedisLog(redis_server.url, STREAM, 100)
-    got: list[Event] = []
-    log.tail(got.append)
-    await log.start()
-    r = redis_server.client()
-    try:
+    async with reading_log(redis_server, 100) as (log, got, r):
         plain = make_event("/t/a", {"k": 1, "s": "é \\" "\n"})
         early = make_event("/private/t/b", {"pubsub_cursor": "theirs", "k": 2})  # cursor not last
         acks = await asyncio.gather(log.append(plain), log.append(early),
@@ -608,9 +621,6 @@ async def test_entries_hold_the_bytes_nodes_send_and_older_entries_are_read(
         assert (got[1].topics, got[1].private, got[1].path) == (("t", "b"), True, "/private/t/b")
         assert list(got[1].payload) == list(early.payload)  # the members' order is kept
         assert [e.payload["k"] for e in got] == [1, 2, 3, 5] and log.unreadable == 0
-    finally:
-        r.close()
-        await log.close()
 
 
 async def test_one_timer_per_loop_bounds_every_call_and_never_fires_early(
@@ -687,34 +697,25 @@ async def test_connections_redis_closes_are_opened_again_without_gap_or_duplicat
     is opened again and the reading continues after the last entry read."""
     from hub.event import make_event
 
-    log = RedisLog(redis_server.url, STREAM, 1000)
-    got: list[Event] = []
-    log.tail(got.append)
-    await log.start()
-    r = redis_server.client()
-
-    def client_id(cmd: str) -> int:
+    def client_id(r: redis.Redis, cmd: str) -> int:
         ids = [c["id"] for c in r.client_list() if c["cmd"] == cmd]
         assert len(ids) == 1, f"one connection whose last command is {cmd}: {r.client_list()}"
         return int(ids[0])
 
-    try:
+    async with reading_log(redis_server, 1000) as (log, got, r):
         acked = [await log.append(make_event("/t/a", {"i": 0}))]
         await await_until(lambda: len(got) == 1, EVENT_TIMEOUT, "the first event read back")
-        r.client_kill_filter(_id=str(client_id("eval")))
+        r.client_kill_filter(_id=str(client_id(r, "eval")))
         await await_until(lambda: log._replies is None, EVENT_TIMEOUT, "the node to see the close")
         acked.append(await log.append(make_event("/t/a", {"i": 1})))
         assert acked[-1] is not None and log.outage.count == 0
         await await_until(lambda: len(got) == 2, EVENT_TIMEOUT, "the second event read back")
-        r.client_kill_filter(_id=str(client_id("xread")))
+        r.client_kill_filter(_id=str(client_id(r, "xread")))
         for i in range(2, 6):
             acked.append(await log.append(make_event("/t/a", {"i": i})))
         await await_until(lambda: len(got) == 6, EVENT_TIMEOUT, "the reading to resume")
         assert [e.cursor for e in got] == [a.cursor for a in acked if a is not None]
         assert [e.payload["i"] for e in got] == list(range(6)) and log.unreadable == 0
-    finally:
-        r.close()
-        await log.close()
 
 
 async def test_appends_of_one_turn_of_the_loop_go_in_one_script_call(redis_server: RedisServer) -> None:
@@ -722,12 +723,7 @@ async def test_appends_of_one_turn_of_the_loop_go_in_one_script_call(redis_serve
     sent as one batch: one script call, one round trip and one fsync in Redis."""
     from hub.event import make_event
 
-    log = RedisLog(redis_server.url, STREAM, 1000)
-    got: list[Event] = []
-    log.tail(got.append)
-    await log.start()
-    r = redis_server.client()
-    try:
+    async with reading_log(redis_server, 1000) as (log, got, r):
         await log.append(make_event("/t/first", {}))  # connected, nothing in flight
         r.config_resetstat()
         acks = await asyncio.gather(*(log.append(make_event("/t/burst", {"i": i})) for i in range(100)))
@@ -735,9 +731,6 @@ async def test_appends_of_one_turn_of_the_loop_go_in_one_script_call(redis_serve
         assert int(r.info("commandstats")["cmdstat_eval"]["calls"]) == 1
         await await_until(lambda: len(got) == 101, EVENT_TIMEOUT, "the burst read back")
         assert [e.payload.get("i") for e in got[1:]] == list(range(100))
-    finally:
-        r.close()
-        await log.close()
 
 
 async def test_tls_and_a_password_in_the_url(tmp_path: Path) -> None:
@@ -746,32 +739,26 @@ async def test_tls_and_a_password_in_the_url(tmp_path: Path) -> None:
     from hub.event import make_event
 
     server = RedisServer(tmp_path / "tls", tls=True, password="s3cret-pw").start()
-    log = RedisLog(server.url, STREAM, 1000)
-    got: list[Event] = []
-    log.tail(got.append)
-    r = server.client()
     try:
-        await log.start()
-        acked = [await log.append(make_event("/t/tls", {"i": i})) for i in range(3)]
-        await await_until(lambda: len(got) == 3, EVENT_TIMEOUT, "the events read back over TLS")
-        # every connection of the node (appends, reading, the pool's)
-        assert int(r.client_kill_filter(skipme=True)) >= 2
-        end = time.monotonic() + EVENT_TIMEOUT
-        for i in range(3, 6):
-            for _ in iter(int, 1):  # the first append may meet the closing connection: a 503
-                try:
-                    acked.append(await log.append(make_event("/t/tls", {"i": i})))
-                    break
-                except ServiceUnavailable:
-                    assert time.monotonic() < end, "appends refused after Redis closed the connections"
-                    await asyncio.sleep(0.05)  # a publisher's back-off, not synchronisation
-        await await_until(lambda: len(got) == 6, EVENT_TIMEOUT, "the reading to resume over TLS")
-        assert [e.cursor for e in got] == [a.cursor for a in acked if a is not None]
-        assert [e.payload["i"] for e in got] == list(range(6)) and log.unreadable == 0
-        assert "s3cret" not in repr(log) and "s3cret" not in log.where
+        async with reading_log(server, 1000) as (log, got, r):
+            acked = [await log.append(make_event("/t/tls", {"i": i})) for i in range(3)]
+            await await_until(lambda: len(got) == 3, EVENT_TIMEOUT, "the events read back over TLS")
+            # every connection of the node (appends, reading, the pool's)
+            assert int(r.client_kill_filter(skipme=True)) >= 2
+            end = time.monotonic() + EVENT_TIMEOUT
+            for i in range(3, 6):
+                for _ in iter(int, 1):  # the first append may meet the closing connection: a 503
+                    try:
+                        acked.append(await log.append(make_event("/t/tls", {"i": i})))
+                        break
+                    except ServiceUnavailable:
+                        assert time.monotonic() < end, "appends refused after Redis closed the connections"
+                        await asyncio.sleep(0.05)  # a publisher's back-off, not synchronisation
+            await await_until(lambda: len(got) == 6, EVENT_TIMEOUT, "the reading to resume over TLS")
+            assert [e.cursor for e in got] == [a.cursor for a in acked if a is not None]
+            assert [e.payload["i"] for e in got] == list(range(6)) and log.unreadable == 0
+            assert "s3cret" not in repr(log) and "s3cret" not in log.where
     finally:
-        r.close()
-        await log.close()
         server.stop()
 
 
