@@ -727,9 +727,13 @@ class RedisLog:
         self._queue.append((name, data, b"" if dedup is None else dedup.encode(), fut,
                             loop.time() + self.timeout, event if name is PREFIX_FIELD else None))
         if not self._flush_soon:
-            self._flush_soon = True
-            loop.call_soon(self._flush)
+            self._flush_later(loop)
         return fut
+
+    def _flush_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Send what is queued at the end of this turn of the loop (:meth:`_flush`)."""
+        self._flush_soon = True
+        loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Send what was queued in this turn of the loop, in batches, from the loop's callback
@@ -884,8 +888,7 @@ class RedisLog:
         writer send more, tell close() when nothing is left in flight."""
         self._watch_replies()
         if self._queue and not self._flush_soon and self._loop is not None:
-            self._flush_soon = True
-            self._loop.call_soon(self._flush)
+            self._flush_later(self._loop)
         elif self._closing:
             self._wake_writer()
         answered = self._answered

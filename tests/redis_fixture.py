@@ -2,14 +2,14 @@
 
 The process is ours (``--daemonize no``), its files live in the test's temporary directory
 (``--dir``, ``--save ''``), and AOF with ``appendfsync always`` is on unless asked otherwise.
-Readiness is a ``PING`` answered ``+PONG``; every wait is a condition with a deadline.
+Readiness is a ``PING`` answered (through redis-py: TLS and a password alike); every wait is a
+condition with a deadline.
 """
 
 from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,15 +21,6 @@ import redis
 from tests.support import HOST, free_port, wait_until
 
 REDIS_SERVER = "redis-server"
-
-
-def _pong(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 class RedisServer:
@@ -68,13 +59,14 @@ class RedisServer:
         return f"redis://{auth}{HOST}:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = [self.binary, "--port", str(self.port), "--bind", HOST, "--dir", str(self.workdir),
+        listen = ["--port", str(self.port)]
+        if self.ca_path is not None:  # TLS only: no plain port
+            listen = ["--port", "0", "--tls-port", str(self.port),
+                      "--tls-cert-file", str(self.workdir / "cert.pem"),
+                      "--tls-key-file", str(self.workdir / "key.pem"),
+                      "--tls-ca-cert-file", str(self.ca_path), "--tls-auth-clients", "no"]
+        args = [self.binary, *listen, "--bind", HOST, "--dir", str(self.workdir),
                 "--save", "", "--daemonize", "no", "--logfile", str(self.log_path)]
-        if self.ca_path is not None:
-            args[1:3] = ["--port", "0", "--tls-port", str(self.port),
-                         "--tls-cert-file", str(self.workdir / "cert.pem"),
-                         "--tls-key-file", str(self.workdir / "key.pem"),
-                         "--tls-ca-cert-file", str(self.ca_path), "--tls-auth-clients", "no"]
         if self.password:
             args += ["--requirepass", self.password]
         if self.aof:
@@ -86,7 +78,7 @@ class RedisServer:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited {self.proc.returncode}: "
                                    f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            return _pong(self.port) if self.ca_path is None and not self.password else self._ping()
+            return self._ping()
 
         wait_until(up, 10, "redis-server to answer PING")
         return self
