@@ -1229,6 +1229,9 @@ class RedisLog:
             return  # nothing read since start or since the last reset: nothing more to lose
         from redis.exceptions import ResponseError
 
+        # what was read before asking: entries read while the question is on its way may be
+        # newer than the answer (Redis answers the reader first after a stall)
+        read = self.last_id
         try:
             info = await redis.xinfo_stream(self.stream)
         except ResponseError:  # no such key
@@ -1236,7 +1239,7 @@ class RedisLog:
         else:
             last = _field(info, "last-generated-id") or b"0-0"
             self.newest_id = last if isinstance(last, bytes) else str(last).encode()
-            if _split_id(last) >= _split_id(self.last_id):
+            if _split_id(last) >= _split_id(read):
                 return
             why = "the stream is behind what this node read"
         self.epoch = None

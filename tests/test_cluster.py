@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -716,6 +716,33 @@ async def test_connections_redis_closes_are_opened_again_without_gap_or_duplicat
         await await_until(lambda: len(got) == 6, EVENT_TIMEOUT, "the reading to resume")
         assert [e.cursor for e in got] == [a.cursor for a in acked if a is not None]
         assert [e.payload["i"] for e in got] == list(range(6)) and log.unreadable == 0
+
+
+async def test_entries_read_while_the_reset_check_is_on_its_way_are_no_reset(
+        redis_server: RedisServer) -> None:
+    """The check for a reset stream compares the stream's newest id with what the node had read
+    when it asked: entries read back while the question was on its way (Redis answers the
+    reader first after a stall) are newer than the answer, and are no reset."""
+    from hub.event import make_event
+
+    async with reading_log(redis_server, 100) as (log, got, _r):
+        await log.append(make_event("/t/a", {}))
+        await await_until(lambda: len(got) == 1, EVENT_TIMEOUT, "the first event read back")
+        real = log._redis
+        assert real is not None
+
+        class AnsweredLate:
+            """The real XINFO, its answer taken after the reader read a newer entry."""
+
+            async def xinfo_stream(self, name: str) -> Any:
+                assert real is not None
+                info = await real.xinfo_stream(name)
+                await log.append(make_event("/t/b", {}))
+                await await_until(lambda: len(got) == 2, EVENT_TIMEOUT, "the newer entry read back")
+                return info
+
+        await log._check_reset(cast(Any, AnsweredLate()))
+        assert log.resets == 0 and len(log.mirror) == 2
 
 
 async def test_appends_of_one_turn_of_the_loop_go_in_one_script_call(redis_server: RedisServer) -> None:
