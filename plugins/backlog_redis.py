@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -99,8 +100,25 @@ EPOCH_FIELD = b"g"
 #:   epoch, stamped on every entry: readers see a reset on the entry itself.
 #: * De-duplication, the epoch and the appends are atomic (one script); a refusal (out of
 #:   memory) comes at the first write, so a batch is stored whole or not at all.
+#: * A batch stored keeps its answer (the entry ids) under its own key for ``batch_ttl``: the
+#:   same batch sent again (its connection was lost before the answer came; its id then starts
+#:   with ``=``) gets that answer, also after its deadline, and stores nothing twice.
 _APPEND_LUA = """
 if redis.replicate_commands then redis.replicate_commands() end
+local bid = ARGV[5]
+local again = string.sub(bid, 1, 1) == '='
+if again then bid = string.sub(bid, 2) end
+local bkey = KEYS[1] .. ':batch:' .. bid
+if again then
+  local prior = redis.call('GET', bkey)
+  if prior then
+    local out = {}
+    for id in string.gmatch(prior, '%S+') do
+      if id == '-' then out[#out + 1] = false else out[#out + 1] = id end
+    end
+    return out
+  end
+end
 local deadline = tonumber(ARGV[3])
 if deadline > 0 then
   local t = redis.call('TIME')
@@ -114,14 +132,16 @@ if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SET', KEYS[2], epoch)
 end
 local dedup = KEYS[1] .. ':dedup:'
-local out = {}
-for i = 5, #ARGV, 3 do
+local out, ids = {}, {}
+for i = 7, #ARGV, 3 do
   local id = false
   if ARGV[i] == '' or redis.call('SET', dedup .. ARGV[i], '1', 'NX', 'EX', ARGV[4]) then
     id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[i + 1], ARGV[i + 2], 'g', epoch)
   end
   out[#out + 1] = id
+  ids[#ids + 1] = id or '-'
 end
+redis.call('SET', bkey, table.concat(ids, ' '), 'EX', ARGV[6])
 return out
 """
 
@@ -129,6 +149,21 @@ return out
 #: none), the publisher's future, the loop time by which it must be answered, and the event
 #: itself when the reader may reuse it (its entry holds the bytes before the cursor: ``p``)
 _Queued = tuple[bytes, bytes, bytes, "asyncio.Future[Appended | None]", float, "Event | None"]
+
+
+class _Batch(list[_Queued]):
+    """Appends sent in one script call, with the key under which Redis keeps its answer; once
+    sent again (its connection was lost), not before the loop time ``not_before``."""
+
+    __slots__ = ("key", "not_before", "resent")
+
+    def __init__(self, items: Iterable[_Queued] = (), key: bytes = b"") -> None:
+        super().__init__(items)
+        self.key = key
+        self.resent = False
+        self.not_before = 0.0
+
+
 #: an entry this node appended and has not read back yet: its bytes, the event, its position
 #: and its cursor (from the id Redis gave it)
 _Own = tuple[bytes, Event, int, str]
@@ -136,6 +171,14 @@ _Own = tuple[bytes, Event, int, str]
 #: The share of ``timeout`` kept between Redis' deadline for a batch and the node's: a batch Redis
 #: stored must be answered before the node gives up on it (fsync, the way back, the node's loop).
 DEADLINE_MARGIN = 0.25
+#: Seconds Redis keeps a stored batch's answer at least (see :data:`_APPEND_LUA`), and more with
+#: a ``timeout`` over 1 s: a batch is sent again only within its appends' timeout.
+BATCH_TTL = 3
+#: why a publish whose append was on a connection lost before Redis answered, and not sent
+#: again in time, is refused: Redis may have stored it (it is then delivered all the same)
+IN_DOUBT = "the cluster log (Redis) did not answer in time: event not acknowledged (it may be stored)"
+#: errors Redis answers without running the script (a batch sent again stays in doubt)
+_NOT_RUN = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN")
 
 _MASK48 = (1 << 48) - 1
 _MASK62 = (1 << 62) - 1
@@ -466,13 +509,20 @@ class RedisLog:
         self._call_head = (b"$4\r\nEVAL\r\n" + _bulk(_APPEND_LUA.encode()) + b"$1\r\n2\r\n" + key
                            + epoch_key + _bulk(str(self.maxlen).encode()))
         self._dedup_ttl = _bulk(str(DEDUP_TTL).encode())
+        self._batch_ttl = _bulk(str(max(BATCH_TTL, math.ceil(timeout * 2) + 1)).encode())
+        self._batches = 0
         self._xread_head = (b"*8\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n" + _bulk(str(READ_COUNT).encode())
                             + b"$5\r\nBLOCK\r\n" + _bulk(str(BLOCK_MS).encode())
                             + b"$7\r\nSTREAMS\r\n" + key)
         #: appends queued, the batch being sent, the batches sent and not yet answered
         self._queue: list[_Queued] = []
         self._sending: list[_Queued] = []
-        self._inflight: collections.deque[list[_Queued]] = collections.deque()
+        self._inflight: collections.deque[_Batch] = collections.deque()
+        #: batches whose connection was lost before their answer: sent again first (Redis
+        #: answers one it stored with the ids it gave, and stores nothing twice)
+        self._resend: collections.deque[_Batch] = collections.deque()
+        #: times a batch was sent again after its connection was lost
+        self.resent_batches = 0
         #: the append connection's protocol once taken over from redis-py (None: to connect)
         self._replies: _Taken | None = None
         #: the append connection's transport was taken over (redis-py must reconnect it)
@@ -537,6 +587,7 @@ class RedisLog:
         return {**self.mirror.stats(), "cluster_entries_read_total": self.entries_read,
                 "cluster_unreadable_entries_total": self.unreadable,
                 "cluster_resets_total": self.resets, "cluster_outages_total": self.outage.count,
+                "cluster_batches_resent_total": self.resent_batches,
                 "cluster_redis_up": 0 if self.outage.down or not self.loaded else 1,
                 "cluster_read_lag_seconds": self.read_lag()}
 
@@ -674,9 +725,12 @@ class RedisLog:
                 await asyncio.wait([answered], timeout=self.timeout * 2)
             self._answered = None
             self._reply_deadline.set(None)
+            for b in (*self._inflight, *self._resend):  # sent: Redis may have stored them
+                _refuse(b, IN_DOUBT)
             _refuse(self._unsettled(), "shutting down: event not stored")
             self._sending, self._queue = [], []
             self._inflight.clear()
+            self._resend.clear()
         for t in self._tasks:
             t.cancel()
         # redis-py may let a cancellation that lands as a blocking XREAD starts go by (the
@@ -743,8 +797,10 @@ class RedisLog:
         if replies is None or replies.paused or loop is None:
             self._wake_writer()
             return
-        while self._queue and len(inflight) < MAX_INFLIGHT:
+        while len(inflight) < MAX_INFLIGHT:
             batch = self._next_batch(loop.time())
+            if batch is None:
+                break
             if batch:
                 replies.transport.writelines(self._packed(batch))
                 inflight.append(batch)
@@ -752,17 +808,31 @@ class RedisLog:
         if self._closing and not self._queue:
             self._wake_writer()
 
-    def _next_batch(self, now: float) -> list[_Queued]:
-        """The next batch off the queue; each append is answered within its own ``timeout``,
-        also when it waited behind a batch to a hung Redis: one whose time is up is refused
-        unsent."""
-        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-        if batch[0][4] <= now:
-            late = [q for q in batch if q[4] <= now]
+    def _next_batch(self, now: float) -> _Batch | None:
+        """The next batch: one to send again first (once due), else off the queue; None:
+        nothing to send now. Each append is answered within its own ``timeout``, also when it
+        waited behind a batch to a hung Redis: one whose time is up is refused unsent (an empty
+        batch)."""
+        resend = self._resend
+        if resend and resend[0].not_before <= now:
+            batch = resend.popleft()
+            if batch[0][4] > now:  # (its first append's time is the earliest)
+                batch.resent = True
+                self.resent_batches += 1
+                return batch
+            self.outage.failed(TimeoutError(f"no answer within {self.timeout:g} s"))
+            _refuse(batch, IN_DOUBT)  # sent whole or not at all: its answer is the whole batch's
+            return _Batch()
+        if not self._queue:
+            return None
+        items, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        if items[0][4] <= now:
+            late = [q for q in items if q[4] <= now]
             self.outage.failed(TimeoutError(f"no answer within {self.timeout:g} s"))
             _refuse(late)
-            batch = [q for q in batch if q[4] > now]
-        return batch
+            items = [q for q in items if q[4] > now]
+        self._batches += 1
+        return _Batch(items, b"%s-%d" % (self._node_id, self._batches))
 
     async def _write_loop(self) -> None:
         """Sends the appends that :meth:`_flush` cannot: while the connection is to be opened
@@ -789,13 +859,13 @@ class RedisLog:
         loop = dog.loop
         late_text = f"no answer within {self.timeout:g} s"
         for _ in iter(int, 1):  # until closed
-            if not self._queue or len(self._inflight) >= MAX_INFLIGHT:
-                if self._closing and not self._queue:
+            batch = self._next_batch(loop.time()) if len(self._inflight) < MAX_INFLIGHT else None
+            if batch is None:
+                if self._closing and not (self._queue or self._resend):
                     return
                 await wake.wait()
                 wake.clear()
                 continue
-            batch = self._next_batch(loop.time())
             if not batch:
                 continue
             self._sending = batch
@@ -803,15 +873,21 @@ class RedisLog:
                 await dog.call(batch[0][4], self._send(redis, conn, batch), late_text)
             except (RedisError, OSError, TimeoutError) as e:
                 self._sending = []
-                _refuse(batch)
+                if not any(b is batch for b in self._inflight):  # not sent: the connection failed
+                    if batch.resent:
+                        self._resend.appendleft(batch)  # still in doubt: again, within its time
+                    else:
+                        _refuse(batch)
                 self.outage.failed(e)
-                self._replies_failed(self._replies, e)
+                self._replies_failed(self._replies, e)  # what was sent: in doubt, or refused
                 self._taken = False
                 await conn.disconnect(nowait=True)
+                if self._resend:  # back-off before connecting again, not synchronisation
+                    await asyncio.sleep(RECONNECT_MIN)
                 continue
             self._sending = []
 
-    async def _send(self, redis: Redis, conn: AbstractConnection, batch: list[_Queued]) -> None:
+    async def _send(self, redis: Redis, conn: AbstractConnection, batch: _Batch) -> None:
         """Write the batch's EVAL; it is in flight from then on (its answer may come any time)."""
         replies = self._replies
         if replies is None:  # (re)connect: redis-py does TLS, AUTH, SELECT; the answers are ours
@@ -841,13 +917,17 @@ class RedisLog:
         if isinstance(out, ResponseError):  # Redis refused the batch (out of memory, late)
             batch = inflight.popleft()
             self._batch_answered()
-            if str(out).startswith("PUBSUBLATE"):
+            text = str(out)
+            if batch.resent and text.startswith(_NOT_RUN) and self._loop is not None:
+                self._resend_later(batch, self._loop)  # not run: still in doubt
+                return
+            if text.startswith("PUBSUBLATE"):  # (the script found no answer kept: not stored)
                 self.late_batches += 1
                 self.outage.failed(TimeoutError(f"Redis ran a batch after its deadline ({out})"))
                 _refuse(batch)
                 return
             self.outage.ok()
-            _refuse(batch, f"Redis refused the event: {str(out)[:200]}")
+            _refuse(batch, IN_DOUBT if batch.resent else f"Redis refused the event: {text[:200]}")
             return
         batch = inflight[0]
         if type(out) is not list or len(out) != len(batch) or not all(
@@ -883,11 +963,21 @@ class RedisLog:
         finally:
             self._own_bytes = held
 
+    def _resend_later(self, batch: _Batch, loop: asyncio.AbstractEventLoop) -> None:
+        """Send ``batch`` again after a back-off (within its time: then it is refused)."""
+        batch.not_before = min(loop.time() + RECONNECT_MIN, batch[0][4])
+        self._resend.appendleft(batch)
+        loop.call_at(batch.not_before, self._resend_due)
+
+    def _resend_due(self) -> None:
+        if not self._flush_soon and self._loop is not None:
+            self._flush_later(self._loop)
+
     def _batch_answered(self) -> None:
         """The oldest batch in flight was answered: watch the next one's deadline, let the
         writer send more, tell close() when nothing is left in flight."""
         self._watch_replies()
-        if self._queue and not self._flush_soon and self._loop is not None:
+        if (self._queue or self._resend) and not self._flush_soon and self._loop is not None:
             self._flush_later(self._loop)
         elif self._closing:
             self._wake_writer()
@@ -896,22 +986,28 @@ class RedisLog:
             answered.set_result(None)
 
     def _replies_failed(self, replies: _Taken | None, error: BaseException) -> None:
-        """The append connection failed (closed, an answer late or not to be trusted): every
-        batch in flight is refused (its answer can no longer be told from another's) and the
-        connection closed; the writer connects again for the next batch. A connection Redis
-        closed while nothing was in flight is no outage (Redis closes idle clients)."""
+        """The append connection failed (closed, an answer late or not to be trusted) and is
+        closed; the writer connects again. Batches in flight on a connection that was lost
+        are in doubt (Redis may have stored them): they are sent again first, and Redis answers
+        one it stored with the ids it gave. After an answer late or not to be trusted, every
+        batch in flight is refused. A connection Redis closed while nothing was in flight is no
+        outage (Redis closes idle clients)."""
         if replies is None or replies is not self._replies:
             return
         self._replies = None
         inflight = self._inflight
-        if inflight or not isinstance(error, (ConnectionError, OSError)):
+        lost = isinstance(error, (ConnectionError, OSError)) and not isinstance(error, TimeoutError)
+        if inflight or not lost:
             if isinstance(error, ServiceUnavailable):
                 logger.error("cluster log %s: %s: %d append(s) refused", self.where,
                              error.reason, sum(len(b) for b in inflight))
             else:
                 self.outage.failed(error)
-        while inflight:
-            _refuse(inflight.popleft())
+        if lost and not self._closing:
+            self._resend.extend(inflight)
+            inflight.clear()
+        while inflight:  # sent: Redis may have stored them
+            _refuse(inflight.popleft(), IN_DOUBT)
         self._batch_answered()
         replies.close()
 
@@ -934,7 +1030,8 @@ class RedisLog:
             await conn.disconnect(nowait=True)
 
     def _unsettled(self) -> list[_Queued]:
-        return [*self._sending, *(q for b in self._inflight for q in b), *self._queue]
+        return [*self._sending, *(q for b in self._inflight for q in b),
+                *(q for b in self._resend for q in b), *self._queue]
 
     def _writer_ended(self, task: asyncio.Task[None]) -> None:
         """If the writer failed, refuse appends (503) instead of leaving publishers waiting."""
@@ -943,11 +1040,12 @@ class RedisLog:
         logger.error("cluster log %s: the writer failed; publishing is refused until restart",
                      self.where, exc_info=task.exception())
         self._refusing = True
-        _refuse(self._unsettled())
+        _refuse(self._unsettled(), IN_DOUBT)
         self._sending, self._queue = [], []
         self._inflight.clear()
+        self._resend.clear()
 
-    def _deadline(self, batch: list[_Queued]) -> bytes:
+    def _deadline(self, batch: _Batch) -> bytes:
         """Redis' time (ms) after which it must not store ``batch``: ahead of the node's own
         deadline by ``DEADLINE_MARGIN`` of the timeout and the clock's uncertainty."""
         if self.clock_offset is None:
@@ -963,10 +1061,11 @@ class RedisLog:
         self._epochs += 1
         return _bulk(b"%s-%d" % (self._node_id, self._epochs))
 
-    def _packed(self, batch: list[_Queued]) -> list[bytes]:
+    def _packed(self, batch: _Batch) -> list[bytes]:
         """The batch's one EVAL, as RESP bytes (built here: no per-command packing)."""
-        parts = [b"*%d\r\n" % (9 + 3 * len(batch)), self._call_head,
-                 self._new_epoch(), _bulk(self._deadline(batch)), self._dedup_ttl]
+        parts = [b"*%d\r\n" % (11 + 3 * len(batch)), self._call_head,
+                 self._new_epoch(), _bulk(self._deadline(batch)), self._dedup_ttl,
+                 _bulk(b"=" + batch.key if batch.resent else batch.key), self._batch_ttl]
         for name, data, dedup, _fut, _t, _ev in batch:
             parts.append(b"$%d\r\n%b\r\n$1\r\n%b\r\n$%d\r\n" % (len(dedup), dedup, name, len(data)))
             parts.append(data)

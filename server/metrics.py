@@ -151,6 +151,9 @@ METRICS: dict[str, MetricSpec] = {
     "cluster_resets_total": MetricSpec(
         "counter", "Cluster: the Redis stream was found deleted or reset (FLUSHALL, failover)."),
     "cluster_outages_total": MetricSpec("counter", "Cluster: times Redis became unreachable."),
+    "cluster_batches_resent_total": MetricSpec(
+        "counter", "Cluster: appends sent to Redis again after their connection was lost before "
+        "the answer (Redis answers one it stored with the ids it gave)."),
     "cluster_redis_up": MetricSpec("gauge", "Cluster: 1 while Redis answers, 0 during an outage."),
     "cluster_read_lag_seconds": MetricSpec(
         "gauge", "Cluster: how far this node's reading lags the stream's newest entry (seconds)."),

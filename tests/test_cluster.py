@@ -459,8 +459,8 @@ async def test_outage_gives_503_keeps_streams_and_resumes_without_gap(
         got = [b + await until_sentinel(s) for b, s in zip(before, subs, strict=True)]
     for g in got:
         assert cursors(g) == cursors(got[0])
-        # a 503 means "not stored": the batch a hung Redis had read runs after its deadline
-        # when Redis wakes, and stores nothing
+        # a hung Redis stores none of the publishes answered 503 ("it may be stored"): the
+        # batch it had read runs after its deadline when Redis wakes, and stores nothing
         assert sorted((e["pubsub_path"], e["n"]) for e in g) == sorted(
             [("/t/n", i) for i in range(6)] + [("/t/after", 6)] + [("/t/later", i) for i in range(4)])
     for d in nodes:  # one line when the outage starts, one when it ends
@@ -670,7 +670,7 @@ async def test_one_timer_per_loop_bounds_every_call_and_never_fires_early(
             break
         await await_until(lambda: bool(got) and got[-1].cursor == acked[-1], EVENT_TIMEOUT,
                           "the reader to resume")
-        # a 503 means "not stored" (the hung batch reached Redis after its deadline)
+        # the 503's batch is not stored (it reached the hung Redis after its deadline)
         assert [e.cursor for e in got] == acked and len(set(acked)) == len(acked)
 
         redis_server.pause()
@@ -743,6 +743,105 @@ async def test_entries_read_while_the_reset_check_is_on_its_way_are_no_reset(
 
         await log._check_reset(cast(Any, AnsweredLate()))
         assert log.resets == 0 and len(log.mirror) == 2
+
+
+class CuttingProxy:
+    """A TCP proxy to Redis that can lose one script call: ``cut("answer")`` passes the next
+    ``EVAL`` to Redis and closes the connection when its answer comes (stored, not answered);
+    ``cut("request")`` closes the connection instead of passing the ``EVAL`` on (never stored)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.armed: str | None = None
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> CuttingProxy:
+        self._server = await asyncio.start_server(self._handle, HOST, 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self, what: str) -> None:
+        self.armed = what
+
+    async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        sreader, swriter = await asyncio.open_connection(HOST, self.upstream_port)
+        doomed = asyncio.Event()
+
+        def end() -> None:
+            self.cuts += 1
+            cwriter.transport.abort()
+            swriter.transport.abort()
+
+        async def up() -> None:
+            while data := await creader.read(65536):
+                if self.armed and b"$4\r\nEVAL\r\n" in data:
+                    what, self.armed = self.armed, None
+                    if what == "request":
+                        end()
+                        return
+                    doomed.set()
+                swriter.write(data)
+            swriter.close()
+
+        async def down() -> None:
+            while data := await sreader.read(65536):
+                if doomed.is_set():
+                    end()
+                    return
+                cwriter.write(data)
+            cwriter.close()
+
+        tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
+        self._tasks.update(tasks)
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._tasks.difference_update(tasks)
+            for w in (cwriter, swriter):
+                w.transport.abort()
+
+
+@pytest.mark.parametrize("lost", ["answer", "request"])
+async def test_a_batch_on_a_lost_connection_is_sent_again_and_stored_once(
+        redis_server: RedisServer, lost: str) -> None:
+    """The append connection is lost with a batch on it: after Redis stored it (its answer
+    lost), or before Redis got it. Either way the node sends the batch again on a new
+    connection, and the publisher gets its 202 with the cursor of the one entry Redis holds:
+    Redis answers a batch it had stored with the ids it gave, and stores the other once."""
+    from hub.event import make_event
+
+    async with CuttingProxy(redis_server.port) as proxy:
+        log = RedisLog(f"redis://{HOST}:{proxy.port}/0", STREAM, 100)
+        got: list[Event] = []
+        log.tail(got.append)
+        r = redis_server.client()
+        try:
+            await log.start()
+            first = await log.append(make_event("/t/first", {}))  # connected, nothing in flight
+            proxy.cut(lost)
+            acks = await asyncio.gather(*(log.append(make_event("/t/lost", {"i": i})) for i in range(3)))
+            assert proxy.cuts == 1 and log.resent_batches == 1
+            entries = stream_entries(r, STREAM)
+            assert len(entries) == 4, "each event stored once"
+            assert [a.cursor for a in [first, *acks] if a is not None] == [
+                entry_position(i)[1] for i, _f in entries]
+            await await_until(lambda: len(got) == 4, EVENT_TIMEOUT, "the events read back")
+            assert [e.payload.get("i") for e in got] == [None, 0, 1, 2]
+            assert log.outage.count == 1  # the lost connection; no publish refused
+        finally:
+            r.close()
+            await log.close()
 
 
 async def test_appends_of_one_turn_of_the_loop_go_in_one_script_call(redis_server: RedisServer) -> None:
