@@ -152,13 +152,15 @@ _Queued = tuple[bytes, bytes, bytes, "asyncio.Future[Appended | None]", float, "
 
 
 class _Batch(list[_Queued]):
-    """Appends sent in one script call, with the key under which Redis keeps its answer; once
-    sent again (its connection was lost), not before the loop time ``not_before``."""
+    """Appends sent in one script call: its number (the node's batches in the order they were
+    made) and the key under which Redis keeps its answer; once sent again (its connection was
+    lost), not before the loop time ``not_before``."""
 
-    __slots__ = ("key", "not_before", "resent")
+    __slots__ = ("key", "not_before", "resent", "seq")
 
-    def __init__(self, items: Iterable[_Queued] = (), key: bytes = b"") -> None:
+    def __init__(self, items: Iterable[_Queued] = (), seq: int = 0, key: bytes = b"") -> None:
         super().__init__(items)
+        self.seq = seq
         self.key = key
         self.resent = False
         self.not_before = 0.0
@@ -832,7 +834,7 @@ class RedisLog:
             _refuse(late)
             items = [q for q in items if q[4] > now]
         self._batches += 1
-        return _Batch(items, b"%s-%d" % (self._node_id, self._batches))
+        return _Batch(items, self._batches, b"%s-%d" % (self._node_id, self._batches))
 
     async def _write_loop(self) -> None:
         """Sends the appends that :meth:`_flush` cannot: while the connection is to be opened
@@ -875,7 +877,7 @@ class RedisLog:
                 self._sending = []
                 if not any(b is batch for b in self._inflight):  # not sent: the connection failed
                     if batch.resent:
-                        self._resend.appendleft(batch)  # still in doubt: again, within its time
+                        self._requeue(batch)  # still in doubt: again, within its time
                     else:
                         _refuse(batch)
                 self.outage.failed(e)
@@ -966,8 +968,13 @@ class RedisLog:
     def _resend_later(self, batch: _Batch, loop: asyncio.AbstractEventLoop) -> None:
         """Send ``batch`` again after a back-off (within its time: then it is refused)."""
         batch.not_before = min(loop.time() + RECONNECT_MIN, batch[0][4])
-        self._resend.appendleft(batch)
+        self._requeue(batch)
         loop.call_at(batch.not_before, self._resend_due)
+
+    def _requeue(self, *batches: _Batch) -> None:
+        """Batches to send again, among those waiting, in the order they were made (a
+        publisher's pipelined publishes keep their order in the stream)."""
+        self._resend = collections.deque(sorted((*self._resend, *batches), key=lambda b: b.seq))
 
     def _resend_due(self) -> None:
         if not self._flush_soon and self._loop is not None:
@@ -1004,7 +1011,7 @@ class RedisLog:
             else:
                 self.outage.failed(error)
         if lost and not self._closing:
-            self._resend.extend(inflight)
+            self._requeue(*inflight)
             inflight.clear()
         while inflight:  # sent: Redis may have stored them
             _refuse(inflight.popleft(), IN_DOUBT)

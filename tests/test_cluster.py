@@ -748,13 +748,19 @@ async def test_entries_read_while_the_reset_check_is_on_its_way_are_no_reset(
 class CuttingProxy:
     """A TCP proxy to Redis that can lose one script call: ``cut("answer")`` passes the next
     ``EVAL`` to Redis and closes the connection when its answer comes (stored, not answered);
-    ``cut("request")`` closes the connection instead of passing the ``EVAL`` on (never stored)."""
+    ``cut("request", n)`` swallows the next ``n`` script calls, then closes the connection
+    (never stored).
+    ``loading(n)`` answers the next ``n`` script calls itself, as a Redis still loading its
+    data set answers (``-LOADING``, nothing run)."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.port = 0
         self.armed: str | None = None
+        self.swallow = 0
         self.cuts = 0
+        self.to_load = 0
+        self.loading_answers = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -771,8 +777,12 @@ class CuttingProxy:
             self._server.close()
             await self._server.wait_closed()
 
-    def cut(self, what: str) -> None:
+    def cut(self, what: str, calls: int = 1) -> None:
         self.armed = what
+        self.swallow = calls
+
+    def loading(self, n: int) -> None:
+        self.to_load = n
 
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         sreader, swriter = await asyncio.open_connection(HOST, self.upstream_port)
@@ -785,11 +795,24 @@ class CuttingProxy:
 
         async def up() -> None:
             while data := await creader.read(65536):
-                if self.armed and b"$4\r\nEVAL\r\n" in data:
-                    what, self.armed = self.armed, None
-                    if what == "request":
+                calls = data.count(b"$4\r\nEVAL\r\n")
+                if self.to_load and calls and not self.armed:
+                    n = min(calls, self.to_load)
+                    self.to_load -= n
+                    self.loading_answers += n
+                    cwriter.write(b"-LOADING Redis is loading the dataset in memory\r\n" * n)
+                    if n == calls:
+                        continue
+                    raise AssertionError("a read with more script calls than to answer")
+                if self.armed == "request" and calls:
+                    self.swallow -= calls
+                    if self.swallow <= 0:
+                        self.armed = None
                         end()
                         return
+                    continue
+                if self.armed and calls:
+                    self.armed = None
                     doomed.set()
                 swriter.write(data)
             swriter.close()
@@ -839,6 +862,37 @@ async def test_a_batch_on_a_lost_connection_is_sent_again_and_stored_once(
             await await_until(lambda: len(got) == 4, EVENT_TIMEOUT, "the events read back")
             assert [e.payload.get("i") for e in got] == [None, 0, 1, 2]
             assert log.outage.count == 1  # the lost connection; no publish refused
+        finally:
+            r.close()
+            await log.close()
+
+
+async def test_a_batch_sent_again_to_a_loading_redis_waits_and_keeps_its_order(
+        redis_server: RedisServer) -> None:
+    """Two batches lost on their way, sent again and answered ``-LOADING`` (Redis restarted,
+    still loading: nothing run), are sent once more after a back-off, within their time, in the
+    order they were made: a publisher's events keep their order in the stream."""
+    from hub.event import make_event
+
+    async with CuttingProxy(redis_server.port) as proxy:
+        log = RedisLog(f"redis://{HOST}:{proxy.port}/0", STREAM, 100)
+        got: list[Event] = []
+        log.tail(got.append)
+        r = redis_server.client()
+        try:
+            await log.start()
+            await log.append(make_event("/t/first", {}))  # connected, nothing in flight
+            proxy.cut("request", 2)  # both batches on their way, neither stored
+            proxy.loading(2)
+            first = [log.append(make_event("/t/a", {"i": i})) for i in range(3)]
+            await asyncio.sleep(0)  # a turn of the loop: the second batch is another script call
+            second = [log.append(make_event("/t/b", {"i": i})) for i in range(3, 6)]
+            acks = await asyncio.gather(*first, *second)
+            assert proxy.cuts == 1 and proxy.loading_answers == 2 and log.resent_batches == 4
+            entries = stream_entries(r, STREAM)[1:]
+            assert [json.loads(f[b"p"] + b'"}')["i"] for _i, f in entries] == list(range(6))
+            assert [a.cursor for a in acks if a is not None] == [entry_position(i)[1] for i, _f in entries]
+            await await_until(lambda: len(got) == 7, EVENT_TIMEOUT, "the events read back")
         finally:
             r.close()
             await log.close()
