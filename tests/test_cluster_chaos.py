@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 
+from server.replay import CURSOR_FOUND_HEADER, CURSOR_HEADER
 from tests.redis_fixture import RedisServer, redis_server
-from tests.support import DaemonFactory
-from tests.test_cluster import EVENT_TIMEOUT, SENTINEL, STREAM, start_nodes, subscribers, until_sentinel
+from tests.support import DaemonFactory, free_port, subscribe, wait_subscribers
+from tests.test_cluster import (
+    EVENT_TIMEOUT,
+    SENTINEL,
+    STREAM,
+    node_config,
+    start_nodes,
+    subscribers,
+    until_sentinel,
+)
 
 __all__ = ["redis_server"]  # the fixture, re-exported for pytest
 
@@ -112,3 +122,86 @@ async def test_faults_while_publishing_lose_and_duplicate_nothing_acknowledged(
         client.close()
     for d in nodes:
         assert "the stream was reset" not in d.log(), "a fault taken for a reset of the stream"
+
+
+async def test_a_node_killed_and_restarted_while_publishing_its_clients_resume_without_gap(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    """Publishers keep publishing to every live node while one node is killed (SIGKILL) and
+    started again. Its subscriber resumes on another node by cursor, and a subscriber of the
+    restarted node resumes there: each holds exactly what a node that stayed up delivered."""
+    nodes = []
+    for i in range(3):
+        port = free_port()
+        nodes.append(daemon_factory(config=node_config(port, redis_server.url, size=100_000), port=port,
+                                    start=False, name=f"node{i}"))
+    for d in nodes:
+        d.start(wait=False)
+    for d in nodes:
+        d.wait_ready()
+    victim_node = nodes[0]
+    live = list(nodes)
+    acked: set[Key] = set()
+    stop = asyncio.Event()
+
+    async def publisher(p: int) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+            n = 0
+            while not stop.is_set():
+                d = live[(p + n) % len(live)]
+                try:
+                    async with s.put(f"{d.url}/t/chaos", json={"p": p, "n": n}) as r:
+                        await r.read()
+                        if r.status == 202:
+                            acked.add((p, n))
+                except (aiohttp.ClientError, TimeoutError):
+                    pass  # the killed node: its publish's fate is unknown
+                n += 1
+
+    async def more(count: int) -> None:
+        target = len(acked) + count
+        end = time.monotonic() + EVENT_TIMEOUT
+        while len(acked) < target:
+            assert time.monotonic() < end, "publishes not acknowledged"
+            await asyncio.sleep(0.01)
+
+    async with subscribe(nodes[1].url, "/") as reference, subscribe(victim_node.url, "/") as victim:
+        await wait_subscribers(nodes[1].url, 1)
+        await wait_subscribers(victim_node.url, 1)
+        pubs = [asyncio.create_task(publisher(p)) for p in range(PUBLISHERS)]
+        try:
+            await more(AFTER_FAULT)
+            seen: list[dict[str, Any]] = []
+            while len(seen) < AFTER_FAULT:
+                seen.append(await victim.next(EVENT_TIMEOUT))
+            live.remove(victim_node)
+            victim_node.kill()
+            await more(AFTER_FAULT)
+            headers = {CURSOR_HEADER: seen[-1]["pubsub_cursor"]}
+            async with subscribe(nodes[2].url, "/", headers) as resumed:
+                assert resumed.resp.headers[CURSOR_FOUND_HEADER] == "true"
+                victim_node.start()
+                live.append(victim_node)
+                await more(AFTER_FAULT)
+                back_headers = {CURSOR_HEADER: seen[0]["pubsub_cursor"]}
+                async with subscribe(victim_node.url, "/", back_headers) as back:
+                    assert back.resp.headers[CURSOR_FOUND_HEADER] == "true"
+                    await more(AFTER_FAULT)
+                    stop.set()
+                    await asyncio.gather(*pubs)
+                    async with aiohttp.ClientSession() as s, s.put(nodes[1].url + SENTINEL, json={}) as resp:
+                        assert resp.status == 202
+                    after_kill = await until_sentinel(resumed)
+                    after_restart = await until_sentinel(back)
+        finally:
+            stop.set()
+            await asyncio.gather(*pubs)
+        everything = await until_sentinel(reference)
+
+    def cursors(events: list[dict[str, Any]]) -> list[str]:
+        return [e["pubsub_cursor"] for e in events]
+
+    assert len(set(cursors(everything))) == len(everything), "no event delivered twice"
+    assert acked <= {(e["p"], e["n"]) for e in everything}
+    start = cursors(everything).index(seen[0]["pubsub_cursor"])
+    assert cursors(seen + after_kill) == cursors(everything)[start:], "the victim resumed without gap"
+    assert cursors(after_restart) == cursors(everything)[start + 1:], "the restarted node replays without gap"
