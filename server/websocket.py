@@ -22,6 +22,7 @@ from hub.router import NO_ACL
 from hub.topics import TopicSpec
 from server.app import SERVER_HEADER, State, _peer, gap_notice, reauthenticate, replay_request
 from server.auth import Principal
+from server.errors import BadRequest
 from server.fastws import CLOSE_TIMEOUT
 from server.formats import WEBSOCKET, WS_GOING_AWAY
 from server.stream import Stream, close_stream, open_stream
@@ -46,7 +47,13 @@ async def websocket_response(request: web.Request, state: State, spec: TopicSpec
     ws.headers.update({"Server": SERVER_HEADER, **answer})
     if replay is not None and not replay.needed:
         replay = None
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except ValueError:
+        # aiohttp refuses a bad handshake with a 400 quoting the header at fault, but fails
+        # instead (a 500, a traceback) when that header is not ASCII: a key it cannot decode,
+        # a Connection, Upgrade or version it cannot quote. Nothing was written yet.
+        raise BadRequest("invalid WebSocket handshake: a header it needs is not ASCII") from None
     transport = request.transport
     if transport is None:
         return ws
