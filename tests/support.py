@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import os
+import random
 import resource
 import signal
 import socket
@@ -28,9 +30,39 @@ PYTHON = sys.executable
 HOST = "127.0.0.1"
 
 
+#: the lowest port free_port() hands out when it can stay below the ephemeral range
+PORTS_FROM = 10000
+#: ports handed out lately: not handed out again before their server had time to take them
+_recent: collections.deque[int] = collections.deque(maxlen=512)
+
+
+def _ephemeral_low() -> int:
+    """The kernel's lowest port for the source of outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = HOST) -> int:
+    """A port free on ``host`` for a server a test starts, below the kernel's ephemeral range:
+    a port in that range may be taken meanwhile as the source port of an outgoing connection
+    (one to that very port while nothing listens there connects to itself), and a server
+    started or restarted on it then fails with "address already in use"."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
+    low = _ephemeral_low()
+    for _ in range(200 if low - PORTS_FROM >= 1000 else 0):
+        port = random.randrange(PORTS_FROM, low)
+        if port in _recent:
+            continue
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _recent.append(port)
+        return port
+    with socket.socket(fam, socket.SOCK_STREAM) as s:  # no room below the range: any free port
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
