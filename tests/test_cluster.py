@@ -569,11 +569,11 @@ async def test_sqs_message_enters_the_stream_once(
 
 
 @contextlib.asynccontextmanager
-async def reading_log(server: RedisServer, size: int
+async def reading_log(server: RedisServer, size: int, url: str | None = None
                       ) -> AsyncIterator[tuple[RedisLog, list[Event], redis.Redis]]:
-    """A started cluster log on ``server`` whose tail collects what it reads back, and a client
-    of that Redis; both closed after."""
-    log = RedisLog(server.url, STREAM, size)
+    """A started cluster log on ``server`` (or on ``url``, a way to it) whose tail collects what
+    it reads back, and a client of that Redis; both closed after."""
+    log = RedisLog(url or server.url, STREAM, size)
     got: list[Event] = []
     log.tail(got.append)
     r = server.client()
@@ -844,27 +844,19 @@ async def test_a_batch_on_a_lost_connection_is_sent_again_and_stored_once(
     Redis answers a batch it had stored with the ids it gave, and stores the other once."""
     from hub.event import make_event
 
-    async with CuttingProxy(redis_server.port) as proxy:
-        log = RedisLog(f"redis://{HOST}:{proxy.port}/0", STREAM, 100)
-        got: list[Event] = []
-        log.tail(got.append)
-        r = redis_server.client()
-        try:
-            await log.start()
-            first = await log.append(make_event("/t/first", {}))  # connected, nothing in flight
-            proxy.cut(lost)
-            acks = await asyncio.gather(*(log.append(make_event("/t/lost", {"i": i})) for i in range(3)))
-            assert proxy.cuts == 1 and log.resent_batches == 1
-            entries = stream_entries(r, STREAM)
-            assert len(entries) == 4, "each event stored once"
-            assert [a.cursor for a in [first, *acks] if a is not None] == [
-                entry_position(i)[1] for i, _f in entries]
-            await await_until(lambda: len(got) == 4, EVENT_TIMEOUT, "the events read back")
-            assert [e.payload.get("i") for e in got] == [None, 0, 1, 2]
-            assert log.outage.count == 1  # the lost connection; no publish refused
-        finally:
-            r.close()
-            await log.close()
+    async with CuttingProxy(redis_server.port) as proxy, \
+            reading_log(redis_server, 100, f"redis://{HOST}:{proxy.port}/0") as (log, got, r):
+        first = await log.append(make_event("/t/first", {}))  # connected, nothing in flight
+        proxy.cut(lost)
+        acks = await asyncio.gather(*(log.append(make_event("/t/lost", {"i": i})) for i in range(3)))
+        assert proxy.cuts == 1 and log.resent_batches == 1
+        entries = stream_entries(r, STREAM)
+        assert len(entries) == 4, "each event stored once"
+        assert [a.cursor for a in [first, *acks] if a is not None] == [
+            entry_position(i)[1] for i, _f in entries]
+        await await_until(lambda: len(got) == 4, EVENT_TIMEOUT, "the events read back")
+        assert [e.payload.get("i") for e in got] == [None, 0, 1, 2]
+        assert log.outage.count == 1  # the lost connection; no publish refused
 
 
 async def test_a_batch_sent_again_to_a_loading_redis_waits_and_keeps_its_order(
@@ -874,28 +866,20 @@ async def test_a_batch_sent_again_to_a_loading_redis_waits_and_keeps_its_order(
     order they were made: a publisher's events keep their order in the stream."""
     from hub.event import make_event
 
-    async with CuttingProxy(redis_server.port) as proxy:
-        log = RedisLog(f"redis://{HOST}:{proxy.port}/0", STREAM, 100)
-        got: list[Event] = []
-        log.tail(got.append)
-        r = redis_server.client()
-        try:
-            await log.start()
-            await log.append(make_event("/t/first", {}))  # connected, nothing in flight
-            proxy.cut("request", 2)  # both batches on their way, neither stored
-            proxy.loading(2)
-            first = [log.append(make_event("/t/a", {"i": i})) for i in range(3)]
-            await asyncio.sleep(0)  # a turn of the loop: the second batch is another script call
-            second = [log.append(make_event("/t/b", {"i": i})) for i in range(3, 6)]
-            acks = await asyncio.gather(*first, *second)
-            assert proxy.cuts == 1 and proxy.loading_answers == 2 and log.resent_batches == 4
-            entries = stream_entries(r, STREAM)[1:]
-            assert [json.loads(f[b"p"] + b'"}')["i"] for _i, f in entries] == list(range(6))
-            assert [a.cursor for a in acks if a is not None] == [entry_position(i)[1] for i, _f in entries]
-            await await_until(lambda: len(got) == 7, EVENT_TIMEOUT, "the events read back")
-        finally:
-            r.close()
-            await log.close()
+    async with CuttingProxy(redis_server.port) as proxy, \
+            reading_log(redis_server, 100, f"redis://{HOST}:{proxy.port}/0") as (log, got, r):
+        await log.append(make_event("/t/first", {}))  # connected, nothing in flight
+        proxy.cut("request", 2)  # both batches on their way, neither stored
+        proxy.loading(2)
+        first = [log.append(make_event("/t/a", {"i": i})) for i in range(3)]
+        await asyncio.sleep(0)  # a turn of the loop: the second batch is another script call
+        second = [log.append(make_event("/t/b", {"i": i})) for i in range(3, 6)]
+        acks = await asyncio.gather(*first, *second)
+        assert proxy.cuts == 1 and proxy.loading_answers == 2 and log.resent_batches == 4
+        entries = stream_entries(r, STREAM)[1:]
+        assert [json.loads(f[b"p"] + b'"}')["i"] for _i, f in entries] == list(range(6))
+        assert [a.cursor for a in acks if a is not None] == [entry_position(i)[1] for i, _f in entries]
+        await await_until(lambda: len(got) == 7, EVENT_TIMEOUT, "the events read back")
 
 
 async def test_appends_of_one_turn_of_the_loop_go_in_one_script_call(redis_server: RedisServer) -> None:
