@@ -153,15 +153,14 @@ _Queued = tuple[bytes, bytes, bytes, "asyncio.Future[Appended | None]", float, "
 
 class _Batch(list[_Queued]):
     """Appends sent in one script call: its number (the node's batches in the order they were
-    made) and the key under which Redis keeps its answer; once sent again (its connection was
-    lost), not before the loop time ``not_before``."""
+    made; with the node's id, the key under which Redis keeps its answer); once sent again (its
+    connection was lost), not before the loop time ``not_before``."""
 
-    __slots__ = ("key", "not_before", "resent", "seq")
+    __slots__ = ("not_before", "resent", "seq")
 
-    def __init__(self, items: Iterable[_Queued] = (), seq: int = 0, key: bytes = b"") -> None:
+    def __init__(self, items: Iterable[_Queued] = (), seq: int = 0) -> None:
         super().__init__(items)
         self.seq = seq
-        self.key = key
         self.resent = False
         self.not_before = 0.0
 
@@ -834,7 +833,7 @@ class RedisLog:
             _refuse(late)
             items = [q for q in items if q[4] > now]
         self._batches += 1
-        return _Batch(items, self._batches, b"%s-%d" % (self._node_id, self._batches))
+        return _Batch(items, self._batches)
 
     async def _write_loop(self) -> None:
         """Sends the appends that :meth:`_flush` cannot: while the connection is to be opened
@@ -1072,7 +1071,8 @@ class RedisLog:
         """The batch's one EVAL, as RESP bytes (built here: no per-command packing)."""
         parts = [b"*%d\r\n" % (11 + 3 * len(batch)), self._call_head,
                  self._new_epoch(), _bulk(self._deadline(batch)), self._dedup_ttl,
-                 _bulk(b"=" + batch.key if batch.resent else batch.key), self._batch_ttl]
+                 _bulk(b"%s%s-%d" % (b"=" if batch.resent else b"", self._node_id, batch.seq)),
+                 self._batch_ttl]
         for name, data, dedup, _fut, _t, _ev in batch:
             parts.append(b"$%d\r\n%b\r\n$1\r\n%b\r\n$%d\r\n" % (len(dedup), dedup, name, len(data)))
             parts.append(data)
