@@ -61,12 +61,13 @@ def node_config(port: int, url: str, **backlog: Any) -> dict[str, Any]:
     return base_config(port, ping_interval="0.2", backlog=bl)
 
 
-def start_nodes(factory: DaemonFactory, url: str, n: int = NODES, **extra: Any) -> list[Daemon]:
-    """``n`` daemons on one Redis, started in parallel."""
+def start_nodes(factory: DaemonFactory, url: str, n: int = NODES, backlog: dict[str, Any] | None = None,
+                **extra: Any) -> list[Daemon]:
+    """``n`` daemons on one Redis (``backlog``: options of their backlog), started in parallel."""
     nodes = []
     for i in range(n):
         port = free_port()
-        cfg = node_config(port, url)
+        cfg = node_config(port, url, **(backlog or {}))
         cfg.update(extra)
         nodes.append(factory(config=cfg, port=port, start=False, name=f"node{i}"))
     for d in nodes:
