@@ -84,10 +84,18 @@ OWN_BYTES = 16 << 20
 #: event's bytes as every node sends them, but for the cursor, which the entry id gives: a node
 #: appends the cursor and ``"}``, no JSON is rebuilt); ``e``: the whole stamped JSON, re-stamped
 #: on read (an event whose ``pubsub_cursor`` is not its last member, and entries written by
-#: earlier versions); ``g``: the stream's epoch when the entry was written.
+#: earlier versions); ``g``: the stream's epoch when the entry was written; ``n``, on the last
+#: entry of each batch only: ``"N k"``, the batch's ``k`` entries and the count ``N`` of entries
+#: the script has written in the epoch so far (under ``<stream>:count``). A batch's entries are
+#: consecutive in the stream, so a reader checks that each batch begins where the last ended
+#: (``N - k`` is the last batch's ``N``) and that it read all ``k`` entries; otherwise it missed
+#: entries (trimmed or deleted before it read them) or reads a stream that went back (a restart
+#: from an older copy, failover to a lagging replica), and reports a gap instead of going on
+#: silently. Entries of earlier versions carry no count and are not counted.
 PREFIX_FIELD = b"p"
 EVENT_FIELD = b"e"
 EPOCH_FIELD = b"g"
+COUNT_FIELD = b"n"
 
 #: One call appends a whole batch. KEYS: stream, epoch key. ARGV: MAXLEN, a new epoch, the
 #: batch's deadline (Redis time, ms; 0: none), the de-duplication TTL, then per event its
@@ -97,7 +105,9 @@ EPOCH_FIELD = b"g"
 #: * A batch Redis runs after its deadline (it was held by a hung Redis, or queued behind one) is
 #:   refused whole and stores nothing: the node has answered, or is about to answer, ``503``.
 #: * An append to a stream that does not exist (first use, deleted, FLUSHALL) starts a new
-#:   epoch, stamped on every entry: readers see a reset on the entry itself.
+#:   epoch, stamped on every entry: readers see a reset on the entry itself. A batch's last
+#:   entry also carries the count of the epoch's entries (``n``): readers see a gap, or a stream
+#:   gone back, at the end of the next batch they read.
 #: * De-duplication, the epoch and the appends are atomic (one script); a refusal (out of
 #:   memory) comes at the first write, so a batch is stored whole or not at all.
 #: * A batch stored keeps its answer (the entry ids) under its own key for ``batch_ttl``: the
@@ -130,12 +140,25 @@ local epoch = redis.call('GET', KEYS[2])
 if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
   epoch = ARGV[2]
   redis.call('SET', KEYS[2], epoch)
+  redis.call('DEL', KEYS[1] .. ':count')
 end
 local dedup = KEYS[1] .. ':dedup:'
+local add, k = {}, 0
+for i = 7, #ARGV, 3 do
+  if ARGV[i] == '' or redis.call('SET', dedup .. ARGV[i], '1', 'NX', 'EX', ARGV[4]) then
+    k = k + 1
+    add[i] = k
+  end
+end
+local n = 0
+if k > 0 then n = redis.call('INCRBY', KEYS[1] .. ':count', k) end
 local out, ids = {}, {}
 for i = 7, #ARGV, 3 do
-  local id = false
-  if ARGV[i] == '' or redis.call('SET', dedup .. ARGV[i], '1', 'NX', 'EX', ARGV[4]) then
+  local id, j = false, add[i]
+  if j == k then
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[i + 1], ARGV[i + 2], 'g', epoch,
+                    'n', string.format('%d %d', n, k))
+  elseif j then
     id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[i + 1], ARGV[i + 2], 'g', epoch)
   end
   out[#out + 1] = id
@@ -201,6 +224,12 @@ def entry_position(entry_id: bytes | str) -> tuple[int, str]:
     """The log position and the cursor of the stream entry ``entry_id`` (``<ms>-<seq>``)."""
     ms, seq = _split_id(entry_id)
     return ms << 64 | seq, fast_cursor(ms, seq)
+
+
+def _position(entry_id: bytes | str) -> int:
+    """The log position of the stream entry ``entry_id`` (``0-0``: 0, before every entry)."""
+    ms, seq = _split_id(entry_id)
+    return ms << 64 | seq
 
 
 def entry_cursor(ms: int, seq: int) -> str:
@@ -552,6 +581,12 @@ class RedisLog:
         self.last_id = b"0-0"
         #: the stream's epoch (changes when the stream was deleted or reset)
         self.epoch: bytes | None = None
+        #: the count ``N`` of the last batch read back (its last entry's); None: not known (none
+        #: read yet, or since a reset); entries read since that batch's end
+        self._count: int | None = None
+        self._since = 0
+        #: entries this node never read: removed (trimmed, deleted) before it read them
+        self.missed = 0
         self._node_id = uuid.uuid4().hex.encode()
         self._epochs = 0
         self._closing = False
@@ -587,7 +622,8 @@ class RedisLog:
         """Counters for the metrics collector (``server.metrics`` protocol)."""
         return {**self.mirror.stats(), "cluster_entries_read_total": self.entries_read,
                 "cluster_unreadable_entries_total": self.unreadable,
-                "cluster_resets_total": self.resets, "cluster_outages_total": self.outage.count,
+                "cluster_resets_total": self.resets, "cluster_missed_entries_total": self.missed,
+                "cluster_outages_total": self.outage.count,
                 "cluster_batches_resent_total": self.resent_batches,
                 "cluster_redis_up": 0 if self.outage.down or not self.loaded else 1,
                 "cluster_read_lag_seconds": self.read_lag()}
@@ -939,7 +975,7 @@ class RedisLog:
         inflight.popleft()
         self._batch_answered()
         self.outage.ok()
-        own, last = self._own, self.mirror.last_position
+        own, last = self._own, _position(self.last_id)
         held = self._own_bytes
         try:
             for q, r in zip(batch, out, strict=True):
@@ -1199,6 +1235,7 @@ class RedisLog:
         mirror, paths, own = self.mirror, self._paths, self._own
         keep, consumer = mirror.keep, self._consumer if route else None
         last, last_id, epoch_now, taken, reused = mirror.last_position, self.last_id, self.epoch, 0, 0
+        count, since, read = self._count, self._since, 0
         try:
             for entry_id, fields in entries:
                 try:
@@ -1210,20 +1247,36 @@ class RedisLog:
                         position, cursor = mine[2], mine[3]
                     if position <= last:
                         continue  # already taken (cannot happen with XREAD after last_id; cheap to guard)
-                    last_id, taken = entry_id, taken + 1
-                    # the writer's entries are [p|e, bytes, g, epoch]; look further only for others
+                    last_id, read, taken = entry_id, position, taken + 1
+                    # the writer's entries are [p|e, bytes, g, epoch], a batch's last one also
+                    # [n, "N k"] (earlier versions': never); look further only for others
                     epoch: bytes | None
-                    if len(fields) == 4 and fields[2] == EPOCH_FIELD:
-                        name, data, epoch = fields[0], fields[1], fields[3]
+                    n: bytes | None
+                    if len(fields) == 6 and fields[4] == COUNT_FIELD and fields[2] == EPOCH_FIELD:
+                        name, data, epoch, n = fields[0], fields[1], fields[3], fields[5]
+                    elif len(fields) == 4 and fields[2] == EPOCH_FIELD:
+                        name, data, epoch, n = fields[0], fields[1], fields[3], None
                     else:
                         named = dict(zip(fields[::2], fields[1::2], strict=False))
-                        epoch = named.get(EPOCH_FIELD)
+                        epoch, n = named.get(EPOCH_FIELD), named.get(COUNT_FIELD)
                         name = PREFIX_FIELD if PREFIX_FIELD in named else EVENT_FIELD
                         data = named.get(name) or b""
                     if epoch != epoch_now:
+                        # a new epoch is checked from its first batch read on (a node of an
+                        # earlier version may have started it, and counted nothing)
                         if epoch_now is not None or len(mirror):
                             self._reset("an entry of a new epoch")
                         epoch_now = self.epoch = epoch
+                        count, since = None, 0
+                    since += 1
+                    if n is not None and (parts := n.split(b" "))[0].isdigit() and len(parts) == 2 \
+                            and parts[1].isdigit():
+                        # a batch's last entry: its k entries end the epoch's first N; it must
+                        # begin where the last batch read ended, and all k must have been read
+                        got, k = int(parts[0]), int(parts[1])
+                        if count is not None and (got - k != count or since < k):
+                            self._gap(count, got, k, since)
+                        count, since = got, 0
                     if mine is not None and name == PREFIX_FIELD and data == mine[0] \
                             and not mine[1].position and type(payload := mine[1].payload) is dict:
                         # this node's event, as Redis holds it (the bytes are compared: after a
@@ -1265,8 +1318,15 @@ class RedisLog:
                         consumer(event)
                     except Exception:  # task boundary: one subscriber's failure must not stop the reads
                         logger.exception("cluster log %s: entry %r not routed", self.where, entry_id)
+            if own and (oldest := next(iter(own.values())))[2] <= read:
+                # acknowledged with an id not read yet (the oldest is first), and now read past:
+                # its entry is not in the stream this node reads, whatever the counts say
+                self._reset(f"an event this node appended (cursor {oldest[3]}) is not in the stream "
+                            f"any more: a restart from an older copy, failover to a lagging "
+                            f"replica, or trimmed before this node read it")
         finally:
             self.last_id = last_id
+            self._count, self._since = count, since
             self.entries_read += taken
             self.own_reused += reused
 
@@ -1290,16 +1350,33 @@ class RedisLog:
             raise EventError("no pubsub_path or pubsub_timestamp")
         return make_event(path, obj, timestamp=float(ts), cursor=cursor, position=position)
 
-    def _reset(self, why: str) -> None:
-        """The stream was deleted or reset (FLUSHALL, failover to an empty replica)."""
+    def _gap(self, count: int, got: int, k: int, since: int) -> None:
+        """A batch of ``k`` entries that ends the epoch's first ``got``, read ``since`` entries
+        after the end of a batch that ended its first ``count`` (same epoch), does not follow it."""
+        if got - k >= count:  # entries in between are gone: trimmed or deleted before they were read
+            # (entries of nodes of earlier versions are read but not counted: at least the rest)
+            missed = max(got - count - since, got - k - count)
+            self.missed += missed
+            self._reset(f"{missed} {'entry was' if missed == 1 else 'entries were'} removed before "
+                        f"this node read them: trimmed (the stream's size or max_age is too small "
+                        f"for how far this node fell behind) or deleted", what="missed events")
+        else:  # counted again: the stream lost entries this node had read, and went on
+            self._reset(f"the stream went back: a batch begins after its entry {got - k}, but "
+                        f"this node had read {count}: a restart from an older copy, or failover "
+                        f"to a lagging replica")
+
+    def _reset(self, why: str, what: str = "the stream was reset") -> None:
+        """The stream was deleted or reset (FLUSHALL, failover to an empty or lagging replica),
+        or this node missed entries: what it kept for replay no longer follows the stream."""
         self.resets += 1
         lost = len(self.mirror)
         self.mirror.clear()
         self._own.clear()  # entries of the old stream: never read back
         self._own_bytes = 0
-        logger.warning("cluster log %s: the stream was reset (%s): acknowledged events may be "
-                       "lost; %d retained event(s) dropped, clients resuming from before the "
-                       "reset are told their cursor is not found", self.where, why, lost)
+        self._count, self._since = None, 0
+        logger.warning("cluster log %s: %s (%s): acknowledged events may be lost to this "
+                       "node's subscribers; %d retained event(s) dropped, clients resuming from "
+                       "before it are told their cursor is not found", self.where, what, why, lost)
 
     async def _maintain_loop(self) -> None:
         """Detect a reset even when nothing is published; trim by age (Redis time); keep the

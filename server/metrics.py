@@ -149,7 +149,10 @@ METRICS: dict[str, MetricSpec] = {
     "cluster_unreadable_entries_total": MetricSpec(
         "counter", "Cluster: stream entries that were not events (skipped)."),
     "cluster_resets_total": MetricSpec(
-        "counter", "Cluster: the Redis stream was found deleted or reset (FLUSHALL, failover)."),
+        "counter", "Cluster: the Redis stream was found deleted, reset or gone back (FLUSHALL, "
+        "failover), or this node missed entries: its replay history was dropped."),
+    "cluster_missed_entries_total": MetricSpec(
+        "counter", "Cluster: stream entries removed (trimmed, deleted) before this node read them."),
     "cluster_outages_total": MetricSpec("counter", "Cluster: times Redis became unreachable."),
     "cluster_batches_resent_total": MetricSpec(
         "counter", "Cluster: appends sent to Redis again after their connection was lost before "

@@ -27,7 +27,7 @@ class RedisServer:
     """One redis-server process; restartable on the same port and files."""
 
     def __init__(self, workdir: Path, *, aof: bool = True, tls: bool = False,
-                 password: str | None = None) -> None:
+                 password: str | None = None, replica_of: int | None = None) -> None:
         binary = shutil.which(REDIS_SERVER)
         if binary is None:
             pytest.fail(f"{REDIS_SERVER} is not installed (scripts/install.sh --dev installs it)")
@@ -39,6 +39,8 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "redis.log"
         self.password = password
+        #: a replica of the (plain) Redis on this port until told otherwise (``REPLICAOF NO ONE``)
+        self.replica_of = replica_of
         #: with ``tls``: TLS only (no plain port), a certificate for 127.0.0.1 from a test CA
         self.ca_path: Path | None = None
         if tls:
@@ -71,6 +73,8 @@ class RedisServer:
             args += ["--requirepass", self.password]
         if self.aof:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
+        if self.replica_of is not None:
+            args += ["--replicaof", HOST, str(self.replica_of)]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
 

@@ -45,6 +45,7 @@ from tests.support import (
     subscribe,
     wait_subscribers,
 )
+from tests.test_admin import sample
 from tests.test_transports import NO_TIMEOUT, SseReader, sse, ws_next
 
 __all__ = ["redis_server"]  # the fixture, re-exported for pytest
@@ -62,12 +63,15 @@ def node_config(port: int, url: str, **backlog: Any) -> dict[str, Any]:
 
 
 def start_nodes(factory: DaemonFactory, url: str, n: int = NODES, backlog: dict[str, Any] | None = None,
-                **extra: Any) -> list[Daemon]:
-    """``n`` daemons on one Redis (``backlog``: options of their backlog), started in parallel."""
+                admin: bool = False, **extra: Any) -> list[Daemon]:
+    """``n`` daemons on one Redis (``backlog``: options of their backlog; ``admin``: each with
+    an admin listener), started in parallel."""
     nodes = []
     for i in range(n):
         port = free_port()
         cfg = node_config(port, url, **(backlog or {}))
+        if admin:
+            cfg["server"]["admin"] = {"port": free_port(), "bind": HOST}
         cfg.update(extra)
         nodes.append(factory(config=cfg, port=port, start=False, name=f"node{i}"))
     for d in nodes:
@@ -308,7 +312,7 @@ async def test_size_0_carries_live_events_without_replay(
         async with subscribe(nodes[1].url, "/", {CURSOR_HEADER: got["pubsub_cursor"]}) as s:
             assert s.resp.headers[CURSOR_FOUND_HEADER] == "false"  # replay is off
     for d in nodes:
-        assert "the stream was reset" not in d.log()
+        assert "acknowledged events may be lost" not in d.log()
 
 
 # -- 1, 2: one service -------------------------------------------------------------------------------
@@ -496,7 +500,7 @@ async def test_redis_restart_with_aof_loses_nothing_acknowledged(
     assert headers[CURSOR_FOUND_HEADER] == "true"
     assert cursors(resumed) == cursors(before[1:] + after)
     for d in nodes:
-        assert "the stream was reset" not in d.log()
+        assert "acknowledged events may be lost" not in d.log()
 
 
 async def test_reset_stream_is_reported_as_a_gap(
@@ -517,6 +521,41 @@ async def test_reset_stream_is_reported_as_a_gap(
                 assert s.resp.headers[CURSOR_FOUND_HEADER] == "false"
         await put(nodes[1], "/t/new", {"n": 5})  # the cluster goes on with a new stream
         assert (await live.next(EVENT_TIMEOUT))["n"] == 5
+
+
+async def test_entries_trimmed_before_a_node_read_them_are_reported_as_a_gap(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    """A node held (SIGSTOP) while the others publish more than the stream keeps finds, at the
+    next entry it reads, that the entries' numbers skip what was trimmed unread: it says so,
+    counts them, and a client resuming there from before the gap is told its cursor is not
+    found. The nodes that read everything report nothing."""
+    import signal
+
+    nodes = start_nodes(daemon_factory, redis_server.url, backlog={"size": 100}, admin=True)
+    async with subscribers(nodes) as subs:
+        await publish_spread(nodes, 3)
+        before = [[await s.next(EVENT_TIMEOUT) for _ in range(3)] for s in subs]
+        nodes[0].signal(signal.SIGSTOP)
+        try:
+            for _ in range(10):  # 1 000 events: the stream (MAXLEN ~ 100) is trimmed past node 0
+                await publish_spread(nodes[1:], 100)
+        finally:
+            nodes[0].signal(signal.SIGCONT)
+        await put(nodes[1], SENTINEL, {})
+        for s in subs[1:]:
+            assert len(await until_sentinel(s)) == 1000
+        held = await until_sentinel(subs[0])
+        assert 0 < len(held) < 1000, "node 0 delivers what the stream still held"
+        nodes[0].wait_log("missed events (", EVENT_TIMEOUT)
+        assert "entries were removed before this node read them" in nodes[0].log()
+        for d in nodes[1:]:
+            assert "acknowledged events may be lost" not in d.log()
+        # what node 0 delivered after the stop, and what it counts as missed, make up the rest
+        assert await sample(nodes[0], "pypubsub_cluster_missed_entries_total") == 1000 - len(held)
+        assert await sample(nodes[1], "pypubsub_cluster_missed_entries_total") == 0
+        resume = before[0][2]["pubsub_cursor"]
+        async with subscribe(nodes[0].url, "/", {CURSOR_HEADER: resume}) as s:
+            assert s.resp.headers[CURSOR_FOUND_HEADER] == "false"  # a gap, never a silent one
 
 
 # -- 6: a node killed ----------------------------------------------------------------------------------
@@ -610,7 +649,12 @@ async def test_entries_hold_the_bytes_nodes_send_and_older_entries_are_read(
         r.xadd(STREAM, {"e": old.json, "g": epoch})
         await await_until(lambda: len(got) == 4, EVENT_TIMEOUT)
         entries = stream_entries(r, STREAM)
-        assert [sorted(f) for _i, f in entries] == [[b"g", b"p"], [b"e", b"g"], [b"g", b"p"], [b"e", b"g"]]
+        assert [sorted(f) for _i, f in entries] == [[b"g", b"p"], [b"e", b"g"], [b"g", b"n", b"p"],
+                                                    [b"e", b"g"]]
+        # the batch's last entry carries the epoch's count and the batch's size; the earlier
+        # version's entry carries none (and breaks no count)
+        assert [f.get(b"n") for _i, f in entries] == [None, None, b"3 3", None]
+        assert r.get(f"{STREAM}:count") == b"3" and log.resets == 0
         for (entry_id, _f), ev in zip(entries, got, strict=True):
             position, cursor = entry_position(entry_id)
             assert (ev.position, ev.cursor, ev.payload["pubsub_cursor"]) == (position, cursor, cursor)
@@ -752,7 +796,8 @@ class CuttingProxy:
     ``cut("request", n)`` swallows the next ``n`` script calls, then closes the connection
     (never stored).
     ``loading(n)`` answers the next ``n`` script calls itself, as a Redis still loading its
-    data set answers (``-LOADING``, nothing run)."""
+    data set answers (``-LOADING``, nothing run). ``switch(port)`` is a failover: every
+    connection is closed, and the next ones go to the Redis on ``port``."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -764,6 +809,7 @@ class CuttingProxy:
         self.loading_answers = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._open: set[asyncio.StreamWriter] = set()
 
     async def __aenter__(self) -> CuttingProxy:
         self._server = await asyncio.start_server(self._handle, HOST, 0)
@@ -784,6 +830,11 @@ class CuttingProxy:
 
     def loading(self, n: int) -> None:
         self.to_load = n
+
+    def switch(self, port: int) -> None:
+        self.upstream_port = port
+        for w in self._open:
+            w.transport.abort()
 
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         sreader, swriter = await asyncio.open_connection(HOST, self.upstream_port)
@@ -828,10 +879,12 @@ class CuttingProxy:
 
         tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
         self._tasks.update(tasks)
+        self._open.update((cwriter, swriter))
         try:
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             self._tasks.difference_update(tasks)
+            self._open.difference_update((cwriter, swriter))
             for w in (cwriter, swriter):
                 w.transport.abort()
 
@@ -881,6 +934,117 @@ async def test_a_batch_sent_again_to_a_loading_redis_waits_and_keeps_its_order(
         assert [json.loads(f[b"p"] + b'"}')["i"] for _i, f in entries] == list(range(6))
         assert [a.cursor for a in acks if a is not None] == [entry_position(i)[1] for i, _f in entries]
         await await_until(lambda: len(got) == 7, EVENT_TIMEOUT, "the events read back")
+
+
+async def append_when_up(log: RedisLog, event: Event) -> str:
+    """Append ``event`` once the log accepts appends again (after a failover); its cursor."""
+    deadline = time.monotonic() + EVENT_TIMEOUT
+    while True:
+        try:
+            ack = await log.append(event)
+        except ServiceUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)  # back-off between attempts, not synchronisation
+            continue
+        assert ack is not None
+        return ack.cursor
+
+
+async def test_failover_to_a_lagging_replica_is_reported_as_a_gap(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """Redis fails over to a replica that lacks the newest entries (replication is
+    asynchronous), and the nodes append on. Every node that had read past what the replica
+    holds finds the next entry numbered again (the stream went back): it reports a gap, and its
+    replay history is dropped, instead of continuing as if the lost entries had never been."""
+    from hub.event import make_event
+
+    replica = RedisServer(tmp_path / "replica", replica_of=redis_server.port).start()
+    try:
+        async with CuttingProxy(redis_server.port) as proxy:
+            url = f"redis://{HOST}:{proxy.port}/0"
+            async with reading_log(redis_server, 100, url) as (a, got_a, _r), \
+                    reading_log(redis_server, 100, url) as (b, got_b, _r2):
+                for i in range(5):
+                    await a.append(make_event("/t/x", {"i": i}))
+                rr = replica.client()
+                try:
+                    await await_until(lambda: rr.xlen(STREAM) == 5, EVENT_TIMEOUT, "the replica's copy")
+                    rr.replicaof("NO", "ONE")  # it follows no more
+                    lost = [await a.append(make_event("/t/x", {"i": i})) for i in range(5, 8)]
+                    await await_until(lambda: len(got_a) == len(got_b) == 8, EVENT_TIMEOUT)
+                    assert rr.xlen(STREAM) == 5 and a.resets == b.resets == 0
+                    proxy.switch(replica.port)  # the failover: the nodes now reach the replica
+                    after = await append_when_up(b, make_event("/t/x", {"i": 8}))
+                    await await_until(lambda: len(got_a) == len(got_b) == 9, EVENT_TIMEOUT)
+                finally:
+                    rr.close()
+                for log, got in ((a, got_a), (b, got_b)):
+                    assert log.resets == 1, "the lost entries are reported, once"
+                    assert got[-1].cursor == after and log.missed == 0
+                    for ack in lost:  # replaying from a lost event: a gap, never a silent one
+                        assert ack is not None and await log.locate(cursor=ack.cursor) is None
+                    assert await log.locate(cursor=got[2].cursor) is None
+    finally:
+        replica.stop()
+
+
+def test_batch_counts_tell_a_gap_and_a_stream_gone_back() -> None:
+    """The reader checks each batch's count (on its last entry: the epoch's count N so far and
+    the batch's k entries): a batch that begins where the last ended, all of it read, goes on; a
+    batch that begins later, or whose first entries were not read, is entries trimmed or deleted
+    unread (counted); a batch that begins before the last one's end is a stream gone back. Entries
+    of earlier versions carry no count and are not counted; a new epoch is checked from its first
+    batch read. An event this node appended that the reader passed without reading is lost to it
+    too. Each is one reset: the retained events are dropped."""
+    from hub.event import make_event
+
+    log = RedisLog("redis://127.0.0.1:1/0", STREAM, 100)  # not started: entries are handed in
+    got: list[Event] = []
+    log.tail(got.append)
+    ms = 1_700_000_000_000
+
+    def batch(total: int, k: int, epoch: bytes = b"e1", read: int | None = None
+              ) -> list[tuple[bytes, list[bytes]]]:
+        """The last ``read`` (default: all ``k``) entries of a batch ending the epoch's ``total``."""
+        nonlocal ms
+        out = []
+        for i in range(k):
+            ms += 1
+            fields = [b"e", make_event("/t/x", {"i": total - k + i + 1}).json, b"g", epoch]
+            if i == k - 1:
+                fields += [b"n", b"%d %d" % (total, k)]
+            out.append((f"{ms}-0".encode(), fields))
+        return out[k - (k if read is None else read):]
+
+    def older() -> tuple[bytes, list[bytes]]:  # an entry of an earlier version: no count
+        nonlocal ms
+        ms += 1
+        return f"{ms}-0".encode(), [b"e", make_event("/t/old", {}).json, b"g", b"e1"]
+
+    log._take([*batch(2, 2), older(), *batch(5, 3), *batch(6, 1)], route=True)
+    assert (log.resets, log.missed, len(got), len(log.mirror)) == (0, 0, 7, 7)
+    foreign = older()  # a count that is not one (not this version's writer): the event all the same
+    log._take([(foreign[0], [*foreign[1], b"n", b"x 1"])], route=True)
+    assert (log.resets, len(got)) == (0, 8)
+    log._take(batch(10, 2), route=True)  # 7 and 8 were removed before they were read
+    # (found at the batch's end: what the node kept of the batch before it is dropped too)
+    assert (log.resets, log.missed, len(log.mirror)) == (1, 2, 1)
+    log._take(batch(13, 3, read=1), route=True)  # 11 and 12 too: the batch's first entries
+    assert (log.resets, log.missed, len(log.mirror)) == (2, 4, 1)
+    log._take(batch(12, 2), route=True)  # begins after 10, where 13 was read: gone back
+    assert (log.resets, log.missed, len(log.mirror)) == (3, 4, 1)
+    log._take([*batch(14, 2), *batch(3, 3, b"e2")], route=True)  # a new epoch
+    assert (log.resets, len(log.mirror)) == (4, 3)
+    log._take(batch(6, 2, b"e2"), route=True)  # checked from its first batch read on
+    assert (log.resets, log.missed) == (5, 5)
+    mine = make_event("/t/mine", {})
+    own_id = f"{ms + 1}-0".encode()
+    position, cursor = entry_position(own_id)
+    log._own[own_id] = (mine.json[:-38], mine, position, cursor)  # acknowledged, not read yet
+    ms += 1
+    log._take(batch(7, 1, b"e2"), route=True)  # read past it: its entry is not in the stream
+    assert log.resets == 6 and not log._own and len(got) == 21
 
 
 async def test_appends_of_one_turn_of_the_loop_go_in_one_script_call(redis_server: RedisServer) -> None:
