@@ -4,26 +4,30 @@ Three publishers publish without pause, round-robin over the nodes, while Redis 
 restarted (AOF, ``appendfsync always``), hung and woken, and has every client connection cut.
 Afterwards every node's subscriber must hold each acknowledged event exactly once, all in the
 stream's one order; no event refused as "not stored" may be there; and no node may have taken
-the faults for a reset of the stream.
+the faults for a reset of the stream. A failover to a replica that lacks the newest events,
+while publishing, must be reported by every node that delivered one of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from server.replay import CURSOR_FOUND_HEADER, CURSOR_HEADER
-from tests.redis_fixture import RedisServer, redis_server
-from tests.support import Daemon, DaemonFactory, put, subscribe, wait_subscribers
+from tests.redis_fixture import RedisServer, redis_server, stream_entries
+from tests.support import HOST, Daemon, DaemonFactory, await_until, put, subscribe, wait_subscribers
 from tests.test_cluster import (
     EVENT_TIMEOUT,
     SENTINEL,
     STREAM,
+    CuttingProxy,
     cursors,
     start_nodes,
+    stored_event,
     subscribers,
     until_sentinel,
 )
@@ -184,3 +188,49 @@ async def test_a_node_killed_and_restarted_while_publishing_its_clients_resume_w
     start = cursors(everything).index(seen[0]["pubsub_cursor"])
     assert cursors(seen + after_kill) == cursors(everything)[start:], "the victim resumed without gap"
     assert cursors(after_restart) == cursors(everything)[start + 1:], "the restarted node replays without gap"
+
+
+async def test_failover_to_a_lagging_replica_while_publishing_reports_what_it_lost(
+        redis_server: RedisServer, daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    """Publishers keep publishing while Redis fails over to a replica that stopped following a
+    moment before (replication is asynchronous: the newest acknowledged events are not on it).
+    Every node that delivered an event the new primary lacks says so (its replay history is
+    dropped, a resume from a lost event is told "not found"); after the failover every node
+    delivers the new primary's events, all of them, once, in its order."""
+    replica = RedisServer(tmp_path / "replica", replica_of=redis_server.port).start()
+    rr = replica.client()
+    try:
+        async with CuttingProxy(redis_server.port) as proxy:
+            # (started from a thread: the proxy runs on this loop while the nodes connect)
+            nodes = await asyncio.to_thread(start_nodes, daemon_factory, f"redis://{HOST}:{proxy.port}/0",
+                                            backlog={"size": 100_000})
+            async with subscribers(nodes) as subs:
+                pubs = Publishers(nodes)
+                try:
+                    await pubs.more()
+                    await await_until(lambda: rr.info("replication")["master_link_status"] == "up"
+                                      and rr.xlen(STREAM) > AFTER_FAULT, EVENT_TIMEOUT, "the replica's copy")
+                    rr.replicaof("NO", "ONE")  # what is acknowledged from now on is not on it
+                    await pubs.more()
+                    kept = len(stream_entries(rr, STREAM))
+                    proxy.switch(replica.port)  # the failover
+                    await pubs.more()
+                finally:
+                    await pubs.stop()
+                await put(nodes[0], SENTINEL, {})
+                got = [await until_sentinel(sub) for sub in subs]
+                in_log = [stored_event(i, f) for i, f in stream_entries(rr, STREAM)]
+                keys = {(e.get("p"), e.get("n")) for e in in_log}
+                after = [e["pubsub_cursor"] for e in in_log[kept:-1]]  # (the last: the sentinel)
+                assert len(after) >= AFTER_FAULT
+                for d, g in zip(nodes, got, strict=True):
+                    lost = [e for e in g if (e["p"], e["n"]) not in keys]
+                    assert lost, "every node delivered events the new primary lacks"
+                    log = await asyncio.to_thread(d.log)
+                    assert "acknowledged events may be lost" in log, "a loss not reported"
+                    assert cursors(g)[-len(after):] == after, "after the failover: its events, in its order"
+                    async with subscribe(d.url, "/", {CURSOR_HEADER: lost[-1]["pubsub_cursor"]}) as s:
+                        assert s.resp.headers[CURSOR_FOUND_HEADER] == "false"
+    finally:
+        rr.close()
+        replica.stop()
