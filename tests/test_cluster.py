@@ -475,6 +475,14 @@ async def test_outage_gives_503_keeps_streams_and_resumes_without_gap(
 
 
 # -- 5: Redis restarted; the stream reset --------------------------------------------------------------
+async def publish_until_accepted(d: Daemon, path: str, body: dict[str, Any]) -> None:
+    """Publish once ``d`` accepts publishes again (Redis restarted): 503s until then."""
+    end = time.monotonic() + EVENT_TIMEOUT
+    while (await publish(d.url, path, body))[0] != 202:
+        assert time.monotonic() < end, "Redis did not come back"
+        await asyncio.sleep(0.05)  # back-off between attempts, not synchronisation
+
+
 async def test_redis_restart_with_aof_loses_nothing_acknowledged(
         redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
     nodes = start_nodes(daemon_factory, redis_server.url)
@@ -483,11 +491,7 @@ async def test_redis_restart_with_aof_loses_nothing_acknowledged(
         before = [await live.next(EVENT_TIMEOUT) for _ in range(20)]
         redis_server.kill()
         redis_server.start()  # same port and files: AOF replayed
-
-        end = time.monotonic() + EVENT_TIMEOUT
-        while (await publish(nodes[1].url, "/t/after", {"n": 20}))[0] != 202:
-            assert time.monotonic() < end, "Redis did not come back"
-            await asyncio.sleep(0.05)
+        await publish_until_accepted(nodes[1], "/t/after", {"n": 20})
         await put(nodes[2], SENTINEL, {})
         after = await until_sentinel(live)
         headers, resumed = await replay(nodes[2].url, {CURSOR_HEADER: before[0]["pubsub_cursor"]})
@@ -501,6 +505,45 @@ async def test_redis_restart_with_aof_loses_nothing_acknowledged(
     assert cursors(resumed) == cursors(before[1:] + after)
     for d in nodes:
         assert "acknowledged events may be lost" not in d.log()
+
+
+async def test_redis_restored_from_an_older_copy_is_reported_as_a_gap(
+        redis_server: RedisServer, daemon_factory: DaemonFactory) -> None:
+    """Redis restarted from an older copy of its files (a backup restored, a disk that lost its
+    last writes) while the nodes had read events the copy lacks, and publishing resumes at once:
+    every node reports the gap, and a resume from a lost event is told its cursor is not found.
+    The cluster goes on with the restored stream."""
+    import shutil
+
+    aof, older = redis_server.workdir / "appendonlydir", redis_server.workdir.parent / "older"
+    nodes = start_nodes(daemon_factory, redis_server.url)
+    async with subscribers(nodes) as subs:
+        await publish_spread(nodes, 5)
+        for s in subs:
+            assert len([await s.next(EVENT_TIMEOUT) for _ in range(5)]) == 5
+        redis_server.stop()
+        shutil.copytree(aof, older)  # the copy: 5 events
+        redis_server.start()
+        for i in range(3):
+            await publish_until_accepted(nodes[i], "/t/lost", {"n": 5 + i})
+        lost = [[await s.next(EVENT_TIMEOUT) for _ in range(3)] for s in subs]
+        redis_server.stop()
+        shutil.rmtree(aof)
+        shutil.copytree(older, aof)
+        redis_server.start()  # the older copy, and a publish at once
+        await publish_until_accepted(nodes[1], "/t/after", {"n": 8})
+        await put(nodes[2], SENTINEL, {})
+        for s in subs:
+            assert [e["n"] for e in await until_sentinel(s)] == [8]
+    r = redis_server.client()
+    try:
+        assert r.xlen(STREAM) == 7  # the copy's 5, the one after, the sentinel
+    finally:
+        r.close()
+    for d, seen in zip(nodes, lost, strict=True):
+        d.wait_log("acknowledged events may be lost", EVENT_TIMEOUT)
+        async with subscribe(d.url, "/", {CURSOR_HEADER: seen[0]["pubsub_cursor"]}) as s:
+            assert s.resp.headers[CURSOR_FOUND_HEADER] == "false"
 
 
 async def test_reset_stream_is_reported_as_a_gap(
