@@ -1269,14 +1269,15 @@ class RedisLog:
                         epoch_now = self.epoch = epoch
                         count, since = None, 0
                     since += 1
-                    if n is not None and (parts := n.split(b" "))[0].isdigit() and len(parts) == 2 \
-                            and parts[1].isdigit():
-                        # a batch's last entry: its k entries end the epoch's first N; it must
-                        # begin where the last batch read ended, and all k must have been read
-                        got, k = int(parts[0]), int(parts[1])
-                        if count is not None and (got - k != count or since < k):
-                            self._gap(count, got, k, since)
-                        count, since = got, 0
+                    if n is not None:  # a batch's last entry ("N k"; anything else: no count)
+                        total, _, size = n.partition(b" ")
+                        if total.isdigit() and size.isdigit():
+                            # its k entries end the epoch's first N: it must begin where the last
+                            # batch read ended, and all k must have been read
+                            got, k = int(total), int(size)
+                            if count is not None and (got - k != count or since < k):
+                                self._gap(count, got, k, since)
+                            count, since = got, 0
                     if mine is not None and name == PREFIX_FIELD and data == mine[0] \
                             and not mine[1].position and type(payload := mine[1].payload) is dict:
                         # this node's event, as Redis holds it (the bytes are compared: after a
